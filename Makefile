@@ -1,0 +1,57 @@
+# dcd-megatron: `make demo` and `make test` bootstrap .venv by themselves (see README.md).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.dcd-installed
+
+# The newest supported megatron-core runs on Python 3.12 (what NGC containers have).
+PYTHON_LATEST ?= $(shell command -v python3.12 || ls -d $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 2>/dev/null | tail -n1)
+VENV_LATEST := .venv-latest
+TORCH_LATEST ?= 2.14.1
+MCORE_LATEST ?= 0.19.2
+STAMP_LATEST := $(VENV_LATEST)/.dcd-installed
+
+PYTEST_ARGS ?=
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help venv test test-latest demo bench bench-loss clean
+
+help:
+	@echo "make demo         train the tiny student end to end on CPU (bootstraps .venv)"
+	@echo "make test         run the test suite (bootstraps .venv)"
+	@echo "make test-latest  run the megatron-core tests against megatron-core $(MCORE_LATEST) on Python 3.12"
+	@echo "make bench        run the benchmarks and rewrite docs/performance.md"
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(VENV)/bin/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+$(STAMP_LATEST): pyproject.toml
+	@test -n "$(PYTHON_LATEST)" || { echo "make test-latest needs Python 3.12 (python3.12 on PATH or under pyenv)"; exit 1; }
+	@test -x $(VENV_LATEST)/bin/python || $(PYTHON_LATEST) -m venv $(VENV_LATEST)
+	$(VENV_LATEST)/bin/python -m pip install -q --upgrade pip
+	$(VENV_LATEST)/bin/python -m pip install -q "torch==$(TORCH_LATEST)" "megatron-core==$(MCORE_LATEST)"
+	$(VENV_LATEST)/bin/python -m pip install -q -e ".[dev]" "megatron-core==$(MCORE_LATEST)"
+	@touch $@
+
+test-latest: $(STAMP_LATEST)
+	$(VENV_LATEST)/bin/python -m pytest -m megatron $(PYTEST_ARGS)
+
+bench: bench-loss
+
+bench-loss: $(STAMP)
+	$(VENV)/bin/python benchmarks/loss.py --write docs/performance.md
+
+clean:
+	rm -rf $(VENV) $(VENV_LATEST) .pytest_cache

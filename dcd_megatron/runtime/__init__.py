@@ -1,0 +1,1 @@
+"""Runtime: process groups, parallel state and the CPU compatibility layer for megatron-core."""
