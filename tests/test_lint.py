@@ -1,0 +1,40 @@
+"""Every shell script in the repository passes shellcheck; the Dockerfile passes hadolint."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def repo_files(pattern: str) -> list[str]:
+    """Tracked and untracked-but-not-ignored files matching ``pattern`` (never .venv)."""
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "--", pattern],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return sorted({p for p in out.splitlines() if (REPO / p).is_file()})
+
+
+def linter(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        pytest.fail(f"{name} is missing from {BIN}: install the dev extra (`pip install -e '.[dev]'`)")
+    return str(path)
+
+
+def test_shell_scripts_pass_shellcheck():
+    scripts = repo_files("*.sh")
+    assert "slurm/dcd_8node.sh" in scripts
+    proc = subprocess.run([linter("shellcheck"), "--external-sources", *scripts], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfiles_pass_hadolint():
+    dockerfiles = repo_files("*Dockerfile")
+    assert "containers/Dockerfile" in dockerfiles
+    proc = subprocess.run([linter("hadolint"), "--failure-threshold", "warning", *dockerfiles], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
