@@ -1,0 +1,73 @@
+"""Render the DCD weight diagnostics as PNGs with matplotlib's Agg canvas (no pyplot, thread-safe)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def as_float_array(values: Any, name: str) -> np.ndarray:
+    """A 1-D float64 copy of a list, numpy array or (CPU/GPU) torch tensor, or a ValueError naming ``name``."""
+    if hasattr(values, "detach"):
+        values = values.detach().float().cpu().numpy()
+    array = np.array(values, dtype=np.float64, copy=True)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence of numbers, got shape {array.shape}")
+    return array
+
+
+def check_binned(edges: np.ndarray, values: np.ndarray, edges_name: str, values_name: str) -> None:
+    """Edges must be increasing and one longer than the per-bin values."""
+    if edges.size != values.size + 1:
+        raise ValueError(
+            f"{edges_name} has {edges.size} entries but {values_name} has {values.size}: "
+            f"pass n+1 bin edges for n bins"
+        )
+    if not np.all(np.isfinite(edges)) or not np.all(np.diff(edges) > 0):
+        raise ValueError(f"{edges_name} must be finite and strictly increasing, got {edges.tolist()}")
+
+
+def _save(fig, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig).print_png(str(path))
+    return path
+
+
+def render_weight_histogram(path: Path, step: int, edges: np.ndarray, counts: np.ndarray) -> Path:
+    """Bar chart of how many response tokens fell in each weight bin at ``step``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    ax = fig.add_subplot()
+    widths = np.diff(edges)
+    ax.bar(edges[:-1], counts, width=widths, align="edge", edgecolor="black", linewidth=0.4)
+    if edges[0] > 0 and edges[-1] / edges[0] > 100:
+        ax.set_xscale("log")
+    ax.axvline(1.0, color="gray", linestyle="--", linewidth=0.8)
+    total = float(np.sum(counts))
+    ax.set_title(f"DCD token weights, step {step} ({total:.0f} tokens)")
+    ax.set_xlabel("weight w_t")
+    ax.set_ylabel("tokens")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def render_weight_by_position(path: Path, step: int, edges: np.ndarray, mean_weight: np.ndarray) -> Path:
+    """Mean weight against relative position in the response (empty bins, NaN, are left as gaps)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    ax = fig.add_subplot()
+    centers = 0.5 * (edges[:-1] + edges[1:])
+    ax.plot(centers, mean_weight, marker="o", markersize=3)
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_title(f"Mean DCD weight by position in response, step {step}")
+    ax.set_xlabel("position in response (fraction of its length)")
+    ax.set_ylabel("mean weight")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,479 @@
+"""The MLflow tracker the trainer calls unconditionally: real on the logging rank, a no-op elsewhere.
+
+Every MLflow call runs on a background worker (``worker.py``) so a slow or dead server never
+blocks a training step; failures are counted and warned about (rate-limited), never raised.
+The run id lives in ``run_dir/mlflow_run_id`` so a resumed training continues the same run.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dcd_megatron.tracking.config import TrackingConfig, default_artifact_location, sqlite_path
+from dcd_megatron.tracking.params import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAMS_PER_BATCH,
+    batched,
+    flatten_params,
+    safe_key,
+)
+from dcd_megatron.tracking.plots import (
+    as_float_array,
+    check_binned,
+    render_weight_by_position,
+    render_weight_histogram,
+)
+from dcd_megatron.tracking.redact import redact, redact_text, redact_uri
+from dcd_megatron.tracking.worker import BackgroundWorker, WorkerStats
+
+logger = logging.getLogger("dcd_megatron.tracking")
+
+RUN_ID_FILE = "mlflow_run_id"
+CONFIG_ARTIFACT = "config/config.yaml"
+FINISH_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# After the first warning, at most one warning per this many seconds (with a count of the rest).
+WARN_INTERVAL_S = 60.0
+_TEXT_ARTIFACT_MAX_BYTES = 20 * 2**20
+
+
+class RunUnavailable(RuntimeError):
+    """The MLflow run could not be created or reached yet; the call is skipped, not retried."""
+
+
+def default_is_logging_rank() -> bool:
+    """The last global rank logs (it holds the last pipeline stage, where loss reports live)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return True
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == dist.get_world_size() - 1
+    return True
+
+
+def apply_http_timeouts(timeout_s: float, env: dict | None = None) -> dict[str, str]:
+    """Make MLflow's HTTP calls give up after ``timeout_s`` with one retry, unless the user set them."""
+    env = os.environ if env is None else env
+    seconds = str(max(1, math.ceil(timeout_s)))
+    wanted = {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": seconds,
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_ARTIFACT_UPLOAD_DOWNLOAD_TIMEOUT": seconds,
+    }
+    applied = {}
+    for key, value in wanted.items():
+        if key not in env:
+            env[key] = value
+            applied[key] = value
+    return applied
+
+
+class Tracker:
+    """One per process. ``Tracker(cfg, is_logging_rank=rank == world - 1)``; all methods are safe to call anywhere."""
+
+    def __init__(self, config: TrackingConfig | None = None, *, is_logging_rank: bool | None = None):
+        self.config = config if config is not None else TrackingConfig()
+        if is_logging_rank is None:
+            is_logging_rank = default_is_logging_rank()
+        self.is_logging_rank = bool(is_logging_rank)
+        self.active = self.config.enabled and self.is_logging_rank
+        self.tracking_uri: str | None = None
+        self.experiment_id: str | None = None
+        self.run_id: str | None = None
+        self.resumed = False
+        self._started = False
+        self._finished = False
+        self._worker: BackgroundWorker | None = None
+        self._client = None
+        self._ready = threading.Event()
+        self._first_attempt_done = threading.Event()
+        self._setup_error: BaseException | None = None
+        self._last_setup_attempt = -math.inf
+        self._params: dict[str, str] = {}
+        self._params_done = False
+        self._config_text = ""
+        self._config_done = False
+        self._run_dir: Path | None = None
+        self._metrics: deque[list] = deque(maxlen=self.config.max_pending)
+        self._metrics_lock = threading.Lock()
+        self._metrics_task_queued = False
+        self._warn_lock = threading.Lock()
+        self._failures = 0
+        self._skipped = 0
+        self._dropped_metrics = 0
+        self._failures_since_warning = 0
+        self._last_warning = -math.inf
+        self._failing = False
+        self._tmp = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, config_dict: Mapping[str, Any], config_text: str, run_dir: str | Path) -> None:
+        """Create the run (or resume the one recorded in ``run_dir``), log the config as params and artifact."""
+        if not self.active or self._started:
+            return
+        self._started = True
+        self._run_dir = Path(run_dir)
+        apply_http_timeouts(self.config.timeout_s)
+        try:
+            from mlflow.tracking import MlflowClient  # noqa: F401  (import cost paid here, not on the worker)
+        except Exception as exc:  # pragma: no cover - mlflow is a dependency
+            self._warn(f"MLflow cannot be imported ({exc}); tracking is off for this run")
+            self.active = False
+            return
+        self.tracking_uri = self.config.resolved_uri()
+        db = sqlite_path(self.tracking_uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        self._params = flatten_params(redact(dict(config_dict)))
+        self._config_text = redact_text(config_text)
+        self._tmp = tempfile.TemporaryDirectory(prefix="dcd-tracking-")
+        self._worker = BackgroundWorker(self.config.max_pending, self._on_error, self._on_success)
+        self._worker.submit("start run", self._setup, essential=True)
+        atexit.register(self._at_exit)
+        wait_s = max(30.0, 4 * self.config.timeout_s)
+        if not self._first_attempt_done.wait(wait_s):
+            self._warn(f"MLflow run not ready after {wait_s:.0f} s; training goes on and logging catches up", force=True)
+        elif self.run_id is None:
+            self._warn("no MLflow run yet (store unreachable); training goes on, logging retries in the background", force=True)
+        else:
+            logger.info("%s", self.describe())
+
+    def finish(self, status: str = "FINISHED") -> bool:
+        """Mark the run ``status``, flush queued calls for at most ``finish_timeout_s``; True if all arrived."""
+        if status not in FINISH_STATUSES:
+            raise ValueError(f"finish(status={status!r}): status must be one of {', '.join(FINISH_STATUSES)}")
+        if not self.active or not self._started or self._finished:
+            return True
+        self._finished = True
+        atexit.unregister(self._at_exit)
+        self._queue_metrics_flush()
+        self._worker.submit("finish run", lambda: self._set_terminated(status), essential=True)
+        flushed = self._worker.close(self.config.finish_timeout_s)
+        stats = self.stats
+        if not flushed or stats.failed or stats.dropped or self._skipped:
+            self._warn(
+                f"MLflow run {self.run_id} finishing as {status}: {stats.failed} logging calls failed, "
+                f"{stats.dropped} dropped, {self._skipped} skipped"
+                + ("" if flushed else f"; gave up waiting for the store after {self.config.finish_timeout_s:.0f} s"),
+                force=True,
+            )
+        if self._tmp is not None and flushed:
+            self._tmp.cleanup()
+        return flushed
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything logged so far has reached the store (or the timeout passes)."""
+        if not self.active or not self._started or self._finished:
+            return True
+        self._queue_metrics_flush()
+        return self._worker.flush(self.config.finish_timeout_s if timeout_s is None else timeout_s)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish("FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED"))
+
+    def _at_exit(self) -> None:
+        self.config.finish_timeout_s = min(self.config.finish_timeout_s, 5.0)
+        self.finish("FAILED")
+
+    # ------------------------------------------------------------------ logging calls (never block)
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Queue scalar metrics for ``step``; non-numeric values are skipped with a warning."""
+        if not self._accepting():
+            return
+        timestamp = int(time.time() * 1000)
+        entries = []
+        for key, value in metrics.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                self._skip(f"metric {key!r} at step {step} is not a number ({type(value).__name__}); skipped")
+                continue
+            entries.append((safe_key(key), number, timestamp, int(step)))
+        if not entries:
+            return
+        with self._metrics_lock:
+            if len(self._metrics) == self._metrics.maxlen:
+                self._dropped_metrics += 1
+                self._warn("MLflow is behind: dropped the oldest queued step of metrics")
+            self._metrics.append(entries)
+        self._queue_metrics_flush()
+
+    def should_plot(self, step: int) -> bool:
+        """True on the steps where the trainer should compute and log the weight plots."""
+        interval = self.config.plot_interval
+        return self.active and interval > 0 and step > 0 and step % interval == 0
+
+    def log_weight_plots(self, step: int, hist_edges, hist_counts, pos_bin_edges, pos_bin_mean_weight) -> None:
+        """Render the weight histogram and mean weight by response position; log as ``plots/*_step<N>.png``."""
+        if not self._accepting():
+            return
+        edges, counts = as_float_array(hist_edges, "hist_edges"), as_float_array(hist_counts, "hist_counts")
+        pos_edges = as_float_array(pos_bin_edges, "pos_bin_edges")
+        pos_mean = as_float_array(pos_bin_mean_weight, "pos_bin_mean_weight")
+        check_binned(edges, counts, "hist_edges", "hist_counts")
+        check_binned(pos_edges, pos_mean, "pos_bin_edges", "pos_bin_mean_weight")
+
+        def task() -> None:
+            run_id = self._ensure_run()
+            folder = Path(self._tmp.name) / f"plots-{step}"
+            hist = render_weight_histogram(folder / f"weight_hist_step{step:07d}.png", step, edges, counts)
+            pos = render_weight_by_position(folder / f"weight_by_position_step{step:07d}.png", step, pos_edges, pos_mean)
+            for png in (hist, pos):
+                self._client.log_artifact(run_id, str(png), "plots")
+                png.unlink(missing_ok=True)
+
+        self._worker.submit(f"weight plots (step {step})", task)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file; text files are uploaded redacted (the file on disk is left alone)."""
+        if not self._accepting():
+            return
+        source = Path(path).resolve()
+
+        def task() -> None:
+            run_id = self._ensure_run()
+            if not source.is_file():
+                raise FileNotFoundError(f"artifact {source} is not a file (log_artifact takes one file)")
+            upload = self._redacted_copy(source)
+            self._client.log_artifact(run_id, str(upload), artifact_path)
+
+        self._worker.submit(f"artifact {source.name}", task)
+
+    def log_text(self, text: str, name: str) -> None:
+        """Store ``text`` (redacted) as the artifact file ``name`` (e.g. ``notes/summary.txt``)."""
+        if not self._accepting():
+            return
+        clean = redact_text(text)
+        self._worker.submit(f"text {name}", lambda: self._client.log_text(self._ensure_run(), clean, name))
+
+    # ------------------------------------------------------------------ where the run is
+    @property
+    def run_url(self) -> str | None:
+        """The run's page: on the server, or (local store) where ``mlflow ui`` serves it by default."""
+        if self.run_id is None or self.tracking_uri is None:
+            return None
+        base = self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        return f"{redact_uri(base).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+    def describe(self) -> str:
+        """A human sentence: tracking URI, experiment, run id and how to look at it."""
+        if not self.config.enabled:
+            return "MLflow tracking is off (tracking.enabled=false)"
+        if not self.is_logging_rank:
+            return "MLflow tracking happens on the logging rank (the last one), not on this rank"
+        if not self._started:
+            return "MLflow tracking not started yet"
+        uri = redact_uri(self.tracking_uri or "")
+        run = self.run_id or "(not created yet: the store was unreachable)"
+        text = f"MLflow run {run} in experiment '{self.config.experiment}'"
+        if self.resumed:
+            text += " (resumed)"
+        text += f" at {uri}"
+        if uri.startswith(("http://", "https://")):
+            return text + (f"; open {self.run_url}" if self.run_url else "")
+        view = f"mlflow ui --backend-store-uri {uri}"
+        return text + f"; view with `{view}`" + (f" then open {self.run_url}" if self.run_url else "")
+
+    @property
+    def stats(self) -> WorkerStats:
+        """Background worker counters (done / failed / dropped / pending calls)."""
+        if self._worker is None:
+            return WorkerStats()
+        stats = self._worker.stats
+        stats.dropped += self._dropped_metrics
+        return stats
+
+    # ------------------------------------------------------------------ internals (worker thread)
+    def _accepting(self) -> bool:
+        return self.active and self._started and not self._finished and self._worker is not None
+
+    def _setup(self) -> None:
+        """Create or resume the run, then log params and the config (idempotent: retried until done)."""
+        self._last_setup_attempt = time.monotonic()
+        try:
+            from mlflow.tracking import MlflowClient
+
+            if self._client is None:
+                self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            if self.run_id is None:
+                self._create_or_resume()
+            if not self._params_done:
+                self._log_params()
+            if not self._config_done:
+                name = CONFIG_ARTIFACT
+                if self.resumed:
+                    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+                    name = f"config/config.resume-{stamp}.yaml"
+                self._client.log_text(self.run_id, self._config_text, name)
+                self._config_done = True
+        except BaseException as exc:
+            self._setup_error = exc
+            raise
+        else:
+            self._setup_error = None
+            self._ready.set()
+        finally:
+            self._first_attempt_done.set()
+
+    def _create_or_resume(self) -> None:
+        from mlflow.entities import LifecycleStage
+        from mlflow.exceptions import MlflowException
+
+        id_file = self._run_dir / RUN_ID_FILE
+        previous = id_file.read_text().strip() if id_file.is_file() else ""
+        if previous:
+            try:
+                run = self._client.get_run(previous)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                run = None
+            if run is not None and run.info.lifecycle_stage != LifecycleStage.DELETED:
+                self._client.update_run(previous, status="RUNNING")
+                self.experiment_id = run.info.experiment_id
+                self.run_id = previous
+                self.resumed = True
+                return
+            self._warn(
+                f"{id_file} names run {previous}, which is not in {redact_uri(self.tracking_uri)}; starting a new run",
+                force=True,
+            )
+        self.experiment_id = self._ensure_experiment()
+        tags = {"dcd.run_dir": str(self._run_dir.resolve())}
+        run = self._client.create_run(self.experiment_id, run_name=self.config.run_name, tags=tags)
+        self.run_id = run.info.run_id
+        self._run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = id_file.with_suffix(".tmp")
+        tmp.write_text(self.run_id + "\n")
+        tmp.replace(id_file)
+
+    def _ensure_experiment(self) -> str:
+        from mlflow.entities import LifecycleStage
+        from mlflow.exceptions import MlflowException
+
+        name = self.config.experiment
+        experiment = self._client.get_experiment_by_name(name)
+        if experiment is not None:
+            if experiment.lifecycle_stage == LifecycleStage.DELETED:
+                self._client.restore_experiment(experiment.experiment_id)
+            return experiment.experiment_id
+        try:
+            return self._client.create_experiment(name, artifact_location=default_artifact_location(self.tracking_uri))
+        except MlflowException:
+            experiment = self._client.get_experiment_by_name(name)  # created meanwhile by someone else
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    def _log_params(self) -> None:
+        from mlflow.entities import Param
+
+        existing = self._client.get_run(self.run_id).data.params
+        todo = {k: v for k, v in self._params.items() if k not in existing}
+        changed = sorted(k for k, v in self._params.items() if k in existing and existing[k] != v)
+        for chunk in batched(list(todo.items()), MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in chunk])
+        if changed:
+            # MLflow params are write-once; the resumed config artifact holds the new values.
+            self._client.set_tag(self.run_id, "dcd.resume_changed_params", ",".join(changed)[:5000])
+            self._warn(f"resumed run changes params {', '.join(changed[:10])}; new values are in config/*.yaml", force=True)
+        self._params_done = True
+
+    def _ensure_run(self) -> str:
+        if self._ready.is_set():
+            return self.run_id
+        retry_after = max(10.0, 2 * self.config.timeout_s)
+        if time.monotonic() - self._last_setup_attempt >= retry_after:
+            try:
+                self._setup()
+            except Exception as exc:
+                if self.run_id is None:
+                    raise
+                self._on_error("finish run setup", exc)  # the run exists: log into it anyway
+        if self.run_id is None:
+            raise RunUnavailable("the MLflow run is not created yet (store unreachable); call skipped")
+        return self.run_id
+
+    def _queue_metrics_flush(self) -> None:
+        with self._metrics_lock:
+            if self._metrics_task_queued or not self._metrics:
+                return
+            self._metrics_task_queued = True
+        self._worker.submit("metrics", self._send_metrics)
+
+    def _send_metrics(self) -> None:
+        from mlflow.entities import Metric
+
+        with self._metrics_lock:
+            pending = list(self._metrics)
+            self._metrics.clear()
+            self._metrics_task_queued = False
+        run_id = self._ensure_run()
+        entries = [Metric(k, v, ts, step) for batch in pending for (k, v, ts, step) in batch]
+        for chunk in batched(entries, MAX_METRICS_PER_BATCH):
+            self._client.log_batch(run_id, metrics=list(chunk))
+
+    def _set_terminated(self, status: str) -> None:
+        self._client.set_terminated(self._ensure_run(), status=status)
+
+    def _redacted_copy(self, source: Path) -> Path:
+        if source.stat().st_size > _TEXT_ARTIFACT_MAX_BYTES:
+            return source
+        try:
+            text = source.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            return source
+        clean = redact_text(text)
+        if clean == text:
+            return source
+        folder = Path(tempfile.mkdtemp(dir=self._tmp.name))
+        copy = folder / source.name
+        copy.write_text(clean, encoding="utf-8")
+        return copy
+
+    # ------------------------------------------------------------------ warnings
+    def _on_error(self, name: str, exc: BaseException) -> None:
+        self._failing = True
+        self._failures += 1
+        self._warn(f"MLflow call '{name}' failed, training continues: {type(exc).__name__}: {exc}")
+
+    def _on_success(self, name: str) -> None:
+        if self._failing:
+            self._failing = False
+            self._warn(f"MLflow logging works again ('{name}' succeeded after {self._failures} failed calls)", force=True)
+
+    def _skip(self, message: str) -> None:
+        self._skipped += 1
+        self._warn(message)
+
+    def _warn(self, message: str, force: bool = False) -> None:
+        """Warn now if forced or the last warning is older than WARN_INTERVAL_S; else count it for later."""
+        with self._warn_lock:
+            now = time.monotonic()
+            if not force and now - self._last_warning < WARN_INTERVAL_S:
+                self._failures_since_warning += 1
+                return
+            suppressed, self._failures_since_warning = self._failures_since_warning, 0
+            if not force:
+                self._last_warning = now
+        text = redact_text(message)
+        if len(text) > 600:
+            text = text[:600] + "..."
+        if suppressed:
+            text += f" ({suppressed} similar warnings suppressed)"
+        logger.warning("%s", text)
