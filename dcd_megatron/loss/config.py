@@ -1,0 +1,117 @@
+"""DCDConfig: which per-token weight the distillation loss uses and how it is normalised.
+
+Validated at construction: every error names the field and says how to fix it. Defaults and
+the reasons for them are in docs/loss.md ("Defaults").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+Method = Literal["sft", "sigmoid", "student_only", "tis", "prefix", "sequence"]
+METHODS: tuple[str, ...] = ("sft", "sigmoid", "student_only", "tis", "prefix", "sequence")
+# Methods whose weights are a function of the teacher log-probs.
+NEEDS_TEACHER: frozenset[str] = frozenset({"sigmoid", "tis", "prefix", "sequence"})
+NORMALIZE_SCOPES: tuple[str, ...] = ("global", "micro", "none")
+
+
+class DCDConfigError(ValueError):
+    """A DCDConfig field has an invalid value."""
+
+
+def _fail(field: str, problem: str, fix: str) -> None:
+    raise DCDConfigError(f"DCDConfig.{field}: {problem}; {fix}")
+
+
+def _check_choice(field: str, value, choices) -> None:
+    if value not in choices:
+        _fail(field, f"{value!r} is not one of {list(choices)}", f"set {field} to one of them")
+
+
+def _check_finite(field: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(field, f"expected a finite number, got {value!r}", f"set {field} to a finite number")
+
+
+@dataclasses.dataclass(frozen=True)
+class DCDConfig:
+    """Per-token weight family of shared/method.md; see docs/loss.md for each formula."""
+
+    method: Method = "sigmoid"
+    # sigmoid-shaped weights: sigma((z - bias) / tau) with z the clipped statistic
+    tau: float = 1.0
+    bias: float = 0.0
+    bias_mode: Literal["fixed", "median"] = "fixed"
+    # z = clip(statistic, -clip, clip): the log-ratio (or student log-prob) clip
+    clip: float = 5.0
+    # every non-sft weight is clamped to [floor, cap] before normalisation
+    floor: float = 0.0
+    cap: float = 2.0
+    # tis: min(exp(alpha * clip(l)), cap)
+    alpha: float = 1.0
+    # student_only: sigmoid of the clipped student log-prob, or p**beta (the DFT limit)
+    student_only_form: Literal["sigmoid", "power"] = "sigmoid"
+    beta: float = 1.0
+    # prefix: transform of the clipped mean of l over the prefix (0 = whole prefix, k = last k)
+    prefix_transform: Literal["exp", "sigmoid"] = "exp"
+    prefix_window: int = 0
+    # where the weights are made mean-1: global batch, micro-batch, or not at all
+    normalize: Literal["global", "micro", "none"] = "global"
+    # tau schedule: linear from tau to tau_end over tau_anneal_steps optimizer steps
+    tau_end: float | None = None
+    tau_anneal_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        for name in ("tau", "bias", "clip", "floor", "cap", "alpha", "beta"):
+            _check_finite(name, getattr(self, name))
+        if self.tau <= 0:
+            _fail("tau", f"must be > 0, got {self.tau}", "use a positive temperature such as 1.0")
+        _check_choice("bias_mode", self.bias_mode, ("fixed", "median"))
+        if self.clip <= 0:
+            _fail("clip", f"must be > 0, got {self.clip}", "use a positive log-ratio clip such as 5.0")
+        if self.floor < 0:
+            _fail("floor", f"must be >= 0, got {self.floor}", "use 0 for no floor")
+        if self.cap <= 0:
+            _fail("cap", f"must be > 0, got {self.cap}", "use a positive cap such as 2.0")
+        if self.floor > self.cap:
+            _fail("floor", f"{self.floor} is above cap {self.cap}", "choose floor <= cap")
+        if self.alpha <= 0:
+            _fail("alpha", f"must be > 0, got {self.alpha}", "use a positive exponent such as 1.0")
+        _check_choice("student_only_form", self.student_only_form, ("sigmoid", "power"))
+        if self.beta <= 0:
+            _fail("beta", f"must be > 0, got {self.beta}", "use a positive power such as 1.0")
+        _check_choice("prefix_transform", self.prefix_transform, ("exp", "sigmoid"))
+        if isinstance(self.prefix_window, bool) or not isinstance(self.prefix_window, int) or self.prefix_window < 0:
+            _fail(
+                "prefix_window",
+                f"must be an integer >= 0, got {self.prefix_window!r}",
+                "use 0 for the whole prefix or k > 0 for the last k response tokens",
+            )
+        _check_choice("normalize", self.normalize, NORMALIZE_SCOPES)
+        if self.tau_end is not None:
+            _check_finite("tau_end", self.tau_end)
+            if self.tau_end <= 0:
+                _fail("tau_end", f"must be > 0, got {self.tau_end}", "use a positive final temperature or None")
+        if isinstance(self.tau_anneal_steps, bool) or not isinstance(self.tau_anneal_steps, int) or self.tau_anneal_steps < 0:
+            _fail("tau_anneal_steps", f"must be an integer >= 0, got {self.tau_anneal_steps!r}", "use 0 for none")
+        if self.tau_end is not None and self.tau_anneal_steps == 0:
+            _fail(
+                "tau_anneal_steps",
+                "is 0 while tau_end is set",
+                "set tau_anneal_steps to the number of optimizer steps of the anneal, or tau_end to None",
+            )
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether this method's weights need teacher log-probs."""
+        return self.method in NEEDS_TEACHER
+
+    def tau_at(self, step: int) -> float:
+        """The temperature at optimizer step ``step``: linear from tau to tau_end, then constant."""
+        if self.tau_end is None:
+            return self.tau
+        frac = min(max(step, 0) / self.tau_anneal_steps, 1.0)
+        return self.tau + (self.tau_end - self.tau) * frac

@@ -1,0 +1,202 @@
+"""Per-micro-batch diagnostics of the DCD loss, and their exact reduction over a step.
+
+A micro-batch report maps a key to a float64 tensor whose reduction is given by
+``REDUCTIONS`` (default "sum"): "sum" entries are ``[sum, count]`` pairs (or histograms)
+that add up across micro-batches and ranks; "min"/"max" entries are ``[value, count]``
+where the value counts only when ``count > 0``. ``reduce_reports`` turns a step's list of
+reports into scalar metrics plus the two binned series the tracking code plots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from dcd_megatron.loss.weights import WeightResult
+
+POSITION_BINS = 20  # mean weight by position in the response; bins 0-1 / 18-19 = first / last 10%
+HIST_LOW_EXP, HIST_HIGH_EXP, HIST_BINS_PER_DECADE = -8, 4, 20
+
+
+def histogram_edges(device=None) -> torch.Tensor:
+    """Log-spaced weight-histogram edges 1e-8 .. 1e4; counts have one extra bin at each end."""
+    n = (HIST_HIGH_EXP - HIST_LOW_EXP) * HIST_BINS_PER_DECADE + 1
+    return torch.logspace(HIST_LOW_EXP, HIST_HIGH_EXP, n, dtype=torch.float64, device=device)
+
+
+REDUCTIONS: dict[str, str] = {"weight_min": "min", "weight_max": "max"}
+
+
+def build_report(
+    *,
+    loss_sum: torch.Tensor,
+    student_logprobs: torch.Tensor,
+    result: WeightResult,
+    valid: torch.Tensor,
+    response_frac: torch.Tensor | None,
+    global_norm: bool,
+) -> dict[str, torch.Tensor]:
+    """The report of one micro-batch (detached float64 tensors on the logits' device)."""
+    f64 = torch.float64
+    u = result.weights.detach().to(f64)
+    m = valid
+    n = m.sum().to(f64)
+    nll = torch.where(m, -student_logprobs.detach().to(f64), 0.0)
+
+    def pair(total: torch.Tensor, count: torch.Tensor = n) -> torch.Tensor:
+        return torch.stack([total.to(f64), count.to(f64)])
+
+    report = {
+        "loss": pair(loss_sum.detach()),
+        "ce": pair(nll.sum()),
+        "weighted_ce": pair((u * nll).sum()),
+        "weight": pair(u.sum()),
+        "weight_sq": pair((u * u).sum()),
+        "weight_at_cap": pair(result.at_cap.sum()),
+        "weight_at_floor": pair(result.at_floor.sum()),
+    }
+    if result.log_ratio is not None:
+        report["log_ratio"] = pair(result.log_ratio.detach().to(f64).sum())
+    else:
+        report["log_ratio"] = torch.zeros(2, dtype=f64, device=u.device)
+    zero = torch.zeros((), dtype=f64, device=u.device)
+    low = torch.where(m, u, math.inf).min() if u.numel() else zero
+    high = torch.where(m, u, -math.inf).max() if u.numel() else zero
+    report["weight_min"] = pair(torch.where(n > 0, low, zero))
+    report["weight_max"] = pair(torch.where(n > 0, high, zero))
+
+    edges = histogram_edges(u.device)
+    index = torch.bucketize(u, edges, right=True).flatten()
+    report["weight_hist"] = torch.zeros(edges.numel() + 1, dtype=f64, device=u.device).scatter_add_(
+        0, index, m.flatten().to(f64)
+    )
+
+    by_position = torch.zeros(POSITION_BINS, 2, dtype=f64, device=u.device)
+    if response_frac is not None:
+        bins = (response_frac.detach().to(f64) * POSITION_BINS).floor().clamp(0, POSITION_BINS - 1).long().flatten()
+        by_position[:, 0].scatter_add_(0, bins, u.flatten() * m.flatten())
+        by_position[:, 1].scatter_add_(0, bins, m.flatten().to(f64))
+    report["weight_by_position"] = by_position
+    if global_norm:
+        report["global_norm"] = report["weight"].clone()
+    return report
+
+
+def _local_totals(reports: list[dict[str, torch.Tensor]]):
+    keys = sorted(reports[0])
+    for r in reports[1:]:
+        if sorted(r) != keys:
+            raise ValueError(f"micro-batch reports disagree on keys: {keys} vs {sorted(r)}")
+    totals = {}
+    for key in keys:
+        stacked = torch.stack([r[key].to(torch.float64) for r in reports])
+        kind = REDUCTIONS.get(key, "sum")
+        if kind == "sum":
+            totals[key] = stacked.sum(0)
+        else:
+            values, counts = stacked[:, 0], stacked[:, 1]
+            fill = math.inf if kind == "min" else -math.inf
+            values = torch.where(counts > 0, values, fill)
+            totals[key] = values.min() if kind == "min" else values.max()
+    return keys, totals
+
+
+def _all_reduce_totals(keys, totals, dp_cp_group) -> None:
+    """Sum the sum-entries and min/max the extremes over ``dp_cp_group`` (two collectives)."""
+    if dp_cp_group is None or not dist.is_initialized() or dist.get_world_size(dp_cp_group) == 1:
+        return
+    sum_keys = [k for k in keys if REDUCTIONS.get(k, "sum") == "sum"]
+    ext_keys = [k for k in keys if REDUCTIONS.get(k, "sum") != "sum"]
+    flat = torch.cat([totals[k].flatten() for k in sum_keys])
+    dist.all_reduce(flat, group=dp_cp_group)
+    offset = 0
+    for k in sum_keys:
+        size = totals[k].numel()
+        totals[k] = flat[offset : offset + size].view_as(totals[k])
+        offset += size
+    if ext_keys:
+        signed = torch.stack([totals[k] if REDUCTIONS[k] == "max" else -totals[k] for k in ext_keys])
+        dist.all_reduce(signed, op=dist.ReduceOp.MAX, group=dp_cp_group)
+        for k, v in zip(ext_keys, signed):
+            totals[k] = v if REDUCTIONS[k] == "max" else -v
+
+
+def _percentile(hist: torch.Tensor, edges: torch.Tensor, q: float, lo: float, hi: float) -> float:
+    """The q-quantile from log-spaced bin counts, interpolated in log space within its bin."""
+    total = float(hist.sum())
+    target = q * total
+    cum = hist.cumsum(0)
+    i = int(torch.searchsorted(cum, torch.tensor(target, dtype=cum.dtype)).clamp(max=hist.numel() - 1))
+    if i == 0:
+        return lo
+    if i == hist.numel() - 1:
+        return hi
+    before = float(cum[i - 1]) if i > 0 else 0.0
+    frac = (target - before) / max(float(hist[i]), 1.0)
+    a, b = math.log(float(edges[i - 1])), math.log(float(edges[i]))
+    return min(max(math.exp(a + frac * (b - a)), lo), hi)
+
+
+def reduce_reports(reports: list[dict[str, torch.Tensor]], dp_cp_group: dist.ProcessGroup | None = None) -> dict:
+    """Scalar metrics of a step from its micro-batch reports, reduced over ``dp_cp_group``.
+
+    Returns floats, plus lists ``weight_by_position`` / ``weight_by_position_count`` (20
+    bins over the position in the response) and ``weight_hist`` / ``weight_hist_edges``.
+    An empty list (a rank that is not the last pipeline stage) gives ``{}``. Means with no
+    tokens behind them are left out rather than reported as NaN.
+    """
+    if not reports:
+        return {}
+    keys, totals = _local_totals(reports)
+    _all_reduce_totals(keys, totals, dp_cp_group)
+    t = {k: v.detach().cpu() for k, v in totals.items()}
+    n = float(t["weight"][1])
+    out: dict = {"tokens": n}
+
+    def mean(key: str) -> float | None:
+        total, count = float(t[key][0]), float(t[key][1])
+        return total / count if count > 0 else None
+
+    for name, key in (
+        ("loss", "loss"), ("ce", "ce"), ("weighted_ce", "weighted_ce"), ("weight_mean", "weight"),
+        ("weight_at_cap_frac", "weight_at_cap"), ("weight_at_floor_frac", "weight_at_floor"),
+        ("log_ratio_mean", "log_ratio"),
+    ):
+        value = mean(key)
+        if value is not None:
+            out[name] = value
+    weight_sum, weight_sq = float(t["weight"][0]), float(t["weight_sq"][0])
+    if n > 0:
+        mean_w = weight_sum / n
+        out["weight_std"] = math.sqrt(max(weight_sq / n - mean_w * mean_w, 0.0))
+    if n > 0 and weight_sq > 0:
+        out["ess"] = weight_sum * weight_sum / (n * weight_sq)
+    if weight_sum > 0:
+        out["weighted_ce_normalized"] = float(t["weighted_ce"][0]) / weight_sum
+        if "global_norm" in t:
+            out["norm_factor"] = n / weight_sum
+    for key in ("weight_min", "weight_max"):
+        if math.isfinite(float(t[key])):
+            out[key] = float(t[key])
+
+    edges = histogram_edges()
+    hist = t["weight_hist"]
+    out["weight_hist"] = hist.tolist()
+    out["weight_hist_edges"] = edges.tolist()
+    if n > 0 and "weight_min" in out:
+        for q in (50, 90, 99):
+            out[f"weight_p{q}"] = _percentile(hist, edges, q / 100, out["weight_min"], out["weight_max"])
+
+    pos = t["weight_by_position"]
+    counts = pos[:, 1]
+    means = torch.where(counts > 0, pos[:, 0] / counts.clamp(min=1), 0.0)
+    out["weight_by_position"] = means.tolist()
+    out["weight_by_position_count"] = counts.tolist()
+    edge_bins = POSITION_BINS // 10
+    for name, sl in (("weight_first10", slice(0, edge_bins)), ("weight_last10", slice(POSITION_BINS - edge_bins, None))):
+        c = float(counts[sl].sum())
+        if c > 0:
+            out[name] = float(pos[sl, 0].sum()) / c
+    return out

@@ -1,0 +1,235 @@
+"""The per-token weight family of shared/method.md, as detached ``[b, s]`` tensors.
+
+Layout: every per-token tensor here is ``[b, s]`` (batch first, as megatron's GPTModel
+returns logits when ``labels=None``); with context parallelism ``s`` is this CP rank's part.
+All weight math uses ``sg(l)``, ``l = s - a`` (student minus teacher log-prob). The raw
+weights ``u`` are clamped to ``[floor, cap]`` (except ``sft``) and are 0 on masked-out tokens;
+making them mean-1 is ``normalize_weights`` or, for the global batch,
+``global_norm.rescale_grads_for_global_weight_mean``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from dcd_megatron.loss import cp_layout, segments
+from dcd_megatron.loss.config import DCDConfig
+
+
+@dataclasses.dataclass
+class WeightResult:
+    """Raw weights and the diagnostics computed on the way (all ``[b, s]``, detached)."""
+
+    weights: torch.Tensor  # u, clamped, 0 on masked-out tokens
+    at_cap: torch.Tensor  # bool: the unclamped weight was above cap
+    at_floor: torch.Tensor  # bool: the unclamped weight was below floor
+    log_ratio: torch.Tensor | None  # l = s - a (0 on masked-out tokens), None without teacher
+    response_frac: torch.Tensor | None  # derived position in the response, if it was asked for
+
+
+def check_teacher(config: DCDConfig, teacher_logprobs: torch.Tensor | None) -> None:
+    """A clear error when the method needs teacher log-probs and none were given."""
+    if teacher_logprobs is None and config.needs_teacher:
+        raise ValueError(
+            f"DCD method {config.method!r} needs teacher log-probs (batch key 'teacher_logprobs'): "
+            "add per-token teacher log-probs to the traces, or compute them with `dcd-score`; "
+            "methods 'sft' and 'student_only' need none"
+        )
+
+
+def nonfinite_teacher_count(teacher_logprobs: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
+    """Number of masked-in tokens whose teacher log-prob is NaN or infinite (a device tensor)."""
+    if teacher_logprobs is None:
+        return torch.zeros((), dtype=torch.long, device=valid.device)
+    return (~torch.isfinite(teacher_logprobs) & valid).sum()
+
+
+def raise_for_nonfinite_teacher(count: int) -> None:
+    if count:
+        raise ValueError(
+            f"teacher_logprobs has {count} NaN/inf value(s) on loss-masked-in tokens; "
+            "re-score those traces (`dcd-score`) or set their loss_mask to 0"
+        )
+
+
+def _sigmoid_weight(z: torch.Tensor, valid: torch.Tensor, config: DCDConfig, tau: float) -> torch.Tensor:
+    """sigma((z - b) / tau), b fixed or the masked median of z over the rows given."""
+    bias = segments.masked_median(z, valid).to(z.dtype) if config.bias_mode == "median" else config.bias
+    return torch.sigmoid((z - bias) / tau)
+
+
+def raw_weights_on_rows(
+    s: torch.Tensor,
+    l: torch.Tensor | None,
+    valid: torch.Tensor,
+    segment_ids: torch.Tensor | None,
+    config: DCDConfig,
+    tau: float,
+) -> torch.Tensor:
+    """Unclamped weights of whole rows ``[b, S]`` (the single-process definition of each method)."""
+    c = config.clip
+    method = config.method
+    if method == "sft":
+        return torch.ones_like(s)
+    if method == "sigmoid":
+        return _sigmoid_weight(l.clamp(-c, c), valid, config, tau)
+    if method == "student_only":
+        if config.student_only_form == "power":
+            return torch.exp(config.beta * s)  # p ** beta
+        return _sigmoid_weight(s.clamp(-c, c), valid, config, tau)
+    if method == "tis":
+        return torch.exp(config.alpha * l.clamp(-c, c))
+    docs = segments.document_ids(segment_ids, s.shape, s.device)
+    if method == "prefix":
+        mean, _ = segments.prefix_mean(l, valid, docs, config.prefix_window)
+        z = mean.to(torch.float32).clamp(-c, c)
+        if config.prefix_transform == "exp":
+            return torch.exp(z)
+        return _sigmoid_weight(z, valid, config, tau)
+    if method == "sequence":
+        mean, _ = segments.document_mean(l, valid, docs)
+        return torch.exp(mean.to(torch.float32).clamp(-c, c))
+    raise ValueError(f"unknown DCD method {method!r}")  # DCDConfig validates; guards additions
+
+
+def _looks_along_rows(config: DCDConfig) -> bool:
+    """Whether a weight depends on other tokens of the micro-batch (needs full rows under CP)."""
+    if config.method in ("prefix", "sequence"):
+        return True
+    sigmoid_shaped = config.method == "sigmoid" or (
+        config.method == "student_only" and config.student_only_form == "sigmoid"
+    )
+    return sigmoid_shaped and config.bias_mode == "median"
+
+
+def compute_weights(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor | None,
+    valid: torch.Tensor,
+    config: DCDConfig,
+    *,
+    segment_ids: torch.Tensor | None = None,
+    cp_group=None,
+    cp_layout_name: str | None = None,
+    step: int = 0,
+    want_response_frac: bool = False,
+) -> WeightResult:
+    """Raw weights plus diagnostics; inputs must already be validated (see dcd_weights).
+
+    Under context parallelism, weights that look along the sequence are evaluated on the
+    full rows (one all-gather of per-token numbers over ``cp_group``) and sliced back.
+    """
+    s = student_logprobs.detach().to(torch.float32)
+    zeros = torch.zeros_like(s)
+    s = torch.where(valid, s, zeros)
+    l = None
+    if teacher_logprobs is not None:
+        l = torch.where(valid, s - teacher_logprobs.detach().to(torch.float32), zeros)
+    tau = config.tau_at(step)
+    layout = cp_layout.resolve_layout(cp_group, cp_layout_name)
+
+    need_rows = layout is not None and (_looks_along_rows(config) or want_response_frac)
+    if need_rows:
+        local = [s, l if l is not None else zeros, valid]
+        if segment_ids is not None:
+            local.append(segment_ids)
+        gathered = cp_layout.gather_full(local, cp_group, layout)
+        s_rows, l_rows, valid_rows = gathered[:3]
+        seg_rows = gathered[3] if segment_ids is not None else None
+        raw_rows = raw_weights_on_rows(s_rows, l_rows if l is not None else None, valid_rows, seg_rows, config, tau)
+        raw = cp_layout.local_part(raw_rows, cp_group, layout)
+    else:
+        valid_rows, seg_rows = valid, segment_ids
+        raw = raw_weights_on_rows(s, l, valid, segment_ids, config, tau)
+
+    if config.method == "sft":
+        at_cap = at_floor = torch.zeros_like(valid)
+        u = raw
+    else:
+        at_cap = (raw > config.cap) & valid
+        at_floor = (raw < config.floor) & valid
+        u = raw.clamp(min=config.floor, max=config.cap)
+    u = torch.where(valid, u, zeros)
+
+    frac = None
+    if want_response_frac:
+        docs = segments.document_ids(seg_rows, valid_rows.shape, valid_rows.device)
+        frac = cp_layout.local_part(segments.response_position(valid_rows, docs), cp_group, layout)
+    return WeightResult(u, at_cap, at_floor, l, frac)
+
+
+def validate_token_tensors(names_and_tensors: dict[str, torch.Tensor | None], reference: str) -> None:
+    """Every given tensor has the ``[b, s]`` shape of ``names_and_tensors[reference]``."""
+    shape = names_and_tensors[reference].shape
+    if len(shape) != 2:
+        raise ValueError(f"{reference} must be [b, s], got shape {tuple(shape)}")
+    for name, t in names_and_tensors.items():
+        if t is not None and t.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but {reference} has {tuple(shape)}; all per-token tensors must be [b, s]")
+
+
+def dcd_weights(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor | None,
+    loss_mask: torch.Tensor,
+    config: DCDConfig,
+    *,
+    segment_ids: torch.Tensor | None = None,
+    cp_group: dist.ProcessGroup | None = None,
+    cp_layout: str | None = None,
+    dp_group: dist.ProcessGroup | None = None,
+    step: int = 0,
+) -> torch.Tensor:
+    """Raw (un-normalised), detached DCD weights ``u`` ``[b, s]``; 0 where ``loss_mask`` is 0.
+
+    ``segment_ids`` ``[b, s]`` marks packed documents (prefix/document sums reset where it
+    changes). With ``cp_group`` of size > 1 the tensors are this CP rank's part in
+    ``cp_layout`` ("load_balanced" by default, or "contiguous") and prefix, document and
+    median statistics are exact over the full sequence. ``dp_group`` is accepted so callers
+    can pass the same groups everywhere: raw weights are a function of the micro-batch only.
+    ``step`` is the optimizer step for the tau schedule.
+    """
+    del dp_group  # raw weights never look across data-parallel ranks
+    validate_token_tensors(
+        {"student_logprobs": student_logprobs, "teacher_logprobs": teacher_logprobs,
+         "loss_mask": loss_mask, "segment_ids": segment_ids},
+        "student_logprobs",
+    )
+    check_teacher(config, teacher_logprobs)
+    valid = loss_mask > 0
+    raise_for_nonfinite_teacher(int(nonfinite_teacher_count(teacher_logprobs, valid)))
+    return compute_weights(
+        student_logprobs, teacher_logprobs, valid, config,
+        segment_ids=segment_ids, cp_group=cp_group, cp_layout_name=cp_layout, step=step,
+    ).weights
+
+
+def normalize_weights(
+    weights: torch.Tensor,
+    loss_mask: torch.Tensor,
+    scope: str,
+    *,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Weights scaled to mean 1 over the masked-in tokens of ``scope``.
+
+    "none" returns them unchanged; "micro" and "global" divide by the mean over this tensor's
+    tokens summed over ``group`` (the micro-batch's CP group for "micro"; the DP x CP group
+    for "global" when a step is a single micro-batch; with several micro-batches "global"
+    is done exactly by ``rescale_grads_for_global_weight_mean`` instead). An all-masked or
+    all-zero scope is returned unchanged.
+    """
+    if scope == "none":
+        return weights
+    if scope not in ("micro", "global"):
+        raise ValueError(f"normalize scope {scope!r} is not one of ['global', 'micro', 'none']")
+    valid = loss_mask > 0
+    totals = torch.stack([torch.where(valid, weights, 0.0).sum().double(), valid.sum().double()])
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(totals, group=group)
+    weight_sum, count = totals[0], totals[1]
+    factor = torch.where(weight_sum > 0, count / weight_sum.clamp(min=torch.finfo(torch.float64).tiny), 1.0)
+    return weights * factor.to(weights.dtype)
