@@ -38,6 +38,8 @@ DCD_SRUN_ARGS=${DCD_SRUN_ARGS:-}                                  # extra srun f
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export MASTER_ADDR MASTER_PORT
+# Ranks come from each task's SLURM_PROCID/SLURM_LOCALID; stale torchrun variables would win.
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
 
 # --- NCCL / CUDA settings (defaults; the environment wins) ----------------------------------
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}    # Megatron TP/SP overlap ordering
@@ -54,6 +56,13 @@ echo "[dcd] job $SLURM_JOB_ID ($SLURM_JOB_NAME): $SLURM_NNODES node(s), $SLURM_N
 
 srun_args=(--kill-on-bad-exit=1 --export=ALL)
 if [[ $DCD_NO_CONTAINER != 1 ]]; then
+    if ! srun --help 2>/dev/null | grep -q -- --container-image; then
+        echo "[dcd] error: this Slurm has no pyxis (srun lacks --container-image); install pyxis," \
+             "or run on the host with DCD_NO_CONTAINER=1 (and DCD_PYTHON=/path/to/venv/bin/python)" >&2
+        exit 2
+    fi
+    # The output dir must be visible inside the container at the same path.
+    [[ $DCD_OUTPUT_DIR == "$submit_dir"/* ]] || DCD_MOUNTS+=",$DCD_OUTPUT_DIR:$DCD_OUTPUT_DIR"
     srun_args+=(--container-image="$DCD_IMAGE" --container-mounts="$DCD_MOUNTS"
                 --container-workdir="$submit_dir" --no-container-mount-home)
 fi
