@@ -1,0 +1,196 @@
+"""``dcd-eval``: evaluate a student on math benchmarks; results tables as JSON, optionally MLflow.
+
+Until checkpoint loading is wired in, the model comes from a ``model_loader(args) ->
+EvalModel`` hook: passed to ``main`` by code, or named on the command line as
+``--model-loader package.module:function`` (e.g. ``dcd_megatron.eval.fake:constant_answer_loader``
+for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dcd_megatron.eval.benchmarks import BENCHMARKS, get_benchmark, load_problems, resolve_template
+from dcd_megatron.eval.generation import generate, strip_eos
+from dcd_megatron.eval.interface import EvalModel
+from dcd_megatron.eval.scoring import (
+    BenchmarkResult,
+    DecodingSettings,
+    log_results,
+    results_table,
+    save_results,
+    score_benchmark,
+)
+
+logger = logging.getLogger("dcd_megatron.eval")
+
+ModelLoader = Callable[[argparse.Namespace], EvalModel]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dcd-eval",
+        description="Evaluate a model on math benchmarks (GSM8K, MATH, MATH500, AIME, AMC, OlympiadBench).",
+    )
+    p.add_argument(
+        "--benchmark", action="append", required=True, metavar="NAME[=SOURCE]",
+        help=f"benchmark to run (repeatable); NAME is one of {sorted(BENCHMARKS)}; SOURCE is a local "
+        ".jsonl/.json/.parquet file or hf:owner/name[:config][@split] (default: the benchmark's dataset)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
+    p.add_argument("--template", default=None,
+                   help="prompt template: math_cot, plain, or a string with {question} (default: per benchmark)")
+    p.add_argument(
+        "--protocol", choices=("standard", "greedy", "sample"), default="standard",
+        help="standard: greedy pass@1 everywhere plus --n samples at --temperature on the small sets "
+        "(AIME, AMC); greedy: only greedy; sample: only --n samples at --temperature everywhere",
+    )
+    p.add_argument("--temperature", type=float, default=1.0, help="temperature of sampled runs")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of sampled runs")
+    p.add_argument("--n", type=int, default=16, help="samples per problem in sampled runs")
+    p.add_argument("--max-new-tokens", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", default="outputs/eval")
+    p.add_argument("--checkpoint", default=None, help="checkpoint to load (read by the model loader)")
+    p.add_argument("--model-loader", default=None, metavar="MODULE:FUNCTION",
+                   help="function(args) -> EvalModel that loads the model")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the loader's choice)")
+    p.add_argument("--grade-timeout", type=int, default=5, help="seconds per math-verify parse/verify")
+    p.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=False,
+                   help="log the results to MLflow")
+    p.add_argument("--mlflow-tracking-uri", default=None)
+    p.add_argument("--mlflow-experiment", default="dcd-eval")
+    p.add_argument("--mlflow-run-name", default=None)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.n < 1:
+        p.error(f"--n {args.n}: need at least one sample per problem")
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if args.batch_size < 1:
+        p.error(f"--batch-size {args.batch_size}: must be >= 1")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.temperature <= 0 and args.protocol != "greedy":
+        p.error(f"--temperature {args.temperature}: sampled runs need > 0 (use --protocol greedy for greedy only)")
+    for entry in args.benchmark:
+        name = entry.split("=", 1)[0]
+        if name.lower() not in BENCHMARKS:
+            p.error(f"--benchmark {entry}: unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
+    if args.template is not None:
+        try:
+            resolve_template(args.template)
+        except ValueError as exc:
+            p.error(f"--template: {exc}")
+
+
+def _import_loader(spec: str) -> ModelLoader:
+    module, _, func = spec.partition(":")
+    if not module or not func:
+        raise SystemExit(f"--model-loader {spec!r}: expected MODULE:FUNCTION, e.g. dcd_megatron.eval.fake:constant_answer_loader")
+    return getattr(importlib.import_module(module), func)
+
+
+def _runs(args: argparse.Namespace, small: bool) -> list[tuple[str, float, float, int]]:
+    """(run name, temperature, top_p, n) for one benchmark under the chosen protocol."""
+    greedy = ("greedy", 0.0, 1.0, 1)
+    sampled = (f"sampled_t{args.temperature:g}_n{args.n}", args.temperature, args.top_p, args.n)
+    if args.protocol == "greedy":
+        return [greedy]
+    if args.protocol == "sample":
+        return [sampled]
+    return [greedy, sampled] if small else [greedy]
+
+
+def evaluate_benchmark(model: EvalModel, args: argparse.Namespace, entry: str) -> list[BenchmarkResult]:
+    """Load one benchmark, generate under each run of the protocol, score and save."""
+    name, _, source = entry.partition("=")
+    spec = get_benchmark(name)
+    problems = load_problems(spec.name, source or None, limit=args.limit)
+    template = args.template or spec.default_template
+    template_text = resolve_template(template)
+    prompts = [model.encode(template_text.format(question=p.prompt)) for p in problems]
+    device = args.device or model.device
+    results = []
+    for run, temperature, top_p, n in _runs(args, spec.small):
+        logger.info("%s/%s: %d problems x %d samples", spec.name, run, len(problems), n)
+        tokens = generate(
+            model.model, prompts, max_new_tokens=args.max_new_tokens, eos_id=model.eos_id,
+            temperature=temperature, top_p=top_p, n=n, batch_size=args.batch_size, seed=args.seed,
+            progress=not args.no_progress, device=device, pad_id=model.pad_id,
+        )
+        texts = [[model.decode(strip_eos(s, model.eos_id)) for s in per] for per in tokens]
+        lengths = [[len(s) for s in per] for per in tokens]
+        cut = [[len(strip_eos(s, model.eos_id)) == len(s) for s in per] for per in tokens]
+        settings = DecodingSettings(temperature, top_p, n, args.max_new_tokens, template, template_text, args.seed)
+        result = score_benchmark(
+            spec.name, spec.answer_format, problems, texts, settings=settings, response_tokens=lengths,
+            truncated=cut, run=run, model=model.name, grade_timeout_s=args.grade_timeout,
+        )
+        path = save_results(result, args.output_dir)
+        with (path.parent / "completions.jsonl").open("w", encoding="utf-8") as fh:
+            for problem, per in zip(problems, texts, strict=True):
+                for j, text in enumerate(per):
+                    fh.write(json.dumps({"id": problem.id, "sample": j, "completion": text}) + "\n")
+        results.append(result)
+    return results
+
+
+def _log_mlflow(args: argparse.Namespace, results: list[BenchmarkResult], out_dir: Path) -> None:
+    import mlflow
+
+    if args.mlflow_tracking_uri:
+        mlflow.set_tracking_uri(args.mlflow_tracking_uri)
+    mlflow.set_experiment(args.mlflow_experiment)
+    with mlflow.start_run(run_name=args.mlflow_run_name):
+        mlflow.log_params({
+            "checkpoint": args.checkpoint, "protocol": args.protocol, "max_new_tokens": args.max_new_tokens,
+            "sample_temperature": args.temperature, "sample_top_p": args.top_p, "sample_n": args.n,
+            "seed": args.seed, "template": args.template or "per-benchmark default", "limit": args.limit,
+        })
+        for result in results:
+            log_results(result, lambda m, step: mlflow.log_metrics(m, step=step))
+        mlflow.log_artifacts(str(out_dir), artifact_path="eval")
+
+
+def main(argv: Sequence[str] | None = None, *, model_loader: ModelLoader | None = None) -> int:
+    """Run ``dcd-eval``; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if model_loader is None:
+        if args.model_loader is None:
+            parser.error("no model: checkpoint loading is not wired into dcd-eval yet; pass "
+                         "--model-loader MODULE:FUNCTION (a function(args) -> EvalModel)")
+        model_loader = _import_loader(args.model_loader)
+    model = model_loader(args)
+
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: list[BenchmarkResult] = []
+    for entry in args.benchmark:
+        results.extend(evaluate_benchmark(model, args, entry))
+
+    summary = [{k: v for k, v in r.to_dict().items() if k != "records"} for r in results]
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    table = results_table(results)
+    (out_dir / "results.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    if args.mlflow:
+        _log_mlflow(args, results, out_dir)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
