@@ -1,0 +1,60 @@
+"""DCDConfig: every invalid value is refused with a message naming its field; the tau schedule."""
+
+import pytest
+
+from dcd_megatron.configs import apply_overrides, from_dict, to_dict
+from dcd_megatron.loss import DCDConfig, DCDConfigError
+
+INVALID = [
+    ("method", "kl"),
+    ("tau", 0.0),
+    ("tau", float("nan")),
+    ("bias", float("inf")),
+    ("bias_mode", "mean"),
+    ("clip", -1.0),
+    ("floor", -0.1),
+    ("cap", 0.0),
+    ("alpha", 0.0),
+    ("student_only_form", "linear"),
+    ("beta", -2.0),
+    ("prefix_transform", "tanh"),
+    ("prefix_window", -1),
+    ("normalize", "batch"),
+    ("tau_end", 0.0),
+    ("tau_anneal_steps", -5),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), INVALID, ids=[f"{f}={v}" for f, v in INVALID])
+def test_invalid_value_names_its_field(field, value):
+    with pytest.raises(DCDConfigError, match=rf"DCDConfig\.{field}\b"):
+        DCDConfig(**{field: value})
+
+
+def test_floor_above_cap_is_refused():
+    with pytest.raises(DCDConfigError, match=r"DCDConfig\.floor.*cap"):
+        DCDConfig(floor=3.0, cap=2.0)
+
+
+def test_tau_end_needs_anneal_steps():
+    with pytest.raises(DCDConfigError, match=r"DCDConfig\.tau_anneal_steps"):
+        DCDConfig(tau_end=2.0)
+
+
+def test_tau_schedule_is_linear_then_constant():
+    cfg = DCDConfig(tau=0.5, tau_end=2.5, tau_anneal_steps=100)
+    assert cfg.tau_at(0) == pytest.approx(0.5)
+    assert cfg.tau_at(25) == pytest.approx(1.0)
+    assert cfg.tau_at(100) == pytest.approx(2.5)
+    assert cfg.tau_at(10_000) == pytest.approx(2.5)
+    assert DCDConfig(tau=0.7).tau_at(500) == 0.7
+
+
+def test_defaults_are_valid_and_round_trip_through_overrides():
+    cfg = DCDConfig()
+    assert cfg.method == "sigmoid" and cfg.normalize == "global"
+    assert from_dict(DCDConfig, to_dict(cfg)) == cfg
+    changed = apply_overrides(cfg, ["method=tis", "cap=3", "tau_end=2.0", "tau_anneal_steps=10"])
+    assert (changed.method, changed.cap, changed.tau_end, changed.tau_anneal_steps) == ("tis", 3.0, 2.0, 10)
+    with pytest.raises(ValueError, match="method"):
+        apply_overrides(cfg, ["method=nope"])
