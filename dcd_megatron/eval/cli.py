@@ -132,7 +132,8 @@ def evaluate_benchmark(model: EvalModel, args: argparse.Namespace, entry: str) -
         texts = [[model.decode(strip_eos(s, model.eos_id)) for s in per] for per in tokens]
         lengths = [[len(s) for s in per] for per in tokens]
         cut = [[len(strip_eos(s, model.eos_id)) == len(s) for s in per] for per in tokens]
-        settings = DecodingSettings(temperature, top_p, n, args.max_new_tokens, template, template_text, args.seed)
+        shown = template_text.format(question="{question}")  # as the model sees it, braces unescaped
+        settings = DecodingSettings(temperature, top_p, n, args.max_new_tokens, template, shown, args.seed)
         result = score_benchmark(
             spec.name, spec.answer_format, problems, texts, settings=settings, response_tokens=lengths,
             truncated=cut, run=run, model=model.name, grade_timeout_s=args.grade_timeout,
