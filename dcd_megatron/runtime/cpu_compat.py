@@ -288,7 +288,6 @@ def _install_streams():
         _set_attr(torch.cuda, "default_stream", lambda device=None: null),
         _set_attr(torch.cuda, "Stream", _NullStream),
         _set_attr(torch.cuda, "stream", lambda s=None: contextlib.nullcontext()),
-        _set_attr(torch.cuda, "synchronize", lambda device=None: None),
     ]
     return _chain(undos)
 
@@ -303,6 +302,30 @@ def _probe_streams():
     ddp(torch.ones(1, 2)).sum().backward()
     ddp.start_grad_sync()
     ddp.finish_grad_sync()
+
+
+# --------------------------------------------------------------------------------------
+# 6. torch.cuda.synchronize() (distributed checkpoint saving) -> no-op
+# --------------------------------------------------------------------------------------
+def _install_synchronize():
+    return _set_attr(torch.cuda, "synchronize", lambda device=None: None)
+
+
+def _probe_synchronize():
+    """A megatron-core distributed checkpoint save and load of one sharded tensor."""
+    import tempfile
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    tensor = torch.arange(4.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        dist_checkpointing.save({"t": ShardedTensor.from_rank_offsets("t", tensor)}, tmp)
+        loaded = dist_checkpointing.load(
+            {"t": ShardedTensor.from_rank_offsets("t", torch.empty(4))}, tmp
+        )
+    if not torch.equal(loaded["t"], tensor):
+        raise AssertionError("distributed checkpoint round trip changed the tensor")
 
 
 def _megatron_at_least(version: str) -> bool:
@@ -344,6 +367,12 @@ PATCHES: tuple[Patch, ...] = (
         _install_streams,
         _probe_streams,
         applies=lambda: _megatron_at_least("0.17"),
+    ),
+    Patch(
+        "cuda_synchronize",
+        "distributed checkpoint saving calls torch.cuda.synchronize() before writing",
+        _install_synchronize,
+        _probe_synchronize,
     ),
 )
 

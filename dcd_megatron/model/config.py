@@ -1,0 +1,85 @@
+"""The model architecture as a typed config (Llama/Qwen style: RMSNorm, SwiGLU, RoPE, GQA)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the student (or teacher). `vocab_size=None` takes the tokenizer's size."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = 2  # None = multi-head attention (one group per head)
+    ffn_hidden_size: int | None = None  # None = Llama's rounding of 8/3 * hidden
+    kv_channels: int | None = None  # None = hidden_size / num_attention_heads
+    vocab_size: int | None = None
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 4096
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    norm_epsilon: float = 1e-5
+    add_qkv_bias: bool = False  # Qwen2 has QKV bias
+    untie_embeddings_and_output_weights: bool = True
+    init_method_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    fp8: Literal["hybrid", "e4m3"] | None = None
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    init_checkpoint: str | None = None  # a megatron dist checkpoint to start from (e.g. converted)
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads and self.kv_channels is None:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.num_attention_heads ({self.num_attention_heads}), or set model.kv_channels"
+            )
+        groups = self.query_groups
+        if groups < 1 or self.num_attention_heads % groups:
+            raise ValueError(
+                f"model.num_query_groups ({self.num_query_groups}) must divide "
+                f"model.num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.vocab_size is not None and self.vocab_size < 2:
+            raise ValueError(f"model.vocab_size must be >= 2, got {self.vocab_size}")
+        if self.make_vocab_size_divisible_by < 1:
+            raise ValueError("model.make_vocab_size_divisible_by must be >= 1")
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ValueError(f"model.rotary_percent must be in (0, 1], got {self.rotary_percent}")
+        for name in ("attention_dropout", "hidden_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.fp8 is not None and self.fp8 not in FP8_FORMATS:
+            raise ValueError(f"model.fp8 must be one of {FP8_FORMATS} or null, got {self.fp8!r}")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ValueError(f"model.fp8_recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}")
+        if self.fp8 is not None and self.params_dtype == "fp32":
+            raise ValueError(
+                "model.fp8 needs model.params_dtype=bf16 (FP8 wraps the BF16 transformer layers)"
+            )
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        size = int(8 * self.hidden_size / 3)
+        return 16 * ((size + 15) // 16)
+
+    def padded_vocab_size(self, vocab_size: int, tp: int) -> int:
+        """Pad the vocabulary so every tensor-parallel shard has the same width (megatron's rule)."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return ((vocab_size + multiple - 1) // multiple) * multiple

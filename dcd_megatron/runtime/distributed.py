@@ -1,0 +1,112 @@
+"""Start the process group and megatron-core's parallel state (gloo on CPU, NCCL on GPU).
+
+Ranks come from torchrun's variables, or from Slurm's when launched as one srun task per rank.
+Only this module (and cpu_compat) knows that megatron-core is CUDA-first.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dcd_megatron.runtime import cpu_compat
+from dcd_megatron.runtime.layout import Layout
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def process_info(env: dict[str, str] | None = None) -> ProcessInfo:
+    """Rank/world from torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or Slurm (SLURM_PROCID, ...)."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+    else:
+        rank, world, local = 0, 1, 0
+    if world > 1 and "MASTER_ADDR" not in env:
+        raise RuntimeError(
+            f"rank {rank} of {world}: MASTER_ADDR is not set; launch with torchrun, or export "
+            "MASTER_ADDR/MASTER_PORT before srun (slurm/dcd_8node.sh does)"
+        )
+    return ProcessInfo(
+        rank=rank,
+        world_size=world,
+        local_rank=local,
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=int(env.get("MASTER_PORT", "29500")),
+    )
+
+
+def resolve_device(requested: str) -> torch.device:
+    """`auto` picks CUDA when present; `cuda` without a GPU is a clear error."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"runtime.device must be auto, cpu or cuda, got {requested!r}")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device=cuda but no CUDA device is visible; use runtime.device=cpu")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def init_process_group(device: torch.device, timeout_minutes: int = 30) -> ProcessInfo:
+    """Initialise torch.distributed once (gloo on CPU, nccl on CUDA) and pin the local GPU."""
+    info = process_info()
+    if device.type == "cpu":
+        cpu_compat.apply()
+    else:
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", info.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(info.master_port))
+        torch.distributed.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    return info
+
+
+def init_model_parallel(layout: Layout, seed: int) -> None:
+    """megatron-core's parallel groups for the layout, and its model-parallel RNG streams."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    """Tear down parallel state and the process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def has_transformer_engine() -> bool:
+    """Whether Transformer Engine imports (it needs CUDA; it never installs on the CPU machines)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True

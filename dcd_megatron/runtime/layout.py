@@ -1,0 +1,97 @@
+"""The parallel layout (TP x PP x CP x DP) as a typed config, validated before anything starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class LayoutError(ValueError):
+    """An impossible parallel layout, named with the fix."""
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor, pipeline and context parallel sizes; data parallel is what is left of the world."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "cp"):
+            if getattr(self, name) < 1:
+                raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.sequence_parallel and self.tp == 1:
+            raise LayoutError("parallel.sequence_parallel needs parallel.tp > 1")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.cp
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A validated layout for one world size."""
+
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+
+def validate_layout(
+    parallel: ParallelConfig,
+    *,
+    world_size: int,
+    num_layers: int,
+    num_attention_heads: int,
+    num_query_groups: int,
+    seq_length: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    has_te: bool,
+) -> Layout:
+    """Check that the layout can run this model on this world; return it with DP filled in."""
+    mp = parallel.model_parallel_size
+    if world_size % mp:
+        raise LayoutError(
+            f"world size {world_size} is not divisible by tp*pp*cp = {parallel.tp}*{parallel.pp}*"
+            f"{parallel.cp} = {mp}; launch a multiple of {mp} processes or change the layout"
+        )
+    dp = world_size // mp
+    if num_attention_heads % parallel.tp:
+        raise LayoutError(
+            f"parallel.tp={parallel.tp} must divide model.num_attention_heads={num_attention_heads}"
+        )
+    if num_query_groups % parallel.tp:
+        raise LayoutError(
+            f"parallel.tp={parallel.tp} must divide the number of query groups ({num_query_groups}); "
+            "lower tp or raise model.num_query_groups"
+        )
+    if num_layers % parallel.pp:
+        raise LayoutError(f"parallel.pp={parallel.pp} must divide model.num_layers={num_layers}")
+    if parallel.cp > 1:
+        if not has_te:
+            raise LayoutError(
+                "parallel.cp > 1 needs Transformer Engine's attention (a GPU with the `gpu` extra "
+                "installed); megatron-core's local attention has no context parallelism. Use cp=1 here"
+            )
+        if seq_length % (2 * parallel.cp):
+            raise LayoutError(
+                f"data.seq_length={seq_length} must be divisible by 2*cp={2 * parallel.cp} "
+                "(context parallelism splits each sequence into 2*cp load-balanced chunks)"
+            )
+    if parallel.sequence_parallel and seq_length % parallel.tp:
+        raise LayoutError(f"data.seq_length={seq_length} must be divisible by tp for sequence_parallel")
+    per_step = micro_batch_size * dp
+    if global_batch_size % per_step:
+        raise LayoutError(
+            f"train.global_batch_size={global_batch_size} must be a multiple of "
+            f"train.micro_batch_size*dp = {micro_batch_size}*{dp} = {per_step}"
+        )
+    return Layout(tp=parallel.tp, pp=parallel.pp, cp=parallel.cp, dp=dp)

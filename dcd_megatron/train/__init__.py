@@ -1,0 +1,1 @@
+"""The training job: distil teacher traces into a student on megatron-core."""

@@ -1,0 +1,126 @@
+"""The whole training job as one typed config: model, layout, data, loss, optimiser, loop, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dcd_megatron.data.config import DataConfig
+from dcd_megatron.loss import DCDConfig
+from dcd_megatron.model.config import ModelConfig
+from dcd_megatron.runtime.layout import ParallelConfig
+from dcd_megatron.tracking import TrackingConfig
+
+
+@dataclass
+class OptimConfig:
+    """Adam with decoupled weight decay, linear warm-up then cosine (or linear/constant) decay."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 10
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    distributed_optimizer: bool = False  # shard optimizer state over DP (GPU only)
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps <= 0:
+            raise ValueError(f"optim.adam_eps must be > 0, got {self.adam_eps}")
+        if self.clip_grad < 0:
+            raise ValueError(f"optim.clip_grad must be >= 0 (0 = no clipping), got {self.clip_grad}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class LoopConfig:
+    """Steps, batch sizes, intervals and where the run lives."""
+
+    steps: int = 100
+    global_batch_size: int = 8
+    micro_batch_size: int = 2
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 50  # 0 = no periodic validation
+    eval_iters: int = 2  # validation global batches per evaluation
+    save_interval: int = 50  # 0 = only at the end
+    keep_checkpoints: int = 2  # newest complete checkpoints kept (0 = keep all)
+    output_dir: str = "runs/dcd"
+    resume: str = "auto"  # auto (latest complete checkpoint in output_dir, if any) | never | a path
+
+    def __post_init__(self):
+        for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_interval", "eval_iters", "save_interval", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} must be a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        if not self.output_dir:
+            raise ValueError("train.output_dir must be set")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the processes run."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    timeout_minutes: int = 30
+    num_threads: int = 0  # torch intra-op threads per rank on CPU (0 = cores / local ranks)
+
+    def __post_init__(self):
+        if self.timeout_minutes < 1:
+            raise ValueError("runtime.timeout_minutes must be >= 1")
+        if self.num_threads < 0:
+            raise ValueError("runtime.num_threads must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one `dcd-train` run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: DCDConfig = field(default_factory=DCDConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self):
+        if self.model.max_position_embeddings < self.data.seq_length:
+            raise ValueError(
+                f"data.seq_length={self.data.seq_length} exceeds "
+                f"model.max_position_embeddings={self.model.max_position_embeddings}"
+            )
+
+
+# Short override keys accepted on the command line (`tp=2 pp=2`).
+ALIASES = {
+    "tp": "parallel.tp",
+    "pp": "parallel.pp",
+    "cp": "parallel.cp",
+    "steps": "train.steps",
+    "lr": "optim.lr",
+    "method": "loss.method",
+    "output_dir": "train.output_dir",
+    "seed": "train.seed",
+}

@@ -1,0 +1,303 @@
+"""The training job: build everything from a TrainConfig, then step, log, validate and checkpoint.
+
+Read top to bottom, one batch goes: trace files -> token cache -> packed micro-batches ->
+GPTModel (one pipeline stage per rank) -> DCD loss -> megatron's schedule -> global weight
+normalisation -> optimizer -> metrics on rank 0 -> MLflow and the console.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dcd_megatron.configs import to_dict
+from dcd_megatron.train.config import TrainConfig
+
+log = logging.getLogger("dcd_megatron.train")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (on every rank)."""
+
+    step: int
+    metrics: dict
+    output_dir: Path
+    checkpoint: Path | None
+    run_description: str
+
+
+def _set_threads(cfg: TrainConfig, local_world: int) -> None:
+    if cfg.runtime.num_threads:
+        torch.set_num_threads(cfg.runtime.num_threads)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+
+
+def _groups():
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tp": ps.get_tensor_model_parallel_group(),
+        "cp": ps.get_context_parallel_group(),
+        "dp": ps.get_data_parallel_group(),
+        "dp_cp": ps.get_data_parallel_group(with_context_parallel=True),
+        "pp": ps.get_pipeline_model_parallel_group(),
+        "first_stage": ps.is_pipeline_first_stage(),
+        "last_stage": ps.is_pipeline_last_stage(),
+        "dp_rank": ps.get_data_parallel_rank(),
+        "cp_rank": ps.get_context_parallel_rank(),
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "last_stage_rank0": ps.get_pipeline_model_parallel_last_rank(),
+    }
+
+
+def _share_metrics(metrics: dict | None, src: int) -> dict:
+    """Send the last stage's metrics (computed on global rank `src`) to every rank."""
+    box = [metrics]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0] or {}
+
+
+def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
+    """Run one training job described by `cfg`; returns the final metrics."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from dcd_megatron.data.batches import MicroBatchIterator, ValidationIterator
+    from dcd_megatron.data.cache import build_or_load_cache
+    from dcd_megatron.data.context_parallel import split_for_context_parallel
+    from dcd_megatron.data.packing import PackedSamples
+    from dcd_megatron.data.tokenizer import load_tokenizer
+    from dcd_megatron.loss import make_loss_func, reduce_reports, rescale_grads_for_global_weight_mean
+    from dcd_megatron.model.builder import build_gpt_model, transformer_config
+    from dcd_megatron.model.fp8 import check_fp8, current_capability
+    from dcd_megatron.runtime import distributed as rt
+    from dcd_megatron.runtime.layout import validate_layout
+    from dcd_megatron.tracking import ProgressPrinter, Tracker
+    from dcd_megatron.train import checkpoint as ckpt
+    from dcd_megatron.train.optim import build_optimizer, build_scheduler
+    from dcd_megatron.train.step import make_forward_step
+
+    device = rt.resolve_device(cfg.runtime.device)
+    has_te = device.type == "cuda" and rt.has_transformer_engine()
+    # Everything that can be checked before processes talk to each other is checked here.
+    check_fp8(cfg.model.fp8, cfg.model.fp8_recipe, has_te=has_te, capability=current_capability())
+    info = rt.init_process_group(device, cfg.runtime.timeout_minutes)
+    _set_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or min(info.world_size, os.cpu_count() or 1))
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type)
+    vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
+    layout = validate_layout(
+        cfg.parallel,
+        world_size=info.world_size,
+        num_layers=cfg.model.num_layers,
+        num_attention_heads=cfg.model.num_attention_heads,
+        num_query_groups=cfg.model.query_groups,
+        seq_length=cfg.data.seq_length,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        has_te=has_te,
+    )
+    rt.init_model_parallel(layout, cfg.train.seed)
+    g = _groups()
+    is_logger = info.rank == 0
+    output_dir = Path(cfg.train.output_dir)
+    ckpt_root = output_dir / "checkpoints"
+    if is_logger:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- data: tokenize once (rank 0), everyone memory-maps the cache ------------------
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else output_dir / "cache"
+    if is_logger:
+        build_or_load_cache(cfg.data, tokenizer, cache_dir)
+    torch.distributed.barrier()
+    cache = build_or_load_cache(cfg.data, tokenizer, cache_dir)
+    train_samples = PackedSamples(cache.train, cfg.data, tokenizer)
+    valid_samples = PackedSamples(cache.valid, cfg.data, tokenizer) if cache.valid is not None else None
+    num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp)
+
+    # ---- model, optimizer, scheduler ---------------------------------------------------
+    padded_vocab = cfg.model.padded_vocab_size(vocab_size, layout.tp)
+    tconfig = transformer_config(
+        cfg.model, layout, sequence_parallel=cfg.parallel.sequence_parallel, on_cpu=device.type == "cpu"
+    )
+    model = build_gpt_model(
+        cfg.model,
+        tconfig,
+        padded_vocab_size=padded_vocab,
+        max_sequence_length=cfg.model.max_position_embeddings,
+        pre_process=g["first_stage"],
+        post_process=g["last_stage"],
+        use_te=has_te,
+    ).to(device)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.optim.distributed_optimizer
+    )
+    model = DistributedDataParallel(tconfig, ddp_config, model)
+    chunks = [model]
+    optimizer = build_optimizer(cfg.optim, chunks, params_dtype=cfg.model.params_dtype, on_cpu=device.type == "cpu")
+    scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
+
+    start_step, consumed = 0, 0
+    resume_from = ckpt.resolve_resume(cfg.train.resume, ckpt_root)
+    if resume_from is not None:
+        meta = ckpt.load_checkpoint(resume_from, chunks, optimizer, scheduler)
+        start_step, consumed = int(meta["step"]), int(meta["consumed_samples"])
+        if is_logger:
+            print(f"resumed from {resume_from} at step {start_step}", flush=True)
+    elif cfg.model.init_checkpoint:
+        ckpt.load_checkpoint(Path(cfg.model.init_checkpoint), chunks, None, None, load_optimizer=False)
+        if is_logger:
+            print(f"initialised the student from {cfg.model.init_checkpoint}", flush=True)
+
+    train_iter = MicroBatchIterator(
+        train_samples,
+        micro_batch_size=cfg.train.micro_batch_size,
+        num_microbatches=num_microbatches,
+        dp_rank=g["dp_rank"],
+        dp_size=layout.dp,
+        seed=cfg.train.seed,
+        consumed_samples=consumed,
+        shuffle=cfg.data.shuffle,
+    )
+    cp_split = None
+    if layout.cp > 1:
+        cp_rank, cp_size = g["cp_rank"], layout.cp
+        cp_split = lambda batch: split_for_context_parallel(batch, cp_rank, cp_size)  # noqa: E731
+    forward_backward = get_forward_backward_func()
+    seq_len = cfg.data.seq_length // layout.cp
+    packed = cfg.data.pack
+
+    def run_step(data_iter, step: int, n_micro: int, forward_only: bool):
+        loss_func = make_loss_func(cfg.loss, tp_group=g["tp"], cp_group=g["cp"] if layout.cp > 1 else None, step=step)
+        forward_step = make_forward_step(loss_func, packed=packed, use_te=has_te, device=device, cp_split=cp_split)
+        return forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=data_iter,
+            model=chunks,
+            num_microbatches=n_micro,
+            seq_length=seq_len,
+            micro_batch_size=cfg.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    # ---- tracking ------------------------------------------------------------------------
+    tracker = Tracker(cfg.tracking, enabled_on_this_rank=is_logger)
+    resolved = to_dict(cfg)
+    tracker.start(resolved, config_text or json.dumps(resolved, indent=1), output_dir)
+    if is_logger:
+        print(f"layout tp={layout.tp} pp={layout.pp} cp={layout.cp} dp={layout.dp}, "
+              f"{num_microbatches} micro-batches of {cfg.train.micro_batch_size} x {cfg.data.seq_length} tokens; "
+              f"{len(train_samples)} training samples; {tracker.describe()}", flush=True)
+    printer = ProgressPrinter(cfg.train.steps, cfg.train.log_interval)
+    metrics_file = output_dir / "metrics.jsonl"
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
+    last_metrics: dict = {}
+    last_ckpt = resume_from
+    status = "FAILED"
+
+    try:
+        for step in range(start_step, cfg.train.steps):
+            t0 = time.perf_counter()
+            for chunk in chunks:
+                chunk.zero_grad_buffer()
+            optimizer.zero_grad()
+            reports = run_step(train_iter, step, num_microbatches, forward_only=False)
+            factor = rescale_grads_for_global_weight_mean(
+                chunks, reports if g["last_stage"] else [], pp_group=g["pp"], dp_cp_group=g["dp_cp"],
+                config=cfg.loss,
+            )
+            ok, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
+            metrics = reduce_reports(reports, dp_cp_group=g["dp_cp"], weight_factor=factor) if g["last_stage"] else None
+            metrics = _share_metrics(metrics, g["last_stage_rank0"])
+            elapsed = time.perf_counter() - t0
+            metrics.update(
+                lr=optimizer.param_groups[0]["lr"],
+                grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                update_skipped=float(not ok),
+                tokens_per_s=tokens_per_step / elapsed,
+                step_time_s=elapsed,
+            )
+            done = step + 1
+            last_metrics = metrics
+            if is_logger:
+                scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                tracker.log_metrics(scalars, step=done)
+                with open(metrics_file, "a") as fh:
+                    fh.write(json.dumps({"step": done, **scalars}) + "\n")
+                if done % cfg.train.log_interval == 0 or done == cfg.train.steps:
+                    printer.print(done, metrics)
+                if cfg.tracking.plot_interval and (done % cfg.tracking.plot_interval == 0 or done == cfg.train.steps):
+                    tracker.log_weight_plots(done, metrics)
+            if cfg.train.eval_interval and valid_samples is not None and (
+                done % cfg.train.eval_interval == 0 or done == cfg.train.steps
+            ):
+                val = evaluate(run_step, chunks, valid_samples, cfg, layout, g, num_microbatches)
+                if is_logger:
+                    tracker.log_metrics(val, step=done)
+                    with open(metrics_file, "a") as fh:
+                        fh.write(json.dumps({"step": done, **val}) + "\n")
+                    print(f"step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
+                last_metrics.update(val)
+            if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done < cfg.train.steps:
+                last_ckpt = _save(ckpt, ckpt_root, done, chunks, optimizer, scheduler, train_iter, cfg, config_text)
+        if start_step < cfg.train.steps or last_ckpt is None:
+            last_ckpt = _save(ckpt, ckpt_root, cfg.train.steps, chunks, optimizer, scheduler, train_iter, cfg, config_text)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if is_logger and last_metrics:
+            final = {"step": cfg.train.steps if status == "FINISHED" else None, "status": status,
+                     **{k: v for k, v in last_metrics.items() if isinstance(v, (int, float))}}
+            (output_dir / "final_metrics.json").write_text(json.dumps(final, indent=1))
+        tracker.finish(status)
+    return TrainResult(
+        step=cfg.train.steps,
+        metrics=last_metrics,
+        output_dir=output_dir,
+        checkpoint=last_ckpt,
+        run_description=tracker.describe(),
+    )
+
+
+def _save(ckpt, root, step, chunks, optimizer, scheduler, train_iter, cfg, config_text):
+    meta = {"consumed_samples": train_iter.consumed_samples, "config": config_text or ""}
+    path = ckpt.save_checkpoint(root, step, chunks, optimizer, scheduler, meta, keep=cfg.train.keep_checkpoints)
+    if torch.distributed.get_rank() == 0:
+        print(f"saved checkpoint {path}", flush=True)
+    return path
+
+
+def evaluate(run_step, chunks, valid_samples, cfg, layout, g, num_microbatches) -> dict:
+    """Validation loss on held-out traces (forward only, fixed order)."""
+    from dcd_megatron.data.batches import ValidationIterator
+    from dcd_megatron.loss import reduce_reports
+
+    valid_iter = ValidationIterator(
+        valid_samples,
+        micro_batch_size=cfg.train.micro_batch_size,
+        dp_rank=g["dp_rank"],
+        dp_size=layout.dp,
+    )
+    n_micro = min(cfg.train.eval_iters * num_microbatches, max(valid_iter.num_microbatches, 1))
+    for chunk in chunks:
+        chunk.eval()
+    try:
+        with torch.no_grad():
+            reports = run_step(iter(valid_iter), 0, n_micro, forward_only=True)
+    finally:
+        for chunk in chunks:
+            chunk.train()
+    metrics = reduce_reports(reports, dp_cp_group=g["dp_cp"], weight_factor=None) if g["last_stage"] else None
+    metrics = _share_metrics(metrics, g["last_stage_rank0"])
+    keep = ("loss", "ce_unweighted", "ce_weighted")
+    return {f"val_{k}": v for k, v in metrics.items() if k in keep and isinstance(v, (int, float))}
