@@ -1,0 +1,369 @@
+"""Tokenize traces once into a memory-mappable, content-keyed cache directory.
+
+Layout of ``<cache_root>/<name>-<key16>/`` (all ``.npy``, opened with ``mmap_mode="r"``):
+``tokens`` int32 (all documents concatenated), ``loss_mask`` uint8 (1 on trained response
+tokens), ``teacher_logprobs`` float32 (aligned to tokens, NaN where unknown), ``doc_offsets``
+int64 [n_docs+1], ``response_start`` int32 (prompt length), ``response_tokens`` int32 (trained
+tokens per document), ``doc_rows`` int64 (global source row of each document), and
+``meta.json`` (counts, written last). It is built in a ``.tmp-*`` sibling and renamed into
+place, so a crash never leaves a directory that is later trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dcd_megatron.data.config import DataConfig
+from dcd_megatron.data.encoding import RowEncoder, output_features
+from dcd_megatron.data.loading import DataLoadError, Source, SourceSpec, load_sources, resolve_sources
+from dcd_megatron.data.tokenizer import Tokenizer
+from dcd_megatron.data.validation import BadRowError, SkipCounts
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+ARRAY_NAMES = (
+    "tokens", "loss_mask", "teacher_logprobs", "doc_offsets",
+    "response_start", "response_tokens", "doc_rows",
+)
+MIN_ROWS_PER_WORKER = 256  # below this, worker start-up costs more than it saves (auto num_proc only)
+_SCAN_BATCH = 4096
+
+
+class CacheError(RuntimeError):
+    """A token cache is missing, incomplete or from another format version."""
+
+
+def _key_config(cfg: DataConfig, tokenizer: Tokenizer) -> dict:
+    return {
+        "format": CACHE_FORMAT,
+        "tokenizer_model": tokenizer.model_hash,
+        "tokenizer_vocab": tokenizer.fingerprint,
+        "template": cfg.template_text(),
+        "seq_length": cfg.seq_length,
+        "add_eos": cfg.add_eos,
+        "add_bos": cfg.add_bos,
+        "on_long_row": cfg.on_long_row,
+        "on_bad_row": cfg.on_bad_row,
+        "split": cfg.split,
+        "fields": [
+            cfg.field_prompt, cfg.field_messages, cfg.field_response, cfg.field_teacher_logprobs,
+            cfg.field_teacher_topk_ids, cfg.field_teacher_topk_logprobs,
+        ],
+        "count_fields": list(cfg.count_fields),
+    }
+
+
+def cache_key(cfg: DataConfig, tokenizer: Tokenizer, source_fingerprint: str) -> str:
+    """sha256 of the source fingerprint, the tokenizer and every setting that changes the tokens."""
+    payload = json.dumps({"source": source_fingerprint, **_key_config(cfg, tokenizer)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _sources_fingerprint(sources: list[Source]) -> str:
+    parts = [f"{s.name}|{s.fingerprint or ''}|{len(s.dataset)}" for s in sources]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+@dataclass
+class TokenCache:
+    """A built cache, memory-mapped read-only."""
+
+    path: Path
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    teacher_logprobs: np.ndarray
+    doc_offsets: np.ndarray
+    response_start: np.ndarray
+    response_tokens: np.ndarray
+    doc_rows: np.ndarray
+    meta: dict
+
+    @staticmethod
+    def is_complete(path: str | Path) -> bool:
+        """True when ``path`` holds a finished cache of this format (``meta.json`` is written last)."""
+        meta = Path(path) / "meta.json"
+        if not meta.is_file():
+            return False
+        try:
+            return json.loads(meta.read_text()).get("format") == CACHE_FORMAT
+        except (json.JSONDecodeError, OSError):
+            return False
+
+    @classmethod
+    def open(cls, path: str | Path) -> "TokenCache":
+        """Memory-map a finished cache (``np.load(mmap_mode="r")``); refuses incomplete ones."""
+        path = Path(path)
+        if not cls.is_complete(path):
+            raise CacheError(
+                f"no complete token cache at {path} (meta.json missing or of another format); "
+                "build it first with dcd_megatron.data.build_caches (rank 0), then open it"
+            )
+        meta = json.loads((path / "meta.json").read_text())
+        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAY_NAMES}
+        return cls(path=path, meta=meta, **arrays)
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.doc_offsets) - 1
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        return np.diff(self.doc_offsets)
+
+
+def _scan_batches(dataset):
+    """Arrow record batches of a mapped dataset (no Python row objects for the token lists)."""
+    for batch in dataset.with_format("arrow").iter(batch_size=_SCAN_BATCH):
+        yield batch
+
+
+def _workers(cfg: DataConfig, n_rows: int) -> int | None:
+    if cfg.num_proc is not None:
+        n = min(cfg.num_proc, max(1, n_rows))
+    else:
+        n = min(cfg.resolved_num_proc(), n_rows // MIN_ROWS_PER_WORKER)
+    return n if n > 1 else None
+
+
+def _tokenize_sources(sources: list[Source], cfg: DataConfig, tokenizer: Tokenizer, work: Path) -> list:
+    encoder = RowEncoder(cfg, tokenizer)
+    features = output_features(list(cfg.count_fields))
+    mapped = []
+    for i, src in enumerate(sources):
+        ds = src.dataset
+        mapped.append(
+            ds.map(
+                encoder,
+                remove_columns=ds.column_names,
+                features=features,
+                num_proc=_workers(cfg, len(ds)),
+                cache_file_name=str(work / f"tokenized-{i}.arrow"),
+                load_from_cache_file=False,
+                desc=f"tokenizing {Path(src.name).name}",
+            )
+        )
+    return mapped
+
+
+def _check_rows(sources: list[Source], mapped: list, cfg: DataConfig, skips: SkipCounts) -> None:
+    """Raise on the first bad row under ``error`` policies; count them otherwise."""
+    import pyarrow.compute as pc
+
+    for src, ds in zip(sources, mapped):
+        start = 0
+        for batch in _scan_batches(ds.select_columns(["reason", "detail"])):
+            reasons = batch.column("reason")
+            bad = np.flatnonzero(pc.not_equal(reasons, "").to_numpy(zero_copy_only=False))
+            details = batch.column("detail")
+            for j in bad:
+                reason, detail = reasons[int(j)].as_py(), details[int(j)].as_py()
+                policy = cfg.on_long_row if reason == "too_long" else cfg.on_bad_row
+                row = src.where(start + int(j))
+                if policy == "error":
+                    raise BadRowError(src.name, row, reason, detail)
+                skips.add(reason, f"{src.name}: row {row}", detail)
+            start += batch.num_rows
+
+
+def _write_arrays(sources: list[Source], mapped: list, cfg: DataConfig, out: Path) -> dict:
+    """Two passes over the tokenized rows: sizes first, then arrays written straight to .npy."""
+    import pyarrow.compute as pc
+
+    n_tokens = 0
+    n_docs = 0
+    for ds in mapped:
+        for batch in _scan_batches(ds.select_columns(["input_ids"])):
+            lengths = pc.list_value_length(batch.column("input_ids")).to_numpy(zero_copy_only=False)
+            n_tokens += int(lengths.sum())
+            n_docs += int((lengths > 0).sum())
+    if n_docs == 0:
+        return {"docs": 0}
+    fmt = np.lib.format
+    tokens = fmt.open_memmap(out / "tokens.npy", mode="w+", dtype=np.int32, shape=(n_tokens,))
+    loss_mask = fmt.open_memmap(out / "loss_mask.npy", mode="w+", dtype=np.uint8, shape=(n_tokens,))
+    teacher = fmt.open_memmap(out / "teacher_logprobs.npy", mode="w+", dtype=np.float32, shape=(n_tokens,))
+    doc_lengths: list[np.ndarray] = []
+    resp_start: list[np.ndarray] = []
+    resp_tokens: list[np.ndarray] = []
+    doc_rows: list[np.ndarray] = []
+    stats = Counter()
+    counts: dict[str, Counter] = {name: Counter() for name in cfg.count_fields}
+    cursor = 0
+    row_base = 0
+    for src, ds in zip(sources, mapped):
+        row_in_source = 0
+        for batch in _scan_batches(ds):
+            ids = batch.column("input_ids").combine_chunks()
+            lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
+            kept = lengths > 0
+            flat = ids.flatten().to_numpy(zero_copy_only=False)
+            n = len(flat)
+            tokens[cursor : cursor + n] = flat
+            rs = batch.column("response_start").to_numpy(zero_copy_only=False).astype(np.int64)
+            ntr = batch.column("n_trained").to_numpy(zero_copy_only=False).astype(np.int64)
+            local = np.arange(n, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            tok_rs, tok_ntr = np.repeat(rs, lengths), np.repeat(ntr, lengths)
+            loss_mask[cursor : cursor + n] = (local >= tok_rs) & (local < tok_rs + tok_ntr)
+            has_teacher = batch.column("has_teacher").to_numpy(zero_copy_only=False)
+            block = np.full(n, np.nan, dtype=np.float32)
+            if has_teacher.any():
+                values = batch.column("teacher").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                block[np.repeat(has_teacher, lengths)] = values
+            teacher[cursor : cursor + n] = block
+            cursor += n
+            doc_lengths.append(lengths[kept])
+            resp_start.append(rs[kept])
+            resp_tokens.append(ntr[kept])
+            local_rows = row_in_source + np.flatnonzero(kept)
+            if src.row_numbers is not None:  # rows were dropped at load: use original row numbers
+                local_rows = src.row_numbers[local_rows] - 1
+            doc_rows.append(row_base + local_rows)
+            trunc = batch.column("truncated_tokens").to_numpy(zero_copy_only=False)
+            stats["truncated"] += int((trunc > 0).sum())
+            stats["truncated_tokens"] += int(trunc.sum())
+            stats["with_teacher"] += int(has_teacher[kept].sum())
+            stats["with_topk"] += int(batch.column("has_topk").to_numpy(zero_copy_only=False)[kept].sum())
+            stats["eos_untrained"] += int(batch.column("eos_untrained").to_numpy(zero_copy_only=False)[kept].sum())
+            for name in cfg.count_fields:
+                values = batch.column(f"meta::{name}").to_pylist()
+                counts[name].update(v for v, k in zip(values, kept) if k and v != "")
+            row_in_source += batch.num_rows
+        row_base += row_in_source if src.row_numbers is None else int(src.row_numbers.max(initial=0))
+    assert cursor == n_tokens
+    for arr in (tokens, loss_mask, teacher):
+        arr.flush()
+    del tokens, loss_mask, teacher
+    lengths_all = np.concatenate(doc_lengths)
+    offsets = np.zeros(len(lengths_all) + 1, dtype=np.int64)
+    np.cumsum(lengths_all, out=offsets[1:])
+    np.save(out / "doc_offsets.npy", offsets)
+    np.save(out / "response_start.npy", np.concatenate(resp_start).astype(np.int32))
+    rtok = np.concatenate(resp_tokens).astype(np.int32)
+    np.save(out / "response_tokens.npy", rtok)
+    np.save(out / "doc_rows.npy", np.concatenate(doc_rows).astype(np.int64))
+    return {
+        "docs": int(len(lengths_all)),
+        "tokens": int(n_tokens),
+        "response_tokens": int(rtok.sum()),
+        "max_doc_tokens": int(lengths_all.max()),
+        "mean_doc_tokens": float(lengths_all.mean()),
+        "truncated": stats["truncated"],
+        "truncated_tokens": stats["truncated_tokens"],
+        "has_teacher_logprobs_fraction": stats["with_teacher"] / len(lengths_all),
+        "has_teacher_topk_fraction": stats["with_topk"] / len(lengths_all),
+        "eos_untrained": stats["eos_untrained"],
+        "counts": {name: dict(sorted(c.items())) for name, c in counts.items()},
+    }
+
+
+def _source_spec_and_fingerprint(path: str, cfg: DataConfig, root: Path):
+    spec = resolve_sources(path)
+    fp = spec.fingerprint()
+    sources = None
+    if fp is None:  # a dataset name: its fingerprint is known only after loading (from its cache)
+        sources = load_sources(spec, cfg, hf_cache=root / "hf-datasets")
+        fp = _sources_fingerprint(sources)
+    return spec, fp, sources
+
+
+def token_cache_path(path: str, cfg: DataConfig, tokenizer: Tokenizer, root: Path | None = None) -> Path:
+    """Where the cache of ``path`` under these settings lives (built or not)."""
+    root = Path(root) if root else cfg.resolved_cache_dir()
+    spec, fp, _ = _source_spec_and_fingerprint(path, cfg, root)
+    return root / f"{spec.short_name}-{cache_key(cfg, tokenizer, fp)[:16]}"
+
+
+def build_token_cache(path: str, cfg: DataConfig, tokenizer: Tokenizer, root: Path | None = None) -> Path:
+    """Tokenize ``path`` into its cache directory unless a complete one exists; return the directory.
+
+    Idempotent and atomic: concurrent builders each write a private ``.tmp-*`` directory and
+    the first rename wins; a leftover ``.tmp-*`` from a crash is never read.
+    """
+    root = Path(root) if root else cfg.resolved_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    spec, fp, sources = _source_spec_and_fingerprint(path, cfg, root)
+    key = cache_key(cfg, tokenizer, fp)
+    final = root / f"{spec.short_name}-{key[:16]}"
+    if TokenCache.is_complete(final):
+        log.info("reusing token cache %s", final)
+        return final
+    tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    t0 = time.time()
+    try:
+        work = tmp / "work"
+        work.mkdir()
+        if sources is None:
+            sources = load_sources(spec, cfg, hf_cache=root / "hf-datasets")
+        skips = SkipCounts.empty()
+        for src in sources:
+            skips.merge(src.skipped)
+        mapped = _tokenize_sources(sources, cfg, tokenizer, work)
+        _check_rows(sources, mapped, cfg, skips)
+        n_rows = sum(len(s.dataset) for s in sources) + sum(s.skipped.total for s in sources)
+        written = _write_arrays(sources, mapped, cfg, tmp)
+        if written["docs"] == 0:
+            raise DataLoadError(
+                f"{spec.location}: no usable rows: all {n_rows} were skipped {skips.as_dict()}, "
+                f"e.g. {next(iter(skips.examples.values()), '')}; fix the data or the data.field_* names"
+            )
+        del mapped
+        shutil.rmtree(work)
+        meta = {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "source": {"kind": spec.kind, "location": spec.location, "files": [s.name for s in sources]},
+            "rows": n_rows,
+            "kept": written["docs"],
+            "skipped": skips.as_dict(),
+            "skipped_examples": dict(sorted(skips.examples.items())),
+            **{k: v for k, v in written.items() if k != "docs"},
+            "tokenizer": {"kind": tokenizer.kind, "path": str(tokenizer.path), "fingerprint": tokenizer.fingerprint,
+                          "model_hash": tokenizer.model_hash, "vocab_size": tokenizer.vocab_size,
+                          "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id, "pad_id": tokenizer.pad_id},
+            "config": _key_config(cfg, tokenizer),
+            "build_seconds": round(time.time() - t0, 3),
+        }
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists() and not TokenCache.is_complete(final):
+            # not written by this code (renames are atomic), e.g. a partial copy: never trust it
+            stale = root / f".stale-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+            log.warning("replaced incomplete token cache directory %s", final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not TokenCache.is_complete(final):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another builder won the race
+            log.info("token cache %s was built concurrently; using it", final)
+            return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if skips.total:
+        log.warning(
+            "%s: skipped %d of %d rows: %s (e.g. %s)", spec.location, skips.total, n_rows,
+            skips.as_dict(), next(iter(skips.examples.values())),
+        )
+    log.info(
+        "token cache %s: %d docs, %d tokens (%d trained), %d truncated, %.1fs",
+        final, meta["kept"], meta["tokens"], meta["response_tokens"], meta["truncated"], meta["build_seconds"],
+    )
+    return final

@@ -1,0 +1,141 @@
+"""`DataConfig`: where the traces are, how to tokenize them and how to cut them into samples."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+BUILTIN_TEMPLATES = ("plain", "chatml", "llama3")
+
+
+class DataConfigError(ValueError):
+    """A data.* setting is invalid; the message names the field and the fix."""
+
+
+@dataclass
+class DataConfig:
+    """Trace data settings (the ``data`` section of a training config).
+
+    ``train_path``/``tokenizer`` may stay empty at construction (a default config) and are
+    checked where data is first loaded (`require_sources`).
+    """
+
+    train_path: str = ""
+    valid_path: str | None = None
+    valid_fraction: float = 0.0
+    split: str = "train"
+    tokenizer: str = ""
+    tokenizer_type: Literal["auto", "sentencepiece", "hf"] = "auto"
+    chat_template: str = "plain"
+    seq_length: int = 2048
+    pack: bool = True
+    on_bad_row: Literal["error", "skip"] = "error"
+    on_long_row: Literal["truncate", "skip", "error"] = "truncate"
+    cache_dir: str | None = None
+    num_proc: int | None = None
+    add_eos: bool = True
+    add_bos: bool = True
+    shuffle: bool = True
+    field_prompt: str = "prompt"
+    field_messages: str = "messages"
+    field_response: str = "response"
+    field_teacher_logprobs: str = "teacher_logprobs"
+    field_teacher_topk_ids: str = "teacher_topk_ids"
+    field_teacher_topk_logprobs: str = "teacher_topk_logprobs"
+    field_answer: str = "answer"
+    count_fields: list[str] = field(default_factory=lambda: ["style"])
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seq_length, int) or self.seq_length < 2:
+            raise DataConfigError(
+                f"data.seq_length={self.seq_length!r}: needs an integer >= 2 (tokens per sample)"
+            )
+        if not 0.0 <= float(self.valid_fraction) < 1.0:
+            raise DataConfigError(
+                f"data.valid_fraction={self.valid_fraction!r}: needs a number in [0, 1), "
+                "e.g. data.valid_fraction=0.01"
+            )
+        if self.valid_path and self.valid_fraction > 0:
+            raise DataConfigError(
+                "data.valid_path and data.valid_fraction are both set: use one "
+                "(data.valid_fraction=0 to use the valid file, or data.valid_path=null to hold out)"
+            )
+        if self.tokenizer_type not in ("auto", "sentencepiece", "hf"):
+            raise DataConfigError(
+                f"data.tokenizer_type={self.tokenizer_type!r}: use auto, sentencepiece or hf"
+            )
+        if self.on_bad_row not in ("error", "skip"):
+            raise DataConfigError(f"data.on_bad_row={self.on_bad_row!r}: use error or skip")
+        if self.on_long_row not in ("truncate", "skip", "error"):
+            raise DataConfigError(
+                f"data.on_long_row={self.on_long_row!r}: use truncate, skip or error"
+            )
+        if self.num_proc is not None and (not isinstance(self.num_proc, int) or self.num_proc < 1):
+            raise DataConfigError(
+                f"data.num_proc={self.num_proc!r}: needs a positive integer, or null for min(4, cpus)"
+            )
+        if not self.split:
+            raise DataConfigError("data.split is empty: name the split to read, e.g. data.split=train")
+        from dcd_megatron.data.templates import TemplateError, check_template
+
+        try:
+            check_template(self.template_text())
+        except TemplateError as exc:
+            raise DataConfigError(f"data.chat_template: {exc}") from None
+        for name in (
+            "field_prompt", "field_messages", "field_response", "field_teacher_logprobs",
+            "field_teacher_topk_ids", "field_teacher_topk_logprobs", "field_answer",
+        ):
+            if not getattr(self, name):
+                raise DataConfigError(f"data.{name} is empty: give the column name it reads")
+
+    # ---- derived values ----------------------------------------------------------------
+    def resolved_num_proc(self) -> int:
+        """Tokenization workers: ``num_proc`` or min(4, usable cpus)."""
+        if self.num_proc is not None:
+            return self.num_proc
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - non-Linux
+            cpus = os.cpu_count() or 1
+        return max(1, min(4, cpus))
+
+    def resolved_cache_dir(self) -> Path:
+        """``cache_dir`` or ``~/.cache/dcd-cache`` (the trainer passes ``<output_dir>/dcd-cache``)."""
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        return Path("~/.cache/dcd-cache").expanduser()
+
+    def template_text(self) -> str:
+        """The Jinja source of ``chat_template``: a built-in name, a ``.jinja`` file or inline Jinja."""
+        from dcd_megatron.data.templates import BUILTIN_TEMPLATE_SOURCES
+
+        tpl = self.chat_template
+        if tpl in BUILTIN_TEMPLATE_SOURCES:
+            return BUILTIN_TEMPLATE_SOURCES[tpl]
+        if tpl.endswith((".jinja", ".j2")):
+            path = Path(tpl).expanduser()
+            if not path.is_file():
+                raise DataConfigError(f"data.chat_template={tpl!r}: template file does not exist")
+            return path.read_text()
+        if "{{" in tpl or "{%" in tpl:
+            return tpl
+        raise DataConfigError(
+            f"data.chat_template={tpl!r}: use one of {', '.join(BUILTIN_TEMPLATES)}, a path to a "
+            ".jinja file, or an inline Jinja template (rendering `messages`)"
+        )
+
+    def require_sources(self) -> None:
+        """Fail early, by field name, when the settings needed to read data are missing."""
+        if not self.train_path:
+            raise DataConfigError(
+                "data.train_path is empty: set it to a JSONL/Parquet file, glob, directory or "
+                "dataset name, e.g. data.train_path=/data/traces.jsonl"
+            )
+        if not self.tokenizer:
+            raise DataConfigError(
+                "data.tokenizer is empty: set it to a SentencePiece .model, a tokenizer.json, "
+                "or a directory holding one"
+            )

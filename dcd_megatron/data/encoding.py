@@ -1,0 +1,220 @@
+"""Turn one trace row into token ids, a response start, aligned teacher log-probs, or a problem.
+
+The chat template renders only the prompt side; the response is tokenized ALONE and appended,
+so the i-th teacher log-prob belongs to the i-th response token exactly. The appended eos is
+trained only when it has a known teacher log-prob or the row has none at all (see docs/data.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from dcd_megatron.data.config import DataConfig, DataConfigError
+from dcd_megatron.data.loading import RAW_JSON_COLUMN
+from dcd_megatron.data.templates import TemplateError, render_prompt
+from dcd_megatron.data.tokenizer import Tokenizer
+from dcd_megatron.data.validation import RowProblem, check_messages, check_teacher_logprobs, check_topk
+
+NAN = float("nan")
+
+
+def output_features(count_fields: list[str]):
+    """The fixed `datasets.Features` of `RowEncoder` output (same for every source file)."""
+    import datasets
+
+    seq = getattr(datasets, "List", None) or datasets.Sequence
+    feats = {
+        "input_ids": seq(datasets.Value("int32")),
+        "teacher": seq(datasets.Value("float32")),
+        "response_start": datasets.Value("int32"),
+        "n_trained": datasets.Value("int32"),
+        "reason": datasets.Value("string"),
+        "detail": datasets.Value("string"),
+        "truncated_tokens": datasets.Value("int32"),
+        "has_teacher": datasets.Value("bool"),
+        "has_topk": datasets.Value("bool"),
+        "eos_untrained": datasets.Value("bool"),
+    }
+    for name in count_fields:
+        feats[f"meta::{name}"] = datasets.Value("string")
+    return datasets.Features(feats)
+
+
+@dataclass
+class EncodedRow:
+    """A usable document: ``input_ids = prompt + response (+ eos)``, trained on ``[response_start, +n_trained)``."""
+
+    input_ids: list[int]
+    response_start: int
+    n_trained: int
+    teacher: list[float] | None  # aligned to input_ids, NaN where unknown; None: row has none
+    truncated_tokens: int = 0
+    has_topk: bool = False
+    eos_untrained: bool = False
+
+
+class _Problem(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.problem = RowProblem(reason, detail)
+
+
+class RowEncoder:
+    """Picklable row -> dict function for `datasets.map` (one row at a time)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer):
+        if cfg.add_eos and tokenizer.eos_id is None:
+            raise DataConfigError(
+                "data.add_eos=true but the tokenizer defines no eos token; set data.add_eos=false "
+                "or use a tokenizer with one (for tokenizer.json: an eos_token in tokenizer_config.json)"
+            )
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.template = cfg.template_text()
+        self.bos_text = tokenizer.token_text(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
+        self.eos_text = tokenizer.token_text(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
+
+    # ---- the map function ----------------------------------------------------------------
+    def __call__(self, row: dict) -> dict:
+        if RAW_JSON_COLUMN in row:  # a JSONL file read line by line (see loading.py)
+            row = json.loads(row[RAW_JSON_COLUMN])
+        out = {
+            "input_ids": [], "teacher": [], "response_start": 0, "n_trained": 0,
+            "reason": "", "detail": "", "truncated_tokens": 0,
+            "has_teacher": False, "has_topk": False, "eos_untrained": False,
+        }
+        for name in self.cfg.count_fields:
+            value = row.get(name)
+            out[f"meta::{name}"] = "" if value is None else str(value)
+        result = self.encode(row)
+        if isinstance(result, RowProblem):
+            out["reason"], out["detail"] = result.reason, result.detail
+            return out
+        out.update(
+            input_ids=result.input_ids,
+            teacher=result.teacher or [],
+            response_start=result.response_start,
+            n_trained=result.n_trained,
+            truncated_tokens=result.truncated_tokens,
+            has_teacher=result.teacher is not None,
+            has_topk=result.has_topk,
+            eos_untrained=result.eos_untrained,
+        )
+        return out
+
+    def encode(self, row: dict) -> EncodedRow | RowProblem:
+        """Encode one row, or say why it cannot be used."""
+        try:
+            return self._encode(row)
+        except _Problem as p:
+            return p.problem
+
+    # ---- steps ---------------------------------------------------------------------------
+    def _split_prompt_response(self, row: dict) -> tuple[list[dict], str]:
+        cfg = self.cfg
+        messages = row.get(cfg.field_messages)
+        prompt = row.get(cfg.field_prompt)
+        response = row.get(cfg.field_response)
+        if messages is not None:
+            problem = check_messages(messages)
+            if problem:
+                raise _Problem(problem.reason, problem.detail)
+            messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+            if response is None:
+                if not messages or messages[-1]["role"] != "assistant":
+                    raise _Problem(
+                        "missing_field",
+                        f"no {cfg.field_response!r} field and the last message is not from the assistant",
+                    )
+                response = messages[-1]["content"]
+                messages = messages[:-1]
+        elif prompt is not None:
+            if not isinstance(prompt, str):
+                raise _Problem("wrong_type", f"{cfg.field_prompt} must be a string, got {type(prompt).__name__}")
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            raise _Problem(
+                "missing_field",
+                f"needs a {cfg.field_prompt!r} string or a {cfg.field_messages!r} list",
+            )
+        if response is None:
+            raise _Problem("missing_field", f"no {cfg.field_response!r} field")
+        if not isinstance(response, str):
+            raise _Problem("wrong_type", f"{cfg.field_response} must be a string, got {type(response).__name__}")
+        if not response.strip():
+            raise _Problem("empty_response", "the response is empty")
+        return messages, response
+
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        tok = self.tokenizer
+        try:
+            text = render_prompt(self.template, messages, bos_token=self.bos_text, eos_token=self.eos_text)
+        except TemplateError as exc:
+            raise _Problem("template_error", str(exc)) from None
+        ids = tok.encode(text) if text else []
+        if self.cfg.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
+            ids = [tok.bos_id, *ids]
+        return ids
+
+    def _encode(self, row: dict) -> EncodedRow:
+        cfg, tok = self.cfg, self.tokenizer
+        messages, response = self._split_prompt_response(row)
+        prompt_ids = self._prompt_ids(messages)
+        resp_ids = tok.encode(response)
+        if not resp_ids:
+            raise _Problem("empty_response", "the response tokenizes to no tokens")
+        n = len(resp_ids)
+
+        teacher = None
+        raw = row.get(cfg.field_teacher_logprobs)
+        if raw is not None:
+            teacher, problem = check_teacher_logprobs(raw, n, cfg.add_eos)
+            if problem:
+                raise _Problem(problem.reason, problem.detail)
+        topk_ids = row.get(cfg.field_teacher_topk_ids)
+        topk_lp = row.get(cfg.field_teacher_topk_logprobs)
+        problem = check_topk(topk_ids, topk_lp, n, cfg.add_eos)
+        if problem:
+            raise _Problem(problem.reason, problem.detail)
+
+        with_eos = cfg.add_eos
+        eos_trained = with_eos and (teacher is None or len(teacher) == n + 1)
+        total = len(prompt_ids) + n + int(with_eos)
+        truncated = 0
+        if total > cfg.seq_length:
+            if cfg.on_long_row != "truncate":
+                raise _Problem("too_long", f"{total} tokens > data.seq_length={cfg.seq_length}")
+            keep = cfg.seq_length - len(prompt_ids)
+            if keep < 1:
+                raise _Problem(
+                    "prompt_too_long",
+                    f"the prompt alone is {len(prompt_ids)} tokens, leaving no room for the response "
+                    f"in data.seq_length={cfg.seq_length}",
+                )
+            # Cut the response end; a cut response has no eos (it did not end there).
+            truncated = total - cfg.seq_length
+            resp_ids = resp_ids[:keep]
+            with_eos = eos_trained = False
+            if teacher is not None:
+                teacher = teacher[:keep]
+
+        ids = [*prompt_ids, *resp_ids]
+        if with_eos:
+            ids.append(tok.eos_id)
+        n_resp = len(resp_ids)
+        aligned = None
+        if teacher is not None:
+            aligned = [NAN] * len(prompt_ids) + teacher[:n_resp]
+            if with_eos:
+                aligned.append(teacher[n_resp] if eos_trained else NAN)
+            assert len(aligned) == len(ids)
+        return EncodedRow(
+            input_ids=ids,
+            response_start=len(prompt_ids),
+            n_trained=n_resp + int(eos_trained),
+            teacher=aligned,
+            truncated_tokens=truncated,
+            has_topk=topk_ids is not None,
+            eos_untrained=with_eos and not eos_trained,
+        )
