@@ -21,12 +21,17 @@ HIST_LOW_EXP, HIST_HIGH_EXP, HIST_BINS_PER_DECADE = -8, 4, 20
 
 
 def histogram_edges(device=None) -> torch.Tensor:
-    """Log-spaced weight-histogram edges 1e-8 .. 1e4; counts have one extra bin at each end."""
+    """Log-spaced weight-histogram edges 1e-8 .. 1e4 (weights outside count in the end bins)."""
     n = (HIST_HIGH_EXP - HIST_LOW_EXP) * HIST_BINS_PER_DECADE + 1
     return torch.logspace(HIST_LOW_EXP, HIST_HIGH_EXP, n, dtype=torch.float64, device=device)
 
 
 REDUCTIONS: dict[str, str] = {"weight_min": "min", "weight_max": "max"}
+# Entries of reduce_reports' result that are lists (for plots), not scalar metrics.
+SERIES_KEYS: tuple[str, ...] = (
+    "weight_hist_counts", "weight_hist_edges",
+    "weight_by_position", "weight_by_position_count", "weight_by_position_edges",
+)
 
 
 def build_report(
@@ -68,8 +73,8 @@ def build_report(
     report["weight_max"] = pair(torch.where(n > 0, high, zero))
 
     edges = histogram_edges(u.device)
-    index = torch.bucketize(u, edges, right=True).flatten()
-    report["weight_hist"] = torch.zeros(edges.numel() + 1, dtype=f64, device=u.device).scatter_add_(
+    index = (torch.bucketize(u, edges, right=True) - 1).clamp(0, edges.numel() - 2).flatten()
+    report["weight_hist"] = torch.zeros(edges.numel() - 1, dtype=f64, device=u.device).scatter_add_(
         0, index, m.flatten().to(f64)
     )
 
@@ -124,28 +129,24 @@ def _all_reduce_totals(keys, totals, dp_cp_group) -> None:
 
 
 def _percentile(hist: torch.Tensor, edges: torch.Tensor, q: float, lo: float, hi: float) -> float:
-    """The q-quantile from log-spaced bin counts, interpolated in log space within its bin."""
-    total = float(hist.sum())
-    target = q * total
+    """The q-quantile from log-spaced bin counts, log-interpolated in its bin, within [lo, hi]."""
+    target = q * float(hist.sum())
     cum = hist.cumsum(0)
     i = int(torch.searchsorted(cum, torch.tensor(target, dtype=cum.dtype)).clamp(max=hist.numel() - 1))
-    if i == 0:
-        return lo
-    if i == hist.numel() - 1:
-        return hi
     before = float(cum[i - 1]) if i > 0 else 0.0
     frac = (target - before) / max(float(hist[i]), 1.0)
-    a, b = math.log(float(edges[i - 1])), math.log(float(edges[i]))
+    a, b = math.log(float(edges[i])), math.log(float(edges[i + 1]))
     return min(max(math.exp(a + frac * (b - a)), lo), hi)
 
 
 def reduce_reports(reports: list[dict[str, torch.Tensor]], dp_cp_group: dist.ProcessGroup | None = None) -> dict:
     """Scalar metrics of a step from its micro-batch reports, reduced over ``dp_cp_group``.
 
-    Returns floats, plus lists ``weight_by_position`` / ``weight_by_position_count`` (20
-    bins over the position in the response) and ``weight_hist`` / ``weight_hist_edges``.
-    An empty list (a rank that is not the last pipeline stage) gives ``{}``. Means with no
-    tokens behind them are left out rather than reported as NaN.
+    Returns scalar floats, plus the lists named in ``SERIES_KEYS`` for the plots: the weight
+    histogram (counts and log-spaced edges) and the mean weight in 20 bins of the position
+    in the response (NaN marks an empty bin: a gap in the plot), with its counts and edges.
+    An empty list (a rank that is not the last pipeline stage) gives ``{}``. Scalars with
+    no tokens behind them are left out rather than reported as NaN.
     """
     if not reports:
         return {}
@@ -183,20 +184,20 @@ def reduce_reports(reports: list[dict[str, torch.Tensor]], dp_cp_group: dist.Pro
 
     edges = histogram_edges()
     hist = t["weight_hist"]
-    out["weight_hist"] = hist.tolist()
-    out["weight_hist_edges"] = edges.tolist()
     if n > 0 and "weight_min" in out:
         for q in (50, 90, 99):
             out[f"weight_p{q}"] = _percentile(hist, edges, q / 100, out["weight_min"], out["weight_max"])
-
+    edge_bins = POSITION_BINS // 10
     pos = t["weight_by_position"]
     counts = pos[:, 1]
-    means = torch.where(counts > 0, pos[:, 0] / counts.clamp(min=1), 0.0)
-    out["weight_by_position"] = means.tolist()
-    out["weight_by_position_count"] = counts.tolist()
-    edge_bins = POSITION_BINS // 10
     for name, sl in (("weight_first10", slice(0, edge_bins)), ("weight_last10", slice(POSITION_BINS - edge_bins, None))):
         c = float(counts[sl].sum())
         if c > 0:
             out[name] = float(pos[sl, 0].sum()) / c
+
+    out["weight_hist_counts"] = hist.tolist()
+    out["weight_hist_edges"] = edges.tolist()
+    out["weight_by_position"] = torch.where(counts > 0, pos[:, 0] / counts.clamp(min=1), math.nan).tolist()
+    out["weight_by_position_count"] = counts.tolist()
+    out["weight_by_position_edges"] = torch.linspace(0, 1, POSITION_BINS + 1, dtype=torch.float64).tolist()
     return out
