@@ -101,3 +101,16 @@ def test_templates():
     assert render_prompt("Q", "Question: {question}\nAnswer:") == "Question: Q\nAnswer:"
     with pytest.raises(ValueError, match=r"\{question\}"):
         resolve_template("no placeholder")
+
+
+def test_dataset_names_go_to_datasets_load_dataset(monkeypatch):
+    """The by-name path, with ``datasets.load_dataset`` stubbed (no network here)."""
+    import datasets
+
+    calls = []
+    rows = [{"question": "q", "answer": "#### 5"}]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or rows)
+    assert load_problems("gsm8k")[0].reference == "5"  # the benchmark's default dataset
+    load_problems("gsm8k", "hf:someone/gsm8k-copy:cfg@validation")
+    assert calls == [(("openai/gsm8k", "main"), {"split": "test"}),
+                     (("someone/gsm8k-copy", "cfg"), {"split": "validation"})]

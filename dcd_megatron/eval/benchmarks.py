@@ -266,12 +266,13 @@ def _hf_records(source: str, spec: BenchmarkSpec) -> list[dict]:
     ref = source[3:] if source.startswith("hf:") else (spec.hf_path or "")
     if not ref:
         raise ValueError(f"benchmark {spec.name!r} has no default dataset name; give a local file")
-    split = spec.hf_split
-    config = spec.hf_config if not source.startswith("hf:") else None
+    split, config = spec.hf_split, None
     if "@" in ref:
         ref, split = ref.rsplit("@", 1)
     if ":" in ref:
         ref, config = ref.split(":", 1)
+    elif ref == spec.hf_path:
+        config = spec.hf_config
     import datasets
 
     return list(datasets.load_dataset(ref, config, split=split))

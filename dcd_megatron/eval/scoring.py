@@ -122,6 +122,8 @@ def score_benchmark(
     grade_timeout_s: int | None = 5,
 ) -> BenchmarkResult:
     """Extract and grade every completion (``completions[problem][sample]``, decoded text)."""
+    if not problems:
+        raise ValueError(f"{benchmark}: no problems to score")
     if len(completions) != len(problems):
         raise ValueError(f"{len(completions)} completion lists for {len(problems)} problems")
     records = []
