@@ -145,3 +145,11 @@ def mlflow_server(tmp_path) -> Iterator[RunningMlflowServer]:
     """A fresh real MLflow server for one test (``.uri``, ``.stop()``, ``.start()``, ``.backend_uri``)."""
     with running_mlflow_server(tmp_path / "mlflow-server") as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def mlflow_server_module(tmp_path_factory) -> Iterator[RunningMlflowServer]:
+    """One real MLflow server shared by a test module (saves ~7-15 s a test); a test that stops it
+    should ``start()`` it again, or call ``start()`` first itself (a no-op while it runs)."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server

@@ -11,7 +11,7 @@ from dcd_megatron.tracking import ProgressPrinter, Tracker, TrackingConfig, flat
 from dcd_megatron.tracking.params import MAX_PARAM_VALUE_CHARS, batched, param_value, safe_key
 from dcd_megatron.tracking.progress import format_duration, format_sci
 from dcd_megatron.tracking.redact import REDACTED, redact_text, redact_uri, secret_env_values
-from dcd_megatron.tracking.tracker import apply_http_timeouts
+from dcd_megatron.tracking.tracker import apply_http_timeouts, default_is_logging_rank
 from dcd_megatron.tracking.worker import BackgroundWorker
 
 ENV = {"HF_TOKEN": "hf_SeCrEtVaLuE123", "WANDB_API_KEY": "wandb-key-987654", "HOME": "/root", "USE_AUTH": "1"}
@@ -142,6 +142,10 @@ def test_tracker_on_other_ranks_does_nothing(tmp_path):
     assert "not on this rank" in tracker.describe()
     assert not tracker.should_plot(50)
     assert "off" in Tracker(TrackingConfig(enabled=False), is_logging_rank=True).describe()
+
+
+def test_single_process_is_the_logging_rank():
+    assert default_is_logging_rank() is True  # no process group: this process logs
 
 
 def test_should_plot_follows_interval():

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -83,8 +83,19 @@ def apply_http_timeouts(timeout_s: float, env: dict | None = None) -> dict[str, 
 class Tracker:
     """One per process. ``Tracker(cfg, is_logging_rank=rank == world - 1)``; all methods are safe to call anywhere."""
 
-    def __init__(self, config: TrackingConfig | None = None, *, is_logging_rank: bool | None = None):
+    def __init__(
+        self,
+        config: TrackingConfig | None = None,
+        *,
+        is_logging_rank: bool | None = None,
+        client_factory: Callable[[str], Any] | None = None,
+    ):
+        """``is_logging_rank`` None: the last global rank (see ``default_is_logging_rank``).
+        ``client_factory(uri)`` builds the MLflow client (default ``MlflowClient``; tests pass fakes)."""
         self.config = config if config is not None else TrackingConfig()
+        self._client_factory = client_factory
+        # While the run is not set up, retry creating it at most this often (calls in between are skipped).
+        self.setup_retry_s = max(10.0, 2 * self.config.timeout_s)
         if is_logging_rank is None:
             is_logging_rank = default_is_logging_rank()
         self.is_logging_rank = bool(is_logging_rank)
@@ -306,10 +317,13 @@ class Tracker:
         """Create or resume the run, then log params and the config (idempotent: retried until done)."""
         self._last_setup_attempt = time.monotonic()
         try:
-            from mlflow.tracking import MlflowClient
-
             if self._client is None:
-                self._client = MlflowClient(tracking_uri=self.tracking_uri)
+                if self._client_factory is not None:
+                    self._client = self._client_factory(self.tracking_uri)
+                else:
+                    from mlflow.tracking import MlflowClient
+
+                    self._client = MlflowClient(tracking_uri=self.tracking_uri)
             if self.run_id is None:
                 self._create_or_resume()
             if not self._params_done:
@@ -354,8 +368,9 @@ class Tracker:
                 force=True,
             )
         self.experiment_id = self._ensure_experiment()
-        tags = {"dcd.run_dir": str(self._run_dir.resolve())}
-        run = self._client.create_run(self.experiment_id, run_name=self.config.run_name, tags=tags)
+        tags = {"dcd.run_dir": redact_text(str(self._run_dir.resolve()))}
+        run_name = None if self.config.run_name is None else redact_text(self.config.run_name)
+        run = self._client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         self._run_dir.mkdir(parents=True, exist_ok=True)
         tmp = id_file.with_suffix(".tmp")
@@ -397,8 +412,7 @@ class Tracker:
     def _ensure_run(self) -> str:
         if self._ready.is_set():
             return self.run_id
-        retry_after = max(10.0, 2 * self.config.timeout_s)
-        if time.monotonic() - self._last_setup_attempt >= retry_after:
+        if time.monotonic() - self._last_setup_attempt >= self.setup_retry_s:
             try:
                 self._setup()
             except Exception as exc:
