@@ -7,6 +7,7 @@ normalisation -> optimizer -> metrics on rank 0 -> MLflow and the console.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -67,14 +68,20 @@ def _share_metrics(metrics: dict | None, src: int) -> dict:
 
 def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
     """Run one training job described by `cfg`; returns the final metrics."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from dcd_megatron.data.batches import MicroBatchIterator, ValidationIterator
-    from dcd_megatron.data.cache import build_or_load_cache
-    from dcd_megatron.data.context_parallel import split_for_context_parallel
-    from dcd_megatron.data.packing import PackedSamples
-    from dcd_megatron.data.tokenizer import load_tokenizer
+    from dcd_megatron.data import (
+        MicroBatchIterator,
+        build_caches,
+        load_tokenizer,
+        load_trace_data,
+        split_for_context_parallel,
+    )
     from dcd_megatron.loss import make_loss_func, reduce_reports, rescale_grads_for_global_weight_mean
     from dcd_megatron.model.builder import build_gpt_model, transformer_config
     from dcd_megatron.model.fp8 import check_fp8, current_capability
@@ -113,13 +120,14 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- data: tokenize once (rank 0), everyone memory-maps the cache ------------------
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else output_dir / "cache"
+    data_cfg = cfg.data
+    if not data_cfg.cache_dir:
+        data_cfg = dataclasses.replace(data_cfg, cache_dir=str(output_dir / "cache"))
     if is_logger:
-        build_or_load_cache(cfg.data, tokenizer, cache_dir)
+        build_caches(data_cfg, tokenizer)
     torch.distributed.barrier()
-    cache = build_or_load_cache(cfg.data, tokenizer, cache_dir)
-    train_samples = PackedSamples(cache.train, cfg.data, tokenizer)
-    valid_samples = PackedSamples(cache.valid, cfg.data, tokenizer) if cache.valid is not None else None
+    data = load_trace_data(data_cfg, tokenizer, build=False)
+    train_samples, valid_samples = data.train, data.valid
     num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp)
 
     # ---- model, optimizer, scheduler ---------------------------------------------------
@@ -141,6 +149,9 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
     )
     model = DistributedDataParallel(tconfig, ddp_config, model)
     chunks = [model]
+    # megatron's schedule calls this after the last backward: it finishes the DP gradient
+    # all-reduce and divides by the global token count (calculate_per_token_loss=True).
+    tconfig.finalize_model_grads_func = finalize_model_grads
     optimizer = build_optimizer(cfg.optim, chunks, params_dtype=cfg.model.params_dtype, on_cpu=device.type == "cpu")
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
 
@@ -188,7 +199,7 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
         )
 
     # ---- tracking ------------------------------------------------------------------------
-    tracker = Tracker(cfg.tracking, enabled_on_this_rank=is_logger)
+    tracker = Tracker(cfg.tracking, is_logging_rank=is_logger)
     resolved = to_dict(cfg)
     tracker.start(resolved, config_text or json.dumps(resolved, indent=1), output_dir)
     if is_logger:
@@ -210,12 +221,11 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
             optimizer.zero_grad()
             reports = run_step(train_iter, step, num_microbatches, forward_only=False)
             factor = rescale_grads_for_global_weight_mean(
-                chunks, reports if g["last_stage"] else [], pp_group=g["pp"], dp_cp_group=g["dp_cp"],
-                config=cfg.loss,
+                chunks, reports if g["last_stage"] else [], pp_group=g["pp"], dp_cp_group=g["dp_cp"]
             )
             ok, grad_norm, _ = optimizer.step()
             scheduler.step(increment=1)
-            metrics = reduce_reports(reports, dp_cp_group=g["dp_cp"], weight_factor=factor) if g["last_stage"] else None
+            metrics = reduce_reports(reports, dp_cp_group=g["dp_cp"]) if g["last_stage"] else None
             metrics = _share_metrics(metrics, g["last_stage_rank0"])
             elapsed = time.perf_counter() - t0
             metrics.update(
@@ -235,7 +245,14 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
                 if done % cfg.train.log_interval == 0 or done == cfg.train.steps:
                     printer.print(done, metrics)
                 if cfg.tracking.plot_interval and (done % cfg.tracking.plot_interval == 0 or done == cfg.train.steps):
-                    tracker.log_weight_plots(done, metrics)
+                    if "weight_hist_counts" in metrics:
+                        tracker.log_weight_plots(
+                            done,
+                            metrics["weight_hist_edges"],
+                            metrics["weight_hist_counts"],
+                            metrics["weight_by_position_edges"],
+                            metrics["weight_by_position"],
+                        )
             if cfg.train.eval_interval and valid_samples is not None and (
                 done % cfg.train.eval_interval == 0 or done == cfg.train.steps
             ):
@@ -247,9 +264,9 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
                     print(f"step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
                 last_metrics.update(val)
             if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done < cfg.train.steps:
-                last_ckpt = _save(ckpt, ckpt_root, done, chunks, optimizer, scheduler, train_iter, cfg, config_text)
+                last_ckpt = _save(ckpt, ckpt_root, done, chunks, optimizer, scheduler, train_iter, cfg, config_text, padded_vocab)
         if start_step < cfg.train.steps or last_ckpt is None:
-            last_ckpt = _save(ckpt, ckpt_root, cfg.train.steps, chunks, optimizer, scheduler, train_iter, cfg, config_text)
+            last_ckpt = _save(ckpt, ckpt_root, cfg.train.steps, chunks, optimizer, scheduler, train_iter, cfg, config_text, padded_vocab)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -269,8 +286,12 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
     )
 
 
-def _save(ckpt, root, step, chunks, optimizer, scheduler, train_iter, cfg, config_text):
-    meta = {"consumed_samples": train_iter.consumed_samples, "config": config_text or ""}
+def _save(ckpt, root, step, chunks, optimizer, scheduler, train_iter, cfg, config_text, padded_vocab):
+    meta = {
+        "consumed_samples": train_iter.consumed_samples,
+        "config": config_text or "",
+        "padded_vocab_size": padded_vocab,
+    }
     path = ckpt.save_checkpoint(root, step, chunks, optimizer, scheduler, meta, keep=cfg.train.keep_checkpoints)
     if torch.distributed.get_rank() == 0:
         print(f"saved checkpoint {path}", flush=True)
@@ -297,7 +318,7 @@ def evaluate(run_step, chunks, valid_samples, cfg, layout, g, num_microbatches) 
     finally:
         for chunk in chunks:
             chunk.train()
-    metrics = reduce_reports(reports, dp_cp_group=g["dp_cp"], weight_factor=None) if g["last_stage"] else None
+    metrics = reduce_reports(reports, dp_cp_group=g["dp_cp"]) if g["last_stage"] else None
     metrics = _share_metrics(metrics, g["last_stage_rank0"])
     keep = ("loss", "ce_unweighted", "ce_weighted")
     return {f"val_{k}": v for k, v in metrics.items() if k in keep and isinstance(v, (int, float))}

@@ -1,0 +1,1 @@
+"""Console scripts: dcd-train, dcd-eval, dcd-score, dcd-convert."""
