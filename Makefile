@@ -17,6 +17,8 @@ STAMP_LATEST := $(VENV_LATEST)/.dcd-installed
 PYTEST_ARGS ?=
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
+DEMO_ARGS ?=
+
 .PHONY: help venv test test-latest demo bench bench-loss clean
 
 help:
@@ -47,6 +49,10 @@ $(STAMP_LATEST): pyproject.toml
 
 test-latest: $(STAMP_LATEST)
 	$(VENV_LATEST)/bin/python -m pytest -m megatron $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	rm -rf runs/demo
+	$(VENV)/bin/dcd-train --recipe tiny_cpu train.output_dir=runs/demo $(DEMO_ARGS)
 
 bench: bench-loss
 

@@ -171,10 +171,15 @@ def main(argv: Sequence[str] | None = None, *, model_loader: ModelLoader | None 
     _check_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if model_loader is None:
-        if args.model_loader is None:
-            parser.error("no model: checkpoint loading is not wired into dcd-eval yet; pass "
-                         "--model-loader MODULE:FUNCTION (a function(args) -> EvalModel)")
-        model_loader = _import_loader(args.model_loader)
+        if args.model_loader is not None:
+            model_loader = _import_loader(args.model_loader)
+        elif args.checkpoint:
+            from dcd_megatron.eval.student import load_student
+
+            model_loader = load_student
+        else:
+            parser.error("no model: pass --checkpoint RUN_DIR (a dcd-train output_dir or checkpoint) "
+                         "or --model-loader MODULE:FUNCTION (a function(args) -> EvalModel)")
     model = model_loader(args)
 
     out_dir = Path(args.output_dir)

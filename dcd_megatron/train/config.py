@@ -58,6 +58,7 @@ class LoopConfig:
     eval_iters: int = 2  # validation global batches per evaluation
     save_interval: int = 50  # 0 = only at the end
     keep_checkpoints: int = 2  # newest complete checkpoints kept (0 = keep all)
+    stop_after: int = 0  # stop with a checkpoint once this many steps are done (0 = run to `steps`)
     output_dir: str = "runs/dcd"
     resume: str = "auto"  # auto (latest complete checkpoint in output_dir, if any) | never | a path
 
@@ -65,7 +66,7 @@ class LoopConfig:
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_interval", "eval_iters", "save_interval", "keep_checkpoints"):
+        for name in ("eval_interval", "eval_iters", "save_interval", "keep_checkpoints", "stop_after"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.global_batch_size % self.micro_batch_size:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,9 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
         if is_logger:
             print(f"initialised the student from {cfg.model.init_checkpoint}", flush=True)
 
+    if start_step >= cfg.train.steps and is_logger:
+        print(f"{resume_from} is already at step {start_step} of train.steps={cfg.train.steps}: "
+              "nothing to train (raise train.steps, or use a new train.output_dir)", flush=True)
     train_iter = MicroBatchIterator(
         train_samples,
         micro_batch_size=cfg.train.micro_batch_size,
@@ -211,7 +215,9 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
     last_metrics: dict = {}
     last_ckpt = resume_from
+    final_step = start_step
     status = "FAILED"
+    stop_signal = StopSignal(device)
 
     try:
         for step in range(start_step, cfg.train.steps):
@@ -263,27 +269,69 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
                         fh.write(json.dumps({"step": done, **val}) + "\n")
                     print(f"step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
                 last_metrics.update(val)
-            if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done < cfg.train.steps:
+            stop = (cfg.train.stop_after and done >= cfg.train.stop_after) or stop_signal.requested()
+            if done < cfg.train.steps and (stop or (cfg.train.save_interval and done % cfg.train.save_interval == 0)):
                 last_ckpt = _save(ckpt, ckpt_root, done, chunks, optimizer, scheduler, train_iter, cfg, config_text, padded_vocab)
-        if start_step < cfg.train.steps or last_ckpt is None:
-            last_ckpt = _save(ckpt, ckpt_root, cfg.train.steps, chunks, optimizer, scheduler, train_iter, cfg, config_text, padded_vocab)
+            if stop and done < cfg.train.steps:
+                final_step = done
+                if is_logger:
+                    why = "a stop signal" if stop_signal.received else f"train.stop_after={cfg.train.stop_after}"
+                    print(f"stopping after step {done} ({why}); resume with train.resume=auto", flush=True)
+                break
+        else:
+            final_step = cfg.train.steps
+            if start_step < cfg.train.steps or last_ckpt is None:
+                last_ckpt = _save(ckpt, ckpt_root, cfg.train.steps, chunks, optimizer, scheduler, train_iter, cfg, config_text, padded_vocab)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         if is_logger and last_metrics:
-            final = {"step": cfg.train.steps if status == "FINISHED" else None, "status": status,
+            final = {"step": final_step, "status": status, "steps_planned": cfg.train.steps,
                      **{k: v for k, v in last_metrics.items() if isinstance(v, (int, float))}}
             (output_dir / "final_metrics.json").write_text(json.dumps(final, indent=1))
         tracker.finish(status)
+        stop_signal.restore()
     return TrainResult(
-        step=cfg.train.steps,
+        step=final_step,
         metrics=last_metrics,
         output_dir=output_dir,
         checkpoint=last_ckpt,
         run_description=tracker.describe(),
     )
+
+
+class StopSignal:
+    """SIGTERM/SIGUSR1 (Slurm's warning before a time limit) asks for a checkpoint and a clean stop.
+
+    All ranks agree on stopping through an all-reduce, so they save the same step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.received = False
+        self._previous = {}
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def requested(self) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.received = bool(flag.item())
+        return self.received
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _save(ckpt, root, step, chunks, optimizer, scheduler, train_iter, cfg, config_text, padded_vocab):

@@ -1,0 +1,128 @@
+"""End-to-end training on CPU with the real command: loss goes down, MLflow has it, checkpoints resume."""
+
+import json
+
+import pytest
+
+from tests.train_helpers import kill_group, losses, metrics, run_train, start_train, wait_for_step
+
+pytestmark = [pytest.mark.megatron, pytest.mark.slow]
+
+
+def _assert_ok(proc):
+    assert proc.returncode == 0, proc.stdout[-4000:]
+
+
+def _assert_learns(out, steps):
+    recs = metrics(out)
+    assert [r["step"] for r in recs] == list(range(1, steps + 1))
+    first = sum(r["loss"] for r in recs[:3]) / 3
+    last = sum(r["loss"] for r in recs[-3:]) / 3
+    assert last < 0.8 * first, f"loss did not go down: {first:.3f} -> {last:.3f}"
+
+
+def test_single_process_run_learns_and_logs_to_embedded_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    proc = run_train(out, ["train.steps=24", "train.eval_interval=12", "tracking.plot_interval=12"])
+    _assert_ok(proc)
+    _assert_learns(out, 24)
+    assert "final metrics:" in proc.stdout and "MLflow:" in proc.stdout
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["status"] == "FINISHED" and final["step"] == 24
+    assert (out / "checkpoints" / "iter_0000024" / "meta.json").is_file()
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs(client.get_experiment_by_name("dcd-demo").experiment_id)
+    assert run.data.params["loss.method"] == "sigmoid"
+    assert run.data.params["train.steps"] == "24"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 25))
+    by_step = {m.step: m.value for m in history}
+    assert by_step[24] == pytest.approx(losses(out)[24], rel=1e-6)
+    for key in ("ce", "weighted_ce", "ess", "lr", "grad_norm", "tokens_per_s", "weight_p90",
+                "weight_first10", "weight_last10", "log_ratio_mean", "val_loss"):
+        assert client.get_metric_history(run.info.run_id, key), f"metric {key} missing"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert any(p.endswith(".png") for p in plots), plots
+    assert any("config" in a for a in artifacts), artifacts
+
+
+def test_tp2_pp2_run_learns(tmp_path):
+    out = tmp_path / "tp2pp2"
+    proc = run_train(out, ["tp=2", "pp=2", "train.steps=16", "train.global_batch_size=8"], nproc=4, timeout=900)
+    _assert_ok(proc)
+    assert "layout tp=2 pp=2 cp=1 dp=1" in proc.stdout
+    _assert_learns(out, 16)
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _assert_ok(run_train(straight, ["train.steps=8"]))
+    first = run_train(resumed, ["train.steps=8", "train.stop_after=4"])
+    _assert_ok(first)
+    assert "stopping after step 4" in first.stdout
+    second = run_train(resumed, ["train.steps=8"])
+    _assert_ok(second)
+    assert "resumed from" in second.stdout and "iter_0000004" in second.stdout
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == list(range(1, 9))
+    for step in range(1, 9):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), (step, a[step], b[step])
+
+
+def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path):
+    from dcd_megatron.train.checkpoint import find_latest
+
+    out = tmp_path / "killed"
+    proc = start_train(out, ["train.steps=30", "train.save_interval=4"])
+    try:
+        wait_for_step(out, 10, proc)
+    finally:
+        kill_group(proc)
+    latest = find_latest(out / "checkpoints")
+    assert latest is not None and latest.name in ("iter_0000008", "iter_0000012"), latest
+    saved_step = int(latest.name.split("_")[1])
+    done_before = max(losses(out))
+    assert done_before - saved_step < 4 + 2  # at most the steps since the last checkpoint (+ the one in flight)
+    # A half-written checkpoint (as a kill mid-save leaves) is never taken as the latest.
+    half = out / "checkpoints" / "iter_0000028.tmp"
+    half.mkdir()
+    (half / "common.pt").write_bytes(b"partial")
+    assert find_latest(out / "checkpoints") == latest
+    resumed = run_train(out, ["train.steps=30", "train.save_interval=4"])
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert f"resumed from {latest}" in resumed.stdout
+    recs = metrics(out)
+    assert recs[-1]["step"] == 30
+    after = [r["step"] for r in recs if r["step"] > saved_step]
+    assert after[-(30 - saved_step):] == list(range(saved_step + 1, 31))
+    assert not half.exists()  # cleaned by the next save
+
+
+def test_training_survives_the_tracking_server_dying(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tests.mlflow_server import running_mlflow_server
+    from tests.train_helpers import train_env
+
+    with running_mlflow_server(tmp_path / "server") as server:
+        out = tmp_path / "run"
+        proc = start_train(out, ["train.steps=30"], env=train_env(tmp_path, tracking_uri=server.uri))
+        try:
+            wait_for_step(out, 6, proc)
+            client = MlflowClient(server.uri)
+            exp = client.get_experiment_by_name("dcd-demo")
+            (run,) = client.search_runs(exp.experiment_id)
+            server.stop()
+            assert proc.wait(timeout=600) == 0, (out.parent / "run.log").read_text()[-4000:]
+        finally:
+            if proc.poll() is None:
+                kill_group(proc)
+    log = (out.parent / "run.log").read_text()
+    assert metrics(out)[-1]["step"] == 30
+    assert "warn" in log.lower()
+    stored = MlflowClient(server.backend_uri).get_metric_history(run.info.run_id, "loss")
+    assert len(stored) >= 1 and all(1 <= m.step <= 30 for m in stored)
