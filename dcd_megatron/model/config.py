@@ -13,26 +13,26 @@ FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 class ModelConfig:
     """Architecture of the student (or teacher). `vocab_size=None` takes the tokenizer's size."""
 
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
+    num_layers: int = 2  # transformer layers
+    hidden_size: int = 64  # model width
+    num_attention_heads: int = 4  # query heads
     num_query_groups: int | None = 2  # None = multi-head attention (one group per head)
     ffn_hidden_size: int | None = None  # None = Llama's rounding of 8/3 * hidden
     kv_channels: int | None = None  # None = hidden_size / num_attention_heads
-    vocab_size: int | None = None
-    make_vocab_size_divisible_by: int = 128
-    max_position_embeddings: int = 4096
-    rotary_base: float = 10000.0
-    rotary_percent: float = 1.0
-    norm_epsilon: float = 1e-5
+    vocab_size: int | None = None  # None = the tokenizer's vocabulary size
+    make_vocab_size_divisible_by: int = 128  # the embedding is padded to a multiple of this x tp
+    max_position_embeddings: int = 4096  # longest sequence the model is built for (>= data.seq_length)
+    rotary_base: float = 10000.0  # RoPE theta (Qwen2.5: 1e6, Llama 3: 5e5)
+    rotary_percent: float = 1.0  # fraction of each head's channels rotated
+    norm_epsilon: float = 1e-5  # RMSNorm epsilon
     add_qkv_bias: bool = False  # Qwen2 has QKV bias
-    untie_embeddings_and_output_weights: bool = True
-    init_method_std: float = 0.02
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
-    params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    fp8: Literal["hybrid", "e4m3"] | None = None
-    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    untie_embeddings_and_output_weights: bool = True  # false = the LM head shares the embedding
+    init_method_std: float = 0.02  # std of the normal weight initialisation
+    attention_dropout: float = 0.0  # dropout on attention probabilities
+    hidden_dropout: float = 0.0  # dropout on residual branches
+    params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # parameter/activation dtype (the loss is always fp32)
+    fp8: Literal["hybrid", "e4m3"] | None = None  # FP8 transformer layers through Transformer Engine (GPU); null = off
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"  # delayed/tensorwise: sm89+, blockwise: Hopper, mxfp8: Blackwell
     init_checkpoint: str | None = None  # a megatron dist checkpoint to start from (e.g. converted)
 
     def __post_init__(self):

@@ -13,10 +13,10 @@ class LayoutError(ValueError):
 class ParallelConfig:
     """Tensor, pipeline and context parallel sizes; data parallel is what is left of the world."""
 
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    sequence_parallel: bool = False
+    tp: int = 1  # tensor parallel size (divides heads and query groups)
+    pp: int = 1  # pipeline parallel size (divides layers)
+    cp: int = 1  # context parallel size (needs Transformer Engine; seq_length divisible by 2*cp)
+    sequence_parallel: bool = False  # shard activations along the sequence inside TP regions
 
     def __post_init__(self):
         for name in ("tp", "pp", "cp"):

@@ -16,15 +16,15 @@ from dcd_megatron.tracking import TrackingConfig
 class OptimConfig:
     """Adam with decoupled weight decay, linear warm-up then cosine (or linear/constant) decay."""
 
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 10
-    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the last step
+    weight_decay: float = 0.01  # decoupled (AdamW) weight decay
+    adam_beta1: float = 0.9  # Adam first-moment decay
+    adam_beta2: float = 0.95  # Adam second-moment decay
+    adam_eps: float = 1e-8  # Adam epsilon
+    clip_grad: float = 1.0  # global gradient-norm clip (0 = off)
+    warmup_steps: int = 10  # linear warm-up from 0 to lr
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"  # decay from lr to min_lr after warm-up
     distributed_optimizer: bool = False  # shard optimizer state over DP (GPU only)
 
     def __post_init__(self):
@@ -49,17 +49,17 @@ class OptimConfig:
 class LoopConfig:
     """Steps, batch sizes, intervals and where the run lives."""
 
-    steps: int = 100
-    global_batch_size: int = 8
-    micro_batch_size: int = 2
-    seed: int = 1234
-    log_interval: int = 10
+    steps: int = 100  # optimizer steps
+    global_batch_size: int = 8  # samples per step over all data-parallel ranks
+    micro_batch_size: int = 2  # samples per forward pass (the rest is gradient accumulation)
+    seed: int = 1234  # initialisation and data order
+    log_interval: int = 10  # steps between console lines (MLflow gets every step)
     eval_interval: int = 50  # 0 = no periodic validation
     eval_iters: int = 2  # validation global batches per evaluation
     save_interval: int = 50  # 0 = only at the end
     keep_checkpoints: int = 2  # newest complete checkpoints kept (0 = keep all)
     stop_after: int = 0  # stop with a checkpoint once this many steps are done (0 = run to `steps`)
-    output_dir: str = "runs/dcd"
+    output_dir: str = "runs/dcd"  # checkpoints/, metrics.jsonl, final_metrics.json, cache/
     resume: str = "auto"  # auto (latest complete checkpoint in output_dir, if any) | never | a path
 
     def __post_init__(self):
@@ -82,8 +82,8 @@ class LoopConfig:
 class RuntimeConfig:
     """Where and how the processes run."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    timeout_minutes: int = 30
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA when visible
+    timeout_minutes: int = 30  # collective timeout
     num_threads: int = 0  # torch intra-op threads per rank on CPU (0 = cores / local ranks)
 
     def __post_init__(self):
