@@ -44,6 +44,12 @@ def _expected_params() -> dict[str, str]:
     return expected
 
 
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory) -> Path:
+    """One folder whose ./mlruns/mlflow.db the embedded-store tests share (creating a database costs 3-12 s)."""
+    return tmp_path_factory.mktemp("embedded")
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -107,16 +113,17 @@ def _run_round_trip(uri: str | None, run_dir: Path, tmp_path: Path) -> None:
     assert Path(client.download_artifacts(tracker.run_id, "summary/summary.txt", str(download))).read_text() == "summary text"
 
 
-def test_embedded_store_round_trip_and_resume(tmp_path, monkeypatch):
+def test_embedded_store_round_trip_and_resume(store_dir, tmp_path, monkeypatch):
     """Default store (tracking_uri unset, no env): SQLite under ./mlruns, then a second Tracker resumes the run."""
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(store_dir)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = TrackingConfig().resolved_uri()
-    assert uri == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
+    assert uri == f"sqlite:///{store_dir.resolve()}/mlruns/mlflow.db"
     run_dir = tmp_path / "run"
     _run_round_trip(None, run_dir, tmp_path)  # None: resolved from the cwd
-    assert (tmp_path / "mlruns" / "mlflow.db").is_file()
-    assert any((tmp_path / "mlruns" / "artifacts").rglob("weight_hist_step0000050.png"))
+    assert (store_dir / "mlruns" / "mlflow.db").is_file()
+    artifacts = store_dir / "mlruns" / "artifacts"
+    assert any(artifacts.rglob("weight_hist_step0000050.png")) and any(artifacts.rglob("config.yaml"))
     first_id = (run_dir / RUN_ID_FILE).read_text().strip()
 
     resumed = Tracker(TrackingConfig(), is_logging_rank=True)
@@ -136,7 +143,7 @@ def test_embedded_store_round_trip_and_resume(tmp_path, monkeypatch):
     assert run.data.tags["dcd.resume_changed_params"] == "train.steps"
     configs = [a.path for a in client.list_artifacts(first_id, "config")]
     assert "config/config.yaml" in configs and any(p.startswith("config/config.resume-") for p in configs)
-    assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id], "attributes.run_name = 'round-trip'")] == [first_id]
 
 
 def test_real_server_round_trip(mlflow_server_module, tmp_path):  # noqa: F811
@@ -273,7 +280,7 @@ def test_unreachable_server_from_the_start_never_blocks(tmp_path, caplog):
     assert any("unreachable" in r.getMessage() or "failed" in r.getMessage() for r in caplog.records)
 
 
-def test_secrets_stay_out_of_params_artifacts_and_output(tmp_path, monkeypatch, capsys, caplog):
+def test_secrets_stay_out_of_params_artifacts_and_output(store_dir, tmp_path, monkeypatch, capsys, caplog):
     hf_token = "hf_TESTsecretTOKEN0123456789"
     env_password = "env-PASSWORD-4567"
     config_password = "config-pass-98765"
@@ -282,7 +289,7 @@ def test_secrets_stay_out_of_params_artifacts_and_output(tmp_path, monkeypatch, 
     monkeypatch.setenv("HF_TOKEN", hf_token)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", env_password)
     caplog.set_level(logging.DEBUG)
-    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    uri = f"sqlite:///{store_dir / 'mlruns' / 'mlflow.db'}"
     cfg = {
         "data": {"hf_token": hf_token, "cache": f"/cache/{hf_token}/x"},
         "server": {"password": config_password, "user": "alice"},

@@ -201,7 +201,7 @@ def test_progress_line_format_and_eta():
     clock = FakeClock()
     printer = ProgressPrinter(total_steps=200, log_interval=20, start_step=0, clock=clock)
     clock.t = 40.0  # 20 steps in 40 s -> 2 s/step -> 180 steps left = 360 s
-    metrics = {"loss": 1.23454, "sft_loss": 1.30012, "ess": 0.931, "lr": 2e-4, "grad_norm": 0.8123, "tokens_per_s": 1234.4}
+    metrics = {"loss": 1.23454, "ce": 1.30012, "ess": 0.931, "lr": 2e-4, "grad_norm": 0.8123, "tokens_per_s": 1234.4}
     assert printer.line(20, metrics) == (
         "step 20/200 | loss 1.2345 (sft 1.3001) | ess 0.93 | lr 2.0e-4 | gnorm 0.81 | 1234 tok/s | eta 6m00s"
     )
@@ -232,3 +232,19 @@ def test_duration_and_sci_formatting():
     assert [format_duration(s) for s in (0, 59, 83, 3600, 7500, 200000)] == ["0s", "59s", "1m23s", "1h00m", "2h05m", "2d07h"]
     assert format_duration(float("nan")) == "?" and format_duration(None) == "?"
     assert (format_sci(2e-4), format_sci(1.5e-5), format_sci(3.0)) == ("2.0e-4", "1.5e-5", "3.0e0")
+
+
+def test_histogram_plot_trims_empty_end_bins_and_checks_shapes():
+    import numpy as np
+
+    from dcd_megatron.tracking.plots import check_binned, trim_empty_bins
+
+    edges = np.array([0.0, 1, 2, 3, 4, 5, 6])
+    counts = np.array([0.0, 0, 4, 0, 2, 0])
+    e, c = trim_empty_bins(edges, counts)
+    assert e.tolist() == [1, 2, 3, 4, 5, 6] and c.tolist() == [0, 4, 0, 2, 0]  # one empty bin of margin each side
+    assert trim_empty_bins(edges, np.zeros(6))[1].size == 6
+    with pytest.raises(ValueError, match="n\\+1 bin edges"):
+        check_binned(edges, counts[:3], "hist_edges", "hist_counts")
+    with pytest.raises(ValueError, match="strictly increasing"):
+        check_binned(edges[::-1], counts, "hist_edges", "hist_counts")

@@ -29,6 +29,15 @@ def check_binned(edges: np.ndarray, values: np.ndarray, edges_name: str, values_
         raise ValueError(f"{edges_name} must be finite and strictly increasing, got {edges.tolist()}")
 
 
+def trim_empty_bins(edges: np.ndarray, counts: np.ndarray, margin: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the empty bins at both ends (keeping ``margin``), so a wide fixed histogram shows its data."""
+    filled = np.flatnonzero(counts > 0)
+    if filled.size == 0:
+        return edges, counts
+    lo, hi = max(filled[0] - margin, 0), min(filled[-1] + margin, counts.size - 1)
+    return edges[lo : hi + 2], counts[lo : hi + 1]
+
+
 def _save(fig, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -43,13 +52,13 @@ def render_weight_histogram(path: Path, step: int, edges: np.ndarray, counts: np
 
     fig = Figure(figsize=(6.4, 4.0), dpi=100)
     ax = fig.add_subplot()
-    widths = np.diff(edges)
-    ax.bar(edges[:-1], counts, width=widths, align="edge", edgecolor="black", linewidth=0.4)
-    if edges[0] > 0 and edges[-1] / edges[0] > 100:
+    edges, counts = trim_empty_bins(edges, counts)
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", edgecolor="black", linewidth=0.4)
+    if edges[0] > 0 and edges[-1] / edges[0] > 10:
         ax.set_xscale("log")
     ax.axvline(1.0, color="gray", linestyle="--", linewidth=0.8)
     total = float(np.sum(counts))
-    ax.set_title(f"DCD token weights, step {step} ({total:.0f} tokens)")
+    ax.set_title(f"DCD token weights before normalisation, step {step} ({total:.0f} tokens)")
     ax.set_xlabel("weight w_t")
     ax.set_ylabel("tokens")
     fig.tight_layout()

@@ -15,9 +15,10 @@ from typing import Any, TextIO
 class ProgressKeys:
     """Metric names to show; each field lists candidates, the first one present in the metrics wins."""
 
-    loss: tuple[str, ...] = ("loss", "loss/weighted", "weighted_ce", "ce_weighted")
-    sft: tuple[str, ...] = ("sft_loss", "loss/sft", "ce_unweighted", "unweighted_ce", "ce")
-    ess: tuple[str, ...] = ("ess", "weights/ess", "dcd/ess")
+    # "loss", "ce" (unweighted cross-entropy) and "ess" are the names dcd_megatron.loss.reduce_reports uses.
+    loss: tuple[str, ...] = ("loss", "weighted_ce_normalized", "weighted_ce")
+    sft: tuple[str, ...] = ("ce", "sft_loss")
+    ess: tuple[str, ...] = ("ess",)
     lr: tuple[str, ...] = ("lr", "learning_rate", "optim/lr")
     grad_norm: tuple[str, ...] = ("grad_norm", "optim/grad_norm", "gnorm")
     tokens_per_s: tuple[str, ...] = ("tokens_per_s", "throughput/tokens_per_s", "tok_per_s")
