@@ -280,6 +280,17 @@ def test_unreachable_server_from_the_start_never_blocks(tmp_path, caplog):
     assert any("unreachable" in r.getMessage() or "failed" in r.getMessage() for r in caplog.records)
 
 
+def test_unusable_store_location_turns_tracking_off_with_a_warning(tmp_path, caplog):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    tracker = Tracker(TrackingConfig(tracking_uri=f"sqlite:///{blocker}/sub/mlflow.db"), is_logging_rank=True)
+    tracker.start({"a": 1}, "a: 1\n", tmp_path / "run")
+    tracker.log_metrics({"loss": 1.0}, 1)
+    assert tracker.finish() is True
+    assert "off for this run" in tracker.describe()
+    assert any("tracking is off" in r.getMessage() for r in caplog.records)
+
+
 def test_secrets_stay_out_of_params_artifacts_and_output(store_dir, tmp_path, monkeypatch, capsys, caplog):
     hf_token = "hf_TESTsecretTOKEN0123456789"
     env_password = "env-PASSWORD-4567"

@@ -8,6 +8,7 @@ The run id lives in ``run_dir/mlflow_run_id`` so a resumed training continues th
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import math
 import os
@@ -143,13 +144,20 @@ class Tracker:
             self._warn(f"MLflow cannot be imported ({exc}); tracking is off for this run")
             self.active = False
             return
-        self.tracking_uri = self.config.resolved_uri()
-        db = sqlite_path(self.tracking_uri)
-        if db is not None:
-            db.parent.mkdir(parents=True, exist_ok=True)
+        if dataclasses.is_dataclass(config_dict):
+            config_dict = dataclasses.asdict(config_dict)
         self._params = flatten_params(redact(dict(config_dict)))
         self._config_text = redact_text(config_text)
-        self._tmp = tempfile.TemporaryDirectory(prefix="dcd-tracking-")
+        self.tracking_uri = self.config.resolved_uri()
+        try:
+            db = sqlite_path(self.tracking_uri)
+            if db is not None:
+                db.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = tempfile.TemporaryDirectory(prefix="dcd-tracking-")
+        except OSError as exc:
+            self._warn(f"cannot prepare MLflow tracking ({exc}); tracking is off for this run", force=True)
+            self.active = False
+            return
         self._worker = BackgroundWorker(self.config.max_pending, self._on_error, self._on_success)
         self._worker.submit("start run", self._setup, essential=True)
         atexit.register(self._at_exit)
@@ -161,8 +169,9 @@ class Tracker:
         else:
             logger.info("%s", self.describe())
 
-    def finish(self, status: str = "FINISHED") -> bool:
-        """Mark the run ``status``, flush queued calls for at most ``finish_timeout_s``; True if all arrived."""
+    def finish(self, status: str = "FINISHED", timeout_s: float | None = None) -> bool:
+        """Mark the run ``status``, flush queued calls for at most ``timeout_s`` (default
+        ``finish_timeout_s``); True if everything arrived."""
         if status not in FINISH_STATUSES:
             raise ValueError(f"finish(status={status!r}): status must be one of {', '.join(FINISH_STATUSES)}")
         if not self.active or not self._started or self._finished:
@@ -171,13 +180,14 @@ class Tracker:
         atexit.unregister(self._at_exit)
         self._queue_metrics_flush()
         self._worker.submit("finish run", lambda: self._set_terminated(status), essential=True)
-        flushed = self._worker.close(self.config.finish_timeout_s)
+        timeout_s = self.config.finish_timeout_s if timeout_s is None else timeout_s
+        flushed = self._worker.close(timeout_s)
         stats = self.stats
         if not flushed or stats.failed or stats.dropped or self._skipped:
             self._warn(
                 f"MLflow run {self.run_id} finishing as {status}: {stats.failed} logging calls failed, "
                 f"{stats.dropped} dropped, {self._skipped} skipped"
-                + ("" if flushed else f"; gave up waiting for the store after {self.config.finish_timeout_s:.0f} s"),
+                + ("" if flushed else f"; gave up waiting for the store after {timeout_s:.0f} s"),
                 force=True,
             )
         if self._tmp is not None and flushed:
@@ -198,8 +208,8 @@ class Tracker:
         self.finish("FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED"))
 
     def _at_exit(self) -> None:
-        self.config.finish_timeout_s = min(self.config.finish_timeout_s, 5.0)
-        self.finish("FAILED")
+        """The process is exiting without finish(): the training did not complete."""
+        self.finish("FAILED", timeout_s=min(self.config.finish_timeout_s, 5.0))
 
     # ------------------------------------------------------------------ logging calls (never block)
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
@@ -247,6 +257,7 @@ class Tracker:
             for png in (hist, pos):
                 self._client.log_artifact(run_id, str(png), "plots")
                 png.unlink(missing_ok=True)
+            folder.rmdir()
 
         self._worker.submit(f"weight plots (step {step})", task)
 
@@ -289,6 +300,8 @@ class Tracker:
             return "MLflow tracking happens on the logging rank (the last one), not on this rank"
         if not self._started:
             return "MLflow tracking not started yet"
+        if not self.active:
+            return "MLflow tracking is off for this run (it could not be set up: see the warning)"
         uri = redact_uri(self.tracking_uri or "")
         run = self.run_id or "(not created yet: the store was unreachable)"
         text = f"MLflow run {run} in experiment '{self.config.experiment}'"
