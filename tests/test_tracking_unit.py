@@ -63,13 +63,14 @@ def test_redact_text_yaml_json_and_command_lines():
         "data:\n  hf_token: abc123\n  tokenizer: /tok\n  token: null\nmodel:\n  max_tokens: 100\n"
         'extra: {"api_key": "k-1", "n": 3}\n'
         "cmd: python train.py --hf_token=xyz --steps=3 MY_PASSWORD=pw42 url=http://h/x?token=qq&b=2\n"
+        "cli: dcd-train --api-key spacedkey1 --steps 5 -v\n"
         "tracking_uri: https://u:uripass@mlflow.example\n"
         "note: uses hf_SeCrEtVaLuE123 somewhere\n"
     )
     out = redact_text(text, env=ENV)
-    for secret in ("abc123", "k-1", "xyz", "pw42", "qq", "uripass", "hf_SeCrEtVaLuE123"):
+    for secret in ("abc123", "k-1", "xyz", "pw42", "qq", "uripass", "hf_SeCrEtVaLuE123", "spacedkey1"):
         assert secret not in out, secret
-    for kept in ("tokenizer: /tok", "token: null", "max_tokens: 100", '"n": 3', "--steps=3", "&b=2", "u:"):
+    for kept in ("tokenizer: /tok", "token: null", "max_tokens: 100", '"n": 3', "--steps=3", "&b=2", "u:", "--steps 5 -v"):
         assert kept in out, kept
 
 

@@ -47,6 +47,8 @@ _KEY_LINE = re.compile(
 _KEY_INLINE = re.compile(
     r"""(?<![\w.])(?P<lead>-{0,2}["']?)(?P<key>[A-Za-z_][\w.\-]*)(?P<sep>["']?[ \t]*[:=][ \t]*)(?P<value>"[^"\n]*"|'[^'\n]*'|[^\s,;&?{}\[\]"'][^\s,;&?}\]]*)"""
 )
+# Command-line ``--secret value`` (space-separated flag and value).
+_FLAG_SPACE = re.compile(r"""(?<![\w.])(?P<lead>--?)(?P<key>[A-Za-z_][\w.\-]*)(?P<sep>[ \t]+)(?P<value>[^\s\-]\S*)""")
 _EMPTY_VALUES = frozenset({"", "null", "none", "~", REDACTED.lower()})
 
 
@@ -80,7 +82,8 @@ def redact_uri(uri: str) -> str:
 
 
 def redact_text(text: str, env: Mapping[str, str] | None = None, secrets: Iterable[str] | None = None) -> str:
-    """Redact secret env values, URI passwords and ``secret_key: value`` / ``SECRET=value`` pairs in free text."""
+    """Redact secret env values, URI passwords, and the values of ``secret_key: value``, ``SECRET=value``,
+    ``"secret": "value"`` and ``--secret value`` in free text."""
     values = secret_env_values(env) if secrets is None else list(secrets)
     for value in values:
         text = text.replace(value, REDACTED)
@@ -91,7 +94,7 @@ def redact_text(text: str, env: Mapping[str, str] | None = None, secrets: Iterab
             return m.group(0)
         return f"{m['lead']}{m['key']}{m['sep']}{REDACTED}"
 
-    return _KEY_INLINE.sub(scrub, _KEY_LINE.sub(scrub, text))
+    return _FLAG_SPACE.sub(scrub, _KEY_INLINE.sub(scrub, _KEY_LINE.sub(scrub, text)))
 
 
 def redact(obj: Any, env: Mapping[str, str] | None = None) -> Any:
