@@ -3,10 +3,12 @@
 # The same file runs a CPU-only one-node test when sbatch options and DCD_* variables override
 # the header (see docs/launch.md for both command lines and every variable).
 #
-# Launch model: one Slurm task per GPU (srun), not torchrun per node. Slurm then owns every rank
-# (placement, signals, scancel, exit codes), pyxis starts one container per task, and nothing
-# else needs a rendezvous: dcd-train reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the
-# MASTER_ADDR/MASTER_PORT exported below. The CPU test uses the same path with fewer tasks.
+# Launch model: one Slurm task per GPU (srun), not torchrun per node. Slurm then owns every
+# rank (placement, signals, scancel, exit codes), pyxis sets up one container per node for its
+# tasks, and nothing else needs a rendezvous: dcd-train reads SLURM_PROCID/SLURM_NTASKS/
+# SLURM_LOCALID and the MASTER_ADDR/MASTER_PORT exported below. The CPU test uses the same path with fewer tasks.
+# Five minutes before the time limit Slurm sends SIGUSR1 to every rank (--signal): dcd-train
+# saves a checkpoint and exits cleanly; the next job with the same name resumes from it.
 #
 #SBATCH --job-name=dcd-8node
 #SBATCH --nodes=8
@@ -15,6 +17,7 @@
 #SBATCH --exclusive
 #SBATCH --mem=0
 #SBATCH --time=04:00:00
+#SBATCH --signal=USR1@300
 #SBATCH --output=%x-%j.out
 #SBATCH --open-mode=append
 set -euo pipefail

@@ -225,6 +225,10 @@ class SlurmCluster:
                 raise SlurmError(f"job {job_id} still {state} after {timeout:.0f}s\n{self.job_output(job_id)[-3000:]}")
             time.sleep(poll)
 
+    def signal_job(self, job_id: int, signal_name: str) -> None:
+        """Send a signal (e.g. ``USR1``) to the job's steps, i.e. to every running task."""
+        self._run(["scancel", f"--signal={signal_name}", str(job_id)])
+
     def job_output(self, job_id: int) -> str:
         """The job's stdout file (``#SBATCH --output``), or '' before it exists."""
         path = Path(self.job_info(job_id).get("StdOut", ""))
