@@ -155,7 +155,7 @@ def test_jsonl_parquet_and_saved_dataset_give_the_same_cache(tmp_path, sp, tok_d
     assert meta["counts"]["style"] == {"long": 3, "short": 3}
     assert meta["has_teacher_logprobs_fraction"] == pytest.approx(2 / 6)
     # each document is [bos] + encode(prompt) + encode(response) + [eos], trained on the response + eos
-    for (tokens, mask, teacher, rs), row in zip(docs_of(caches[0]), rows):
+    for (tokens, mask, _teacher, rs), row in zip(docs_of(caches[0]), rows):
         prompt_ids = [sp.bos_id, *sp.encode(row["prompt"])]
         resp_ids = sp.encode(row["response"])
         assert tokens == prompt_ids + resp_ids + [sp.eos_id]

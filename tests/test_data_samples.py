@@ -179,6 +179,13 @@ def test_holdout_split_is_deterministic_and_stable(world):
     train_docs = {int(d) for i in range(len(data.train)) for d in data.train.docs_of(i)}
     valid_docs = {int(d) for i in range(len(data.valid)) for d in data.valid.docs_of(i)}
     assert len(valid_docs) == 6 and train_docs.isdisjoint(valid_docs) and len(train_docs | valid_docs) == 24
+    # a separate validation file gets its own cache; train keeps every document
+    valid_file = cfg.cache_dir + "/../valid.jsonl"
+    with open(valid_file, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in world["rows"][:5])
+    data = load_trace_data(DataConfig(**{**cfg.__dict__, "valid_path": valid_file, "pack": False}), world["tok"])
+    assert (len(data.train), len(data.valid), data.valid_meta["kept"]) == (24, 5, 5)
+    np.testing.assert_array_equal(data.valid[0]["tokens"], data.train[0]["tokens"])
 
 
 def test_context_parallel_split_layout_and_round_trip():

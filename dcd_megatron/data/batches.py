@@ -121,7 +121,7 @@ class MicroBatchIterator(Iterator[dict[str, torch.Tensor]]):
     def __next__(self) -> dict[str, torch.Tensor]:
         return to_torch(_get_batch(self.samples, self.next_indices()))
 
-    def __iter__(self) -> "MicroBatchIterator":
+    def __iter__(self) -> MicroBatchIterator:
         return self
 
 

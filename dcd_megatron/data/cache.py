@@ -26,7 +26,7 @@ import numpy as np
 
 from dcd_megatron.data.config import DataConfig
 from dcd_megatron.data.encoding import RowEncoder, output_features
-from dcd_megatron.data.loading import DataLoadError, Source, SourceSpec, load_sources, resolve_sources
+from dcd_megatron.data.loading import DataLoadError, Source, load_sources, resolve_sources
 from dcd_megatron.data.tokenizer import Tokenizer
 from dcd_megatron.data.validation import BadRowError, SkipCounts
 
@@ -102,7 +102,7 @@ class TokenCache:
             return False
 
     @classmethod
-    def open(cls, path: str | Path) -> "TokenCache":
+    def open(cls, path: str | Path) -> TokenCache:
         """Memory-map a finished cache (``np.load(mmap_mode="r")``); refuses incomplete ones."""
         path = Path(path)
         if not cls.is_complete(path):
@@ -125,8 +125,7 @@ class TokenCache:
 
 def _scan_batches(dataset):
     """Arrow record batches of a mapped dataset (no Python row objects for the token lists)."""
-    for batch in dataset.with_format("arrow").iter(batch_size=_SCAN_BATCH):
-        yield batch
+    yield from dataset.with_format("arrow").iter(batch_size=_SCAN_BATCH)
 
 
 def _workers(cfg: DataConfig, n_rows: int) -> int | None:
@@ -143,12 +142,15 @@ def _tokenize_sources(sources: list[Source], cfg: DataConfig, tokenizer: Tokeniz
     mapped = []
     for i, src in enumerate(sources):
         ds = src.dataset
+        workers = _workers(cfg, len(ds))
+        if workers:  # HF tokenizers' own thread pool does not survive fork; workers parallelize instead
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         mapped.append(
             ds.map(
                 encoder,
                 remove_columns=ds.column_names,
                 features=features,
-                num_proc=_workers(cfg, len(ds)),
+                num_proc=workers,
                 cache_file_name=str(work / f"tokenized-{i}.arrow"),
                 load_from_cache_file=False,
                 desc=f"tokenizing {Path(src.name).name}",

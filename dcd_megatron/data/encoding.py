@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
+
 from dcd_megatron.data.config import DataConfig, DataConfigError
 from dcd_megatron.data.loading import RAW_JSON_COLUMN
 from dcd_megatron.data.templates import TemplateError, render_prompt
 from dcd_megatron.data.tokenizer import Tokenizer
 from dcd_megatron.data.validation import RowProblem, check_messages, check_teacher_logprobs, check_topk
 
-NAN = float("nan")
+_NO_TEACHER = np.zeros(0, dtype=np.float32)  # same arrow type as real rows (float32), never double
 
 
 def output_features(count_fields: list[str]):
@@ -48,7 +50,7 @@ class EncodedRow:
     input_ids: list[int]
     response_start: int
     n_trained: int
-    teacher: list[float] | None  # aligned to input_ids, NaN where unknown; None: row has none
+    teacher: np.ndarray | None  # float32 aligned to input_ids, NaN where unknown; None: row has none
     truncated_tokens: int = 0
     has_topk: bool = False
     eos_untrained: bool = False
@@ -80,7 +82,7 @@ class RowEncoder:
         if RAW_JSON_COLUMN in row:  # a JSONL file read line by line (see loading.py)
             row = json.loads(row[RAW_JSON_COLUMN])
         out = {
-            "input_ids": [], "teacher": [], "response_start": 0, "n_trained": 0,
+            "input_ids": [], "teacher": _NO_TEACHER, "response_start": 0, "n_trained": 0,
             "reason": "", "detail": "", "truncated_tokens": 0,
             "has_teacher": False, "has_topk": False, "eos_untrained": False,
         }
@@ -93,7 +95,7 @@ class RowEncoder:
             return out
         out.update(
             input_ids=result.input_ids,
-            teacher=result.teacher or [],
+            teacher=_NO_TEACHER if result.teacher is None else result.teacher,
             response_start=result.response_start,
             n_trained=result.n_trained,
             truncated_tokens=result.truncated_tokens,
@@ -109,6 +111,13 @@ class RowEncoder:
             return self._encode(row)
         except _Problem as p:
             return p.problem
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt's token ids exactly as training encodes them (template, BOS): for generation."""
+        try:
+            return self._prompt_ids(messages)
+        except _Problem as p:
+            raise ValueError(f"cannot encode the prompt: {p.problem.detail}") from None
 
     # ---- steps ---------------------------------------------------------------------------
     def _split_prompt_response(self, row: dict) -> tuple[list[dict], str]:
@@ -205,10 +214,10 @@ class RowEncoder:
         n_resp = len(resp_ids)
         aligned = None
         if teacher is not None:
-            aligned = [NAN] * len(prompt_ids) + teacher[:n_resp]
-            if with_eos:
-                aligned.append(teacher[n_resp] if eos_trained else NAN)
-            assert len(aligned) == len(ids)
+            aligned = np.full(len(ids), np.nan, dtype=np.float32)
+            aligned[len(prompt_ids) : len(prompt_ids) + n_resp] = teacher[:n_resp]
+            if eos_trained:
+                aligned[-1] = teacher[n_resp]
         return EncodedRow(
             input_ids=ids,
             response_start=len(prompt_ids),

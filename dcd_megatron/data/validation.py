@@ -6,10 +6,11 @@
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 POSITIVE_LOGPROB_TOLERANCE = 1e-4
 
@@ -66,14 +67,14 @@ class SkipCounts:
     examples: dict[str, str]
 
     @classmethod
-    def empty(cls) -> "SkipCounts":
+    def empty(cls) -> SkipCounts:
         return cls(Counter(), {})
 
     def add(self, reason: str, where: str, detail: str, n: int = 1) -> None:
         self.by_reason[reason] += n
         self.examples.setdefault(reason, f"{where}: {detail}")
 
-    def merge(self, other: "SkipCounts") -> None:
+    def merge(self, other: SkipCounts) -> None:
         self.by_reason.update(other.by_reason)
         for reason, example in other.examples.items():
             self.examples.setdefault(reason, example)
@@ -100,13 +101,20 @@ def check_messages(messages) -> RowProblem | None:
     return None
 
 
-def _numbers(values, name: str) -> tuple[list[float] | None, RowProblem | None]:
-    if not isinstance(values, (list, tuple)):
+def _numbers(values, name: str) -> tuple[np.ndarray | None, RowProblem | None]:
+    """A float64 array of ``values``, or the first element that is not a number (bools excluded)."""
+    if not isinstance(values, (list, tuple, np.ndarray)):
         return None, RowProblem("wrong_type", f"{name} must be a list of floats, got {type(values).__name__}")
-    for i, v in enumerate(values):
+    try:
+        arr = np.asarray(values)
+    except ValueError:  # ragged nesting
+        arr = np.asarray(values, dtype=object)
+    if arr.ndim == 1 and (arr.dtype.kind in "fi" or len(arr) == 0):
+        return arr.astype(np.float64), None
+    for i, v in enumerate(values):  # slow path only to name the culprit
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return None, RowProblem("wrong_type", f"{name}[{i}] must be a float, got {v!r:.40}")
-    return [float(v) for v in values], None
+    return np.asarray(values, dtype=np.float64), None
 
 
 def allowed_counts(n_response_tokens: int, add_eos: bool) -> tuple[int, ...]:
@@ -114,7 +122,7 @@ def allowed_counts(n_response_tokens: int, add_eos: bool) -> tuple[int, ...]:
     return (n_response_tokens, n_response_tokens + 1) if add_eos else (n_response_tokens,)
 
 
-def check_teacher_logprobs(values, n_response_tokens: int, add_eos: bool) -> tuple[list[float] | None, RowProblem | None]:
+def check_teacher_logprobs(values, n_response_tokens: int, add_eos: bool) -> tuple[np.ndarray | None, RowProblem | None]:
     """Types, count against the student-tokenized response, finiteness and sign."""
     logprobs, problem = _numbers(values, "teacher_logprobs")
     if problem:
@@ -127,14 +135,13 @@ def check_teacher_logprobs(values, n_response_tokens: int, add_eos: bool) -> tup
             f"{len(logprobs)} teacher log-probs but the response tokenizes to {n_response_tokens} "
             f"student tokens{extra}",
         )
-    for i, v in enumerate(logprobs):
-        if not math.isfinite(v):
-            return None, RowProblem("nonfinite_logprob", f"teacher_logprobs[{i}] = {v}")
-    worst = max(logprobs, default=0.0)
-    if worst > POSITIVE_LOGPROB_TOLERANCE:
-        i = logprobs.index(worst)
+    bad = np.flatnonzero(~np.isfinite(logprobs))
+    if len(bad):
+        return None, RowProblem("nonfinite_logprob", f"teacher_logprobs[{bad[0]}] = {logprobs[bad[0]]}")
+    if len(logprobs) and logprobs.max() > POSITIVE_LOGPROB_TOLERANCE:
+        i = int(logprobs.argmax())
         return None, RowProblem(
-            "positive_logprob", f"teacher_logprobs[{i}] = {worst:.4g} > 0 is not a log-probability"
+            "positive_logprob", f"teacher_logprobs[{i}] = {logprobs[i]:.4g} > 0 is not a log-probability"
         )
     return logprobs, None
 
