@@ -16,6 +16,7 @@ from dcd_megatron.data import (
     CacheError,
     DataConfig,
     DataConfigError,
+    DataLoadError,
     TokenCache,
     TokenizerError,
     build_hf_tokenizer,
@@ -26,6 +27,7 @@ from dcd_megatron.data import (
     train_sentencepiece,
 )
 from dcd_megatron.data import cache as cache_mod
+from dcd_megatron.data.loading import resolve_sources
 
 CORPUS = [f"question {i}: what is {i} plus {i + 1}? answer {2 * i + 1}, so the sum is {2 * i + 1}" for i in range(60)]
 
@@ -173,6 +175,11 @@ def test_directory_and_glob_of_files_with_different_columns(tmp_path, sp, tok_di
         cache = build(make_cfg(tmp_path, path, tok_dirs["sp"]), sp)
         assert cache.meta["kept"] == 4 and cache.meta["source"]["files"] == [str(d / "a.jsonl"), str(d / "b.jsonl")]
         assert list(cache.doc_rows) == [0, 1, 2, 3]
+    assert resolve_sources("org/some-dataset").kind == "hub"  # not a path: a name for datasets
+    with pytest.raises(DataLoadError, match="does not exist"):
+        resolve_sources(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataLoadError, match="matches no"):
+        resolve_sources(str(d / "*.parquet"))
     ds = load_rows(str(d / "b.jsonl"), DataConfig(field_response="response"), cache_dir=tmp_path / "c2")
     assert ds.num_rows == 2 and "response" in ds.column_names
 
@@ -274,7 +281,8 @@ def test_eos_is_trained_only_with_a_known_teacher_logprob(tmp_path, sp, tok_dirs
     n = len(sp.encode(resp))
     rows = [
         {"prompt": "q", "response": resp, "teacher_logprobs": [-0.25] * n},  # eos log-prob unknown
-        {"prompt": "q", "response": resp, "teacher_logprobs": [-0.25] * n + [-0.75]},  # includes eos
+        {"prompt": "q", "response": resp, "teacher_logprobs": [-0.25] * n + [-0.75],  # includes eos
+         "teacher_topk_ids": [[1, 2]] * (n + 1), "teacher_topk_logprobs": [[-0.1, -2.0]] * (n + 1)},
         {"prompt": "q", "response": resp},  # no teacher: plain SFT row, eos trained
     ]
     cache = build(make_cfg(tmp_path, write_jsonl(tmp_path / "eos.jsonl", rows), tok_dirs["sp"]), sp)
@@ -285,6 +293,7 @@ def test_eos_is_trained_only_with_a_known_teacher_logprob(tmp_path, sp, tok_dirs
     for mask, teacher in ((m0, a0), (m1, a1)):  # a row with log-probs never trains a NaN-teacher token
         assert np.isfinite(teacher[np.asarray(mask) == 1]).all()
     assert cache.meta["eos_untrained"] == 1
+    assert cache.meta["has_teacher_topk_fraction"] == pytest.approx(1 / 3)
     bad = build(make_cfg(tmp_path, tmp_path / "eos.jsonl", tok_dirs["sp"], add_eos=False, on_bad_row="skip"), sp)
     assert bad.meta["skipped"] == {"logprob_count_mismatch": 1}  # n+1 log-probs without an eos
 
