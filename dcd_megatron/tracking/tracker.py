@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -54,10 +55,10 @@ class RunUnavailable(RuntimeError):
 
 def default_is_logging_rank() -> bool:
     """The last global rank logs (it holds the last pipeline stage, where loss reports live)."""
-    try:
-        import torch.distributed as dist
-    except ImportError:
+    torch = sys.modules.get("torch")  # no torch imported: no process group can exist
+    if torch is None:
         return True
+    dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == dist.get_world_size() - 1
     return True
