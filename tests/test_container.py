@@ -3,12 +3,15 @@ PyTorch base, the image's torch and Transformer Engine kept, the project install
 installs it, a non-root user, and a default command that exists in the repository."""
 
 import json
+import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "containers" / "Dockerfile"
@@ -130,3 +133,20 @@ def test_runs_as_non_root_with_an_entrypoint_and_a_default_command_in_the_repo(s
 def test_build_context_leaves_out_local_environments():
     ignored = (REPO / "containers" / "Dockerfile.dockerignore").read_text().split()
     assert {".git", ".venv", "mlruns"} <= set(ignored)
+
+
+@pytest.mark.slow
+def test_default_command_resolves_a_valid_config_through_torchrun(tmp_path):
+    """The smoke script's torchrun line and overrides are accepted by the real dcd-train."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "DCD_NPROC": "1", "DCD_STEPS": "5", "DCD_OUTPUT_DIR": str(tmp_path / "smoke"), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([str(REPO / "scripts" / "container_smoke.sh"), "--print-config"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    banner, _, config_text = proc.stdout.partition("\n")
+    assert "0 GPU(s) visible: 1 rank(s), recipe tiny_cpu" in banner
+    cfg = yaml.safe_load(config_text)
+    assert cfg["train"]["steps"] == 5 and cfg["train"]["output_dir"] == str(tmp_path / "smoke")
+    # the script's batch sizing replaced the recipe's: two micro-batches per data-parallel rank
+    assert (cfg["train"]["micro_batch_size"], cfg["train"]["global_batch_size"]) == (2, 4)
+    assert cfg["runtime"]["device"] == "cpu"
