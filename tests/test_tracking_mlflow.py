@@ -16,6 +16,7 @@ from tests.mlflow_server import _free_port, mlflow_server_module  # noqa: F401  
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CALL_BOUND_S = 1.0  # a logging call must return within this even when the server is gone
+SETUP_BOUND_S = 180.0  # run setup on a fresh store: seconds when idle, much longer on 2 shared, busy cores
 
 
 def _config() -> dict:
@@ -68,8 +69,14 @@ def _run_round_trip(uri: str | None, run_dir: Path, tmp_path: Path) -> None:
     """Log a config, metrics, plots, a file and a text through the tracker; read all of it back."""
     cfg = _config()
     config_text = yaml.safe_dump(cfg)
-    tracker = Tracker(TrackingConfig(tracking_uri=uri, run_name="round-trip", plot_interval=50), is_logging_rank=True)
+    tracker = Tracker(
+        TrackingConfig(
+            tracking_uri=uri, run_name="round-trip", plot_interval=50, timeout_s=60, finish_timeout_s=SETUP_BOUND_S
+        ),
+        is_logging_rank=True,
+    )
     tracker.start(cfg, config_text, run_dir)
+    assert tracker.flush(SETUP_BOUND_S)  # start() waits 30 s at most; a new database on a loaded machine can take longer
     assert tracker.run_id is not None, tracker.describe()
     assert (run_dir / RUN_ID_FILE).read_text().strip() == tracker.run_id
     sent = {step: {"loss": 2.0 / step, "weights/ess": 0.9 - 0.01 * step, "lr": 1e-4 * step} for step in (10, 20, 30)}
@@ -126,10 +133,11 @@ def test_embedded_store_round_trip_and_resume(store_dir, tmp_path, monkeypatch):
     assert any(artifacts.rglob("weight_hist_step0000050.png")) and any(artifacts.rglob("config.yaml"))
     first_id = (run_dir / RUN_ID_FILE).read_text().strip()
 
-    resumed = Tracker(TrackingConfig(), is_logging_rank=True)
+    resumed = Tracker(TrackingConfig(finish_timeout_s=SETUP_BOUND_S), is_logging_rank=True)
     changed = _config()
     changed["train"]["steps"] = 400
     resumed.start(changed, yaml.safe_dump(changed), run_dir)
+    assert resumed.flush(SETUP_BOUND_S)
     assert resumed.run_id == first_id and resumed.resumed
     assert "resumed" in resumed.describe() and f"mlflow ui --backend-store-uri {uri}" in resumed.describe()
     assert _client(uri).get_run(first_id).info.status == "RUNNING"
@@ -155,13 +163,15 @@ def test_server_dies_mid_run_training_goes_on(mlflow_server_module, tmp_path, ca
     server = mlflow_server_module
     server.start()  # no-op while it runs
     caplog.set_level(logging.WARNING, logger="dcd_megatron.tracking")
-    tracker = Tracker(TrackingConfig(tracking_uri=server.uri, timeout_s=2), is_logging_rank=True)
+    # A generous timeout: a live server on busy cores may be slow; the dead one refuses at once.
+    tracker = Tracker(TrackingConfig(tracking_uri=server.uri, timeout_s=60), is_logging_rank=True)
     tracker.start({"a": 1}, "a: 1\n", tmp_path / "run")
+    assert tracker.flush(SETUP_BOUND_S)
     run_id = tracker.run_id
     assert run_id is not None
     for step in (1, 2, 3):
         tracker.log_metrics({"loss": float(step)}, step)
-    assert tracker.flush(30)
+    assert tracker.flush(SETUP_BOUND_S)
 
     server.stop()
     slowest = 0.0
@@ -307,8 +317,9 @@ def test_secrets_stay_out_of_params_artifacts_and_output(store_dir, tmp_path, mo
         "launch": {"command": f"dcd-train --hf_token {hf_token} --password={config_password}"},
     }
     config_text = yaml.safe_dump(cfg)
-    tracker = Tracker(TrackingConfig(tracking_uri=uri), is_logging_rank=True)
+    tracker = Tracker(TrackingConfig(tracking_uri=uri, finish_timeout_s=SETUP_BOUND_S), is_logging_rank=True)
     tracker.start(cfg, config_text, tmp_path / "run")
+    assert tracker.flush(SETUP_BOUND_S)
     print(tracker.describe())
     tracker.log_text(f"token is {hf_token}, password {env_password}", "notes/leak.txt")
     leaky = tmp_path / "leaky.yaml"

@@ -124,11 +124,22 @@ def test_resolved_uri_prefers_setting_then_env_then_cwd(monkeypatch, tmp_path):
     assert TrackingConfig(tracking_uri="sqlite:///x.db").resolved_uri() == "sqlite:///x.db"
 
 
-def test_http_timeouts_set_without_clobbering_user_choices():
-    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7"}
-    applied = apply_http_timeouts(2.5, env)
-    assert env["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "3" and env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7"
+def test_http_timeouts_set_without_clobbering_user_choices(monkeypatch):
+    import os
+
+    for key in ("TIMEOUT", "MAX_RETRIES", "BACKOFF_FACTOR"):  # restored after the test
+        monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{key}", raising=False)
+    monkeypatch.delenv("MLFLOW_ARTIFACT_UPLOAD_DOWNLOAD_TIMEOUT", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+
+    applied = apply_http_timeouts(2.5)
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "3" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7"
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in applied and "MLFLOW_HTTP_REQUEST_TIMEOUT" in applied
+    apply_http_timeouts(60)  # a later tracker may change what an earlier one set ...
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "60" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "17")
+    apply_http_timeouts(5)  # ... but not what the user set
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "17"
 
 
 # ---------------------------------------------------------------- no-op tracker

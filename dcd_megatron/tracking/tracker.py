@@ -64,6 +64,11 @@ def default_is_logging_rank() -> bool:
     return True
 
 
+# What apply_http_timeouts put into the environment, so a later Tracker may change its own values
+# (but never a value the user set).
+_APPLIED_ENV: dict[str, str] = {}
+
+
 def apply_http_timeouts(timeout_s: float, env: dict | None = None) -> dict[str, str]:
     """Make MLflow's HTTP calls give up after ``timeout_s`` with one retry, unless the user set them."""
     env = os.environ if env is None else env
@@ -76,9 +81,12 @@ def apply_http_timeouts(timeout_s: float, env: dict | None = None) -> dict[str, 
     }
     applied = {}
     for key, value in wanted.items():
-        if key not in env:
+        ours = key in _APPLIED_ENV and env.get(key) == _APPLIED_ENV[key]
+        if key not in env or ours:
             env[key] = value
             applied[key] = value
+    if env is os.environ:
+        _APPLIED_ENV.update(applied)
     return applied
 
 
