@@ -54,3 +54,44 @@ def sample_with_logprobs(
             for j, i in enumerate(rows):
                 out[i] = (ids[j], lps[j])
     return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def sample_and_score(
+    model,
+    prompts: list[list[int]],
+    *,
+    eos_id: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[tuple[list[int], list[float]]]:
+    """Like `sample_with_logprobs`, for a KV-cached decoder that is also a full `ModelFn`.
+
+    Samples with `eval.generation.generate` (reproducible per prompt, independent of batching),
+    then scores every finished sample in one teacher-forced forward: the log-probs are those of
+    the sampling distribution itself (logits / temperature), as the DCD ratio needs.
+    """
+    from dcd_megatron.eval.generation import generate
+
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 for sampling (use greedy decoding elsewhere)")
+    gens = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature,
+                    seed=seed, batch_size=batch_size, progress=False)
+    samples = [g[0] for g in gens]
+    out: list[tuple[list[int], list[float]] | None] = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(samples[i])))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(prompts[i]) + len(samples[i]) for i in rows)
+        tokens = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, i in enumerate(rows):
+            seq = list(prompts[i]) + samples[i]
+            tokens[r, : len(seq)] = torch.tensor(seq)
+        logp = torch.log_softmax(model(tokens).float() / temperature, dim=-1)
+        for r, i in enumerate(rows):
+            p, n = len(prompts[i]), len(samples[i])
+            picked = logp[r, p - 1 : p - 1 + n].gather(-1, tokens[r, p : p + n].unsqueeze(-1)).squeeze(-1)
+            out[i] = (samples[i], picked.tolist())
+    return out  # type: ignore[return-value]

@@ -1,0 +1,47 @@
+"""The lab's arms: named DCD loss settings distilled on the same traces, steps and seeds.
+
+Each arm is a DCDConfig (see docs/loss.md) plus a one-line description for the report.
+A schedule arm's anneal length is a fraction of the run's steps, so it scales with them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dcd_megatron.loss import DCDConfig
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One distillation setting: DCDConfig fields, and what it is for the report."""
+
+    description: str
+    loss: dict = field(default_factory=dict)
+    anneal_fraction: float = 0.0  # > 0: tau goes linearly to loss["tau_end"] over this share of steps
+
+
+ARMS: dict[str, Arm] = {
+    "sft": Arm("plain SFT (every weight 1)", {"method": "sft"}),
+    "sigmoid_sharp": Arm("sigmoid of the log-ratio, tau=0.5 (sharp)", {"method": "sigmoid", "tau": 0.5}),
+    "sigmoid": Arm("sigmoid of the log-ratio, tau=1 (the default)", {"method": "sigmoid", "tau": 1.0}),
+    "sigmoid_soft": Arm("sigmoid of the log-ratio, tau=2 (soft)", {"method": "sigmoid", "tau": 2.0}),
+    "student_only": Arm("sigmoid of the student log-prob alone, tau=1", {"method": "student_only", "tau": 1.0}),
+    "tis": Arm("truncated importance ratio min(p_s/p_t, 2)", {"method": "tis", "cap": 2.0}),
+    "prefix": Arm("exp of the mean log-ratio over the prefix, capped at 2", {"method": "prefix"}),
+    "sequence": Arm("exp of the trace's mean log-ratio, self-normalised over the batch", {"method": "sequence"}),
+    "anneal": Arm("sigmoid, tau annealed 0.5 -> 2 over the first half of the steps",
+                  {"method": "sigmoid", "tau": 0.5, "tau_end": 2.0}, anneal_fraction=0.5),
+    "floor": Arm("sigmoid tau=0.5 with every weight floored at 0.1",
+                 {"method": "sigmoid", "tau": 0.5, "floor": 0.1}),
+}
+
+
+def arm_loss(name: str, steps: int) -> DCDConfig:
+    """The DCDConfig of arm `name` for a run of `steps` optimizer steps."""
+    if name not in ARMS:
+        raise ValueError(f"unknown lab arm {name!r}; choose from {list(ARMS)}")
+    arm = ARMS[name]
+    kwargs = dict(arm.loss)
+    if arm.anneal_fraction > 0:
+        kwargs["tau_anneal_steps"] = max(1, round(arm.anneal_fraction * steps))
+    return DCDConfig(**kwargs)

@@ -1,0 +1,115 @@
+"""Noise-aware summaries of the lab's runs: seed means and stds, binomial errors, paired differences vs SFT.
+
+Pure functions over the per-run records that `jobs.distill_job` returns.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+
+def binomial_se(correct: int, n: int) -> float:
+    """Standard error of an accuracy estimated from n problems (0 when n is 0)."""
+    if n <= 0:
+        return 0.0
+    p = correct / n
+    return math.sqrt(p * (1 - p) / n)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (std 0 for a single value, NaN mean for none)."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def pooled(accuracy: dict[str, dict], ks: list[int]) -> tuple[int, int]:
+    """(correct, n) over the problems of the given digit counts."""
+    correct = sum(accuracy[str(k)]["correct"] for k in ks if str(k) in accuracy)
+    n = sum(accuracy[str(k)]["n"] for k in ks if str(k) in accuracy)
+    return correct, n
+
+
+def style_share(accuracy: dict[str, dict], ks: list[int], style: str) -> float:
+    """Share of greedy outputs written in `style` over the given digit counts."""
+    n = sum(accuracy[str(k)]["n"] for k in ks if str(k) in accuracy)
+    hits = sum(accuracy[str(k)]["styles"].get(style, 0) for k in ks if str(k) in accuracy)
+    return hits / n if n else math.nan
+
+
+def verdict(diff_mean: float, se: float) -> str:
+    """`better` / `worse` when the paired mean difference is beyond 2 standard errors, else `tie`."""
+    if not math.isfinite(diff_mean):
+        return "n/a"
+    if diff_mean > 2 * se:
+        return "better"
+    if diff_mean < -2 * se:
+        return "worse"
+    return "tie"
+
+
+def summarize(records: list[dict], arms: list[str], groups: dict[str, list[int]], reference: str = "sft") -> dict:
+    """Per arm and group: accuracy mean/std over seeds, binomial SE, and differences paired by seed.
+
+    The paired difference's standard error is the larger of the seed-to-seed one (std/sqrt(n))
+    and the binomial one (per-seed SEs of both arms combined, averaged, over sqrt(n)).
+    """
+    by_arm: dict[str, dict[int, dict]] = {}
+    for rec in records:
+        by_arm.setdefault(rec["arm"], {})[rec["seed"]] = rec
+    ref = by_arm.get(reference, {})
+    all_ks = sorted({int(k) for rec in records for k in rec["accuracy"]})
+    out: dict = {}
+    for arm in arms:
+        runs = by_arm.get(arm, {})
+        seeds = sorted(runs)
+        entry: dict = {"seeds": seeds, "groups": {}, "ks": {}}
+        cells = [("groups", name, ks) for name, ks in groups.items()]
+        cells += [("ks", str(k), [k]) for k in all_ks]
+        for where, name, ks in cells:
+            accs, ses, diffs, diff_ses = [], [], [], []
+            for s in seeds:
+                c, n = pooled(runs[s]["accuracy"], ks)
+                if n == 0:
+                    continue
+                accs.append(c / n)
+                ses.append(binomial_se(c, n))
+                if s in ref:
+                    rc, rn = pooled(ref[s]["accuracy"], ks)
+                    if rn:
+                        diffs.append(c / n - rc / rn)
+                        diff_ses.append(math.hypot(binomial_se(c, n), binomial_se(rc, rn)))
+            m, sd = mean_std(accs)
+            dm, dsd = mean_std(diffs)
+            n_pairs = len(diffs)
+            se = max(dsd / math.sqrt(n_pairs), statistics.fmean(diff_ses) / math.sqrt(n_pairs)) if n_pairs else math.nan
+            stats = {
+                "mean": m, "std": sd, "binomial_se": statistics.fmean(ses) if ses else math.nan,
+                "diff_mean": dm, "diff_std": dsd, "diff_se": se, "pairs": n_pairs,
+                "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs),
+                "verdict": "reference" if arm == reference else verdict(dm, se),
+            }
+            entry[where][name] = stats
+        for name, ks in groups.items():
+            entry["groups"][name]["verbose_share"] = mean_std(
+                [style_share(runs[s]["accuracy"], ks, "verbose") for s in seeds])
+        entry["exposure"] = mean_std([runs[s]["exposure"]["ex_acc_err_pct"] for s in seeds])
+        entry["final_ce"] = mean_std([runs[s]["final"].get("ce", math.nan) for s in seeds])
+        entry["final_ess"] = mean_std([runs[s]["final"].get("ess", math.nan) for s in seeds])
+        entry["weights"] = {}
+        for when in ("init", "final"):
+            styles = sorted({st for s in seeds for st in runs[s][f"weights_{when}"]})
+            entry["weights"][when] = {
+                st: {key: mean_std([runs[s][f"weights_{when}"].get(st, {}).get(key, math.nan) for s in seeds])[0]
+                     for key in ("mean", "branch", "log_ratio_branch")}
+                for st in styles
+            }
+        entry["prize"] = (
+            arm != reference
+            and entry["groups"].get("known", {}).get("verdict") == "better"
+            and entry["groups"].get("new", {}).get("verdict") in ("better", "tie")
+        )
+        out[arm] = entry
+    return out
