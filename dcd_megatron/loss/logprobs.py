@@ -3,9 +3,16 @@
 One ``torch.autograd.Function``: each tensor-parallel rank computes, per row, the
 log-sum-exp of its shard and the target logit if it owns the target; one all-gather of
 those two numbers per row over ``group`` gives the global log-sum-exp (a max-stabilised
-combination of the shard values) and the target logit. Work is done in fp32 over blocks of
-rows, so fp32 temporaries stay bounded; only the per-row log-sum-exp is saved, and the
-softmax is recomputed in backward. ``logits`` is never written.
+combination of the shard values) and the target logit. All arithmetic is fp32, done over
+blocks of rows. ``logits`` is never written. What is kept for backward depends on dtype
+(measured in docs/performance.md, "Loss benchmark"):
+
+- fp32 logits: ``exp(x - local row max)`` is kept in a new fp32 buffer, which backward
+  turns into the gradient in place. The gradient needs a logits-sized buffer anyway, so
+  this costs no extra peak memory and saves recomputing the exponentials.
+- bf16/fp16 logits: only the per-row log-sum-exp is kept; backward recomputes the softmax
+  block by block in fp32 scratch and writes the low-precision gradient directly, so the
+  extra memory is the gradient plus one bounded block.
 """
 
 from __future__ import annotations
@@ -13,8 +20,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# Upper bound on the elements of each fp32 temporary (rows x vocab shard); 4M = 16 MiB.
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
+# Elements per fp32 scratch block (rows x vocab shard). Small blocks stay in CPU caches
+# (1 MiB measured fastest on CPU); on GPUs larger blocks mean fewer kernel launches.
+CPU_CHUNK_ELEMENTS = 1 << 18
+GPU_CHUNK_ELEMENTS = 1 << 22
+DEFAULT_CHUNK_ELEMENTS: int | None = None  # None: pick by device (above)
+
+
+def _chunk_elements(device: torch.device) -> int:
+    if DEFAULT_CHUNK_ELEMENTS is not None:
+        return DEFAULT_CHUNK_ELEMENTS
+    return CPU_CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
 
 
 def _group_rank_size(group) -> tuple[int, int]:
@@ -23,10 +39,39 @@ def _group_rank_size(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _row_blocks(rows: int, shard: int, chunk_elements: int):
-    step = max(1, chunk_elements // max(shard, 1))
+def _row_blocks(rows: int, width: int, chunk_elements: int):
+    step = max(1, chunk_elements // max(width, 1))
     for start in range(0, rows, step):
         yield slice(start, min(start + step, rows))
+
+
+def _shifted_exp_sums(x: torch.Tensor, chunk_elements: int, keep: torch.Tensor | None):
+    """Per-row max and sum of exp(x - max) of ``x`` [rows, V] in fp32.
+
+    With ``keep`` (an fp32 tensor shaped like ``x``) the exponentials are left in it;
+    otherwise one reused scratch block holds them.
+    """
+    rows, width = x.shape
+    row_max = torch.empty(rows, dtype=torch.float32, device=x.device)
+    sums = torch.empty(rows, dtype=torch.float32, device=x.device)
+    scratch = None
+    for block in _row_blocks(rows, width, chunk_elements):
+        n = block.stop - block.start
+        if keep is not None:
+            buf = keep[block]
+        else:
+            if scratch is None:
+                scratch = torch.empty((n, width), dtype=torch.float32, device=x.device)
+            buf = scratch[:n]
+        row_max[block] = x[block].amax(dim=-1)
+        torch.sub(x[block], row_max[block, None], out=buf)
+        torch.sum(buf.exp_(), dim=-1, out=sums[block])
+    return row_max, sums
+
+
+def _scatter_target(block: torch.Tensor, local: torch.Tensor, owned: torch.Tensor, g: torch.Tensor) -> None:
+    """Add the one-hot part ``g * onehot(y)`` of the gradient on the rows whose target is here."""
+    block.scatter_add_(1, local[:, None], torch.where(owned, g, torch.zeros_like(g))[:, None])
 
 
 class _VocabParallelLogProbs(torch.autograd.Function):
@@ -39,13 +84,16 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         owned = (local >= 0) & (local < shard)
         local = torch.where(owned, local, torch.zeros_like(local))
 
-        lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-        for rows in _row_blocks(x.shape[0], shard, chunk_elements):
-            torch.logsumexp(x[rows].float(), dim=-1, out=lse[rows])
+        keep = None
+        if ctx.needs_input_grad[0] and x.dtype == torch.float32:
+            keep = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        row_max, sums = _shifted_exp_sums(x, chunk_elements, keep)
+        lse = sums.log_().add_(row_max)
         picked = x.gather(1, local[:, None]).squeeze(1).float()
         target_logit = torch.where(owned, picked, torch.zeros_like(picked))
 
         if world > 1:
+            # one collective: every shard's (log-sum-exp, target logit) per row
             stats = torch.stack([lse, target_logit])  # [2, rows]
             parts = [torch.empty_like(stats) for _ in range(world)]
             dist.all_gather(parts, stats, group=group)
@@ -53,30 +101,48 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             lse = torch.logsumexp(gathered[:, 0], dim=0)
             target_logit = gathered[:, 1].sum(dim=0)
 
-        ctx.save_for_backward(logits, local, owned, lse)
         ctx.chunk_elements = chunk_elements
+        ctx.kept = keep  # an intermediate that backward consumes, so not under version checks
+        ctx.save_for_backward(logits, local, owned, lse, row_max)
         return (target_logit - lse).view(targets.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, local, owned, lse = ctx.saved_tensors
+        logits, local, owned, lse, row_max = ctx.saved_tensors
         shard = logits.shape[-1]
         x = logits.reshape(-1, shard)
         g = grad_out.reshape(-1).float()
+        # d log p(y) / d x_v = g * (onehot(y)_v - softmax(x)_v)
+        if ctx.kept is not None:
+            kept, ctx.kept = ctx.kept, None  # it becomes the gradient; a second backward recomputes
+            # softmax = exp(x - row_max) * exp(row_max - lse): one in-place pass per block
+            scale = (row_max - lse).exp_().mul_(-g)
+            for rows in _row_blocks(x.shape[0], shard, ctx.chunk_elements):
+                block = kept[rows]
+                block.mul_(scale[rows, None])
+                _scatter_target(block, local[rows], owned[rows], g[rows])
+            return kept.view(logits.shape), None, None, None
+
+        # Recompute: -g * softmax = -sign(g) * exp(x - lse + log|g|), two passes per block,
+        # an exact 0 where g == 0; only rows with g > 0 (a loss that lowers -log p) flip sign.
+        shift = lse - g.abs().log()
+        flip = g > 0
+        any_flip = bool(flip.any())
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        buffer = None  # fp32 scratch rows when the logits are not fp32
+        scratch = None
         for rows in _row_blocks(x.shape[0], shard, ctx.chunk_elements):
             n = rows.stop - rows.start
             if grad.dtype == torch.float32:
                 block = grad[rows]
             else:
-                if buffer is None:
-                    buffer = torch.empty((n, shard), dtype=torch.float32, device=x.device)
-                block = buffer[:n]
-            # d log p(y) / d x_v = onehot(y)_v - softmax(x)_v, times the incoming gradient
-            torch.sub(x[rows], lse[rows, None], out=block)
-            block.exp_().mul_(-g[rows, None])
-            block.scatter_add_(1, local[rows, None], torch.where(owned[rows], g[rows], 0.0)[:, None])
+                if scratch is None:
+                    scratch = torch.empty((n, shard), dtype=torch.float32, device=x.device)
+                block = scratch[:n]
+            torch.sub(x[rows], shift[rows, None], out=block)
+            block.exp_()
+            if any_flip:
+                block[flip[rows]] *= -1
+            _scatter_target(block, local[rows], owned[rows], g[rows])
             if grad.dtype != torch.float32:
                 grad[rows].copy_(block)
         return grad.view(logits.shape), None, None, None
@@ -87,7 +153,7 @@ def vocab_parallel_logprobs(
     targets: torch.Tensor,
     group: dist.ProcessGroup | None = None,
     *,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> torch.Tensor:
     """fp32 log p(target) of shape ``targets.shape`` from this rank's vocabulary shard.
 
@@ -95,7 +161,8 @@ def vocab_parallel_logprobs(
     ids ``[r*V/tp, (r+1)*V/tp)``. ``targets`` is ``[...]`` of global ids in ``[0, V)`` (an
     id outside that range is not checked here and yields a meaningless value: the loss
     function checks and masks). ``group=None`` means the full vocabulary is local.
-    Differentiable w.r.t. ``logits``; ``logits`` is not modified.
+    Differentiable w.r.t. ``logits``; ``logits`` is not modified. ``chunk_elements`` sets
+    the fp32 block size (default: by device, see ``CPU_CHUNK_ELEMENTS``).
     """
     if logits.dim() < 1 or logits.shape[:-1] != targets.shape:
         raise ValueError(
@@ -106,6 +173,7 @@ def vocab_parallel_logprobs(
         raise TypeError(f"vocab_parallel_logprobs: logits must be floating point, got {logits.dtype}")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise TypeError(f"vocab_parallel_logprobs: targets must be integer token ids, got {targets.dtype}")
-    if chunk_elements < 1:
-        raise ValueError(f"vocab_parallel_logprobs: chunk_elements must be >= 1, got {chunk_elements}")
-    return _VocabParallelLogProbs.apply(logits, targets, group, int(chunk_elements))
+    chunk = _chunk_elements(logits.device) if chunk_elements is None else int(chunk_elements)
+    if chunk < 1:
+        raise ValueError(f"vocab_parallel_logprobs: chunk_elements must be >= 1, got {chunk}")
+    return _VocabParallelLogProbs.apply(logits, targets, group, chunk)

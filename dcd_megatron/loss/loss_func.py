@@ -112,6 +112,10 @@ class DCDLossFunction:
                 f"DCD loss: {n_labels} loss-masked-in label(s) are outside the vocabulary [0, {vocab}); "
                 "check the tokenizer / vocab size, or set loss_mask 0 on those positions"
             )
+        if n_teacher and not self.config.needs_teacher:
+            # sft / student_only never read teacher log-probs: traces that lack some (NaN) are
+            # fine; the log-ratio diagnostic is then left out for this micro-batch.
+            teacher, n_teacher = None, 0
         raise_for_nonfinite_teacher(n_teacher)
 
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels))

@@ -1,0 +1,272 @@
+"""Benchmark: the DCD loss vs megatron-core's vocab_parallel_cross_entropy (time and peak memory).
+
+Two gloo ranks (TP=2) each hold a ``[s*b, V/2]`` logits shard. For fp32 and bf16 logits it
+times forward+backward of (a) megatron-core's ``vocab_parallel_cross_entropy`` summed over
+tokens and (b) the DCD loss function (``sigmoid`` weights, report included) on the same
+shard, interleaved, and reports medians and ratios. Peak memory is measured the same way for
+both, in a separate profiled call: torch.profiler's memory events (every allocation and free
+torch makes, in order) give the peak of bytes allocated above the starting point; the logits
+shard (an input both need) is added to give the peak held during the call.
+
+    python benchmarks/loss.py                      # print the table
+    python benchmarks/loss.py --write docs/performance.md   # also rewrite its "Loss benchmark" section
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SECTION = "## Loss benchmark"
+TP = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _peak_bytes(fn) -> int:
+    """Peak of torch's allocated bytes during ``fn()`` above the start (profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def _rank(rank, port, args, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(TP))
+    torch.set_num_threads(args.threads)
+    try:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", rank=rank, world_size=TP)
+        from megatron.core import parallel_state, tensor_parallel
+
+        from dcd_megatron.loss import DCDConfig, logprobs, make_loss_func
+
+        if args.chunk_elements:
+            logprobs.DEFAULT_CHUNK_ELEMENTS = args.chunk_elements
+
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
+        group = parallel_state.get_tensor_model_parallel_group()
+        width = args.vocab // TP
+        g = torch.Generator().manual_seed(rank)
+        labels = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+        batch = {
+            "labels": labels,
+            "loss_mask": torch.ones(args.batch, args.seq),
+            "teacher_logprobs": -torch.rand(args.batch, args.seq, generator=g) * 3,
+        }
+        dcd = make_loss_func(DCDConfig(method="sigmoid"), tp_group=group)
+        results = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            # megatron's layout is [s, b, V/tp], ours [b, s, V/tp]; the same bytes
+            base = (torch.randn(args.batch, args.seq, width, generator=g) * 2).to(dtype)
+
+            # torch.autograd.grad hands the logits gradient back the way the output layer's
+            # backward receives it (no extra copy into a leaf's .grad)
+            def run_megatron(x):
+                loss = tensor_parallel.vocab_parallel_cross_entropy(x, labels.t()).sum()
+                return torch.autograd.grad(loss, x)
+
+            def run_dcd(x):
+                loss_sum, _, _ = dcd(batch, x)
+                return torch.autograd.grad(loss_sum, x)
+
+            impls = {"megatron": run_megatron, "dcd": run_dcd}
+            times = {(name, clock): [] for name in impls for clock in ("cpu", "wall")}
+            for rep in range(args.reps + 1):
+                for name, fn in impls.items():
+                    x = base.clone().requires_grad_()  # the fresh input is not timed
+                    if name == "megatron":
+                        x = x.detach().transpose(0, 1).clone().requires_grad_()
+                    dist.barrier()
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    fn(x)
+                    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+                    if rep > 0:  # rep 0 warms up
+                        times[(name, "cpu")].append(cpu)
+                        times[(name, "wall")].append(wall)
+                    del x
+            mem = {}
+            for name, fn in impls.items():
+                x = base.clone().requires_grad_()
+                if name == "megatron":
+                    x = x.detach().transpose(0, 1).clone().requires_grad_()
+                dist.barrier()
+                mem[name] = _peak_bytes(functools.partial(fn, x))
+                del x
+            results[str(dtype).removeprefix("torch.")] = {
+                "time": {f"{name}_{clock}": statistics.median(v) for (name, clock), v in times.items()},
+                "extra": mem,
+                "logits": base.numel() * base.element_size(),
+            }
+        queue.put((rank, results))
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+    except BaseException as exc:  # surface the failure in the parent
+        import traceback
+
+        queue.put((rank, traceback.format_exc()))
+        raise SystemExit(1) from exc
+
+
+# glibc hands large frees back to the OS, so every big buffer is fresh pages that fault on
+# first touch; "caching" keeps freed memory for reuse, as PyTorch's CUDA allocator does.
+ALLOCATORS = {
+    "glibc default": {},
+    "caching": {"MALLOC_MMAP_THRESHOLD_": str(2**40), "MALLOC_TRIM_THRESHOLD_": str(2**40)},
+}
+
+
+def run(args, allocator: str) -> dict:
+    """One 2-rank measurement with the given allocator environment; rank 0's results."""
+    saved = {k: os.environ.get(k) for k in ALLOCATORS["caching"]}
+    for k in saved:
+        os.environ.pop(k, None)
+    os.environ.update(ALLOCATORS[allocator])  # read by glibc when the spawned ranks start
+    try:
+        return _spawn(args)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _spawn(args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, port, args, queue)) for r in range(TP)]
+    for p in procs:
+        p.start()
+    got = dict(queue.get(timeout=3600) for _ in range(TP))
+    for p in procs:
+        p.join(timeout=60)
+    for rank, value in got.items():
+        if isinstance(value, str):
+            raise RuntimeError(f"rank {rank} failed:\n{value}")
+    return got[0]
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.0f}"
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| logits, allocator | CPU time (s) megatron CE / DCD | CPU time ratio | wall time (s) megatron CE / DCD "
+        "| wall ratio | peak (MiB) megatron CE / DCD | peak ratio | extra over the logits (MiB) megatron CE / DCD |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (allocator, dtype), r in results.items():
+        t, extra, logits = r["time"], r["extra"], r["logits"]
+        peak_m, peak_d = logits + extra["megatron"], logits + extra["dcd"]
+        lines.append(
+            f"| {dtype}, {allocator} | {t['megatron_cpu']:.3f} / {t['dcd_cpu']:.3f} | {t['dcd_cpu'] / t['megatron_cpu']:.2f}x "
+            f"| {t['megatron_wall']:.3f} / {t['dcd_wall']:.3f} | {t['dcd_wall'] / t['megatron_wall']:.2f}x "
+            f"| {_mib(peak_m)} / {_mib(peak_d)} | {peak_d / peak_m:.2f}x "
+            f"| {_mib(extra['megatron'])} / {_mib(extra['dcd'])} |"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        found = re.search(r"Model name:\s*(.+)", out)
+        cpu = found.group(1).strip() if found else cpu
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return f"{os.cpu_count()} CPU cores (`nproc`), {cpu}, torch {torch.__version__}"
+
+
+def section(args, results: dict) -> str:
+    cmd = f"python benchmarks/loss.py --seq {args.seq} --batch {args.batch} --vocab {args.vocab} --reps {args.reps} --threads {args.threads}"
+    return f"""{SECTION}
+
+Forward+backward of the DCD loss function (`sigmoid` weights, report included) against
+megatron-core's `vocab_parallel_cross_entropy` (summed), TP={TP} over gloo, each rank holding
+a {args.seq}x{args.batch}x{args.vocab // TP} logits shard (s x b x V/tp, V={args.vocab}); median of
+{args.reps} interleaved repetitions after one warm-up, rank 0. Peak = logits shard + the peak
+of torch's allocations during the call (torch.profiler memory events, same accounting for
+both); the last column is that extra alone.
+
+Machine: {machine()}, {args.threads} thread(s) per rank.
+Command: `{cmd}` (`make bench-loss`).
+
+{table(results)}
+
+Why the ratios are what they are: megatron's CE works in place. With fp32 logits it
+overwrites its input (exp, then the softmax, then the gradient, all in the logits buffer),
+so it allocates almost nothing; the DCD log-probs must leave the logits intact (the loss
+function may read them again, e.g. for a top-k KL term), so the gradient needs its own
+logits-sized buffer: about 2x the logits at peak is the floor for any non-destructive
+implementation. With bf16 logits megatron keeps an fp32 copy (2x the bf16 bytes) for
+backward and returns an fp32 gradient that autograd casts to bf16; the DCD function saves
+only the per-row log-sum-exp, recomputes the softmax in blocks of rows (fp32 temporaries
+of at most `DEFAULT_CHUNK_ELEMENTS` elements) and writes the bf16 gradient directly.
+"""
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace the "Loss benchmark" section of ``path`` (or append it), leaving the rest alone."""
+    old = path.read_text() if path.exists() else "# Performance\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    path.write_text(new)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--allocator", choices=[*ALLOCATORS, "both"], default="both")
+    parser.add_argument("--chunk-elements", type=int, default=0, help="override DEFAULT_CHUNK_ELEMENTS (0 = keep)")
+    parser.add_argument("--write", type=Path, help="rewrite the loss section of this markdown file")
+    args = parser.parse_args(argv)
+    if args.vocab % TP:
+        parser.error(f"--vocab must be divisible by TP={TP}")
+    results = {}
+    for allocator in ALLOCATORS if args.allocator == "both" else [args.allocator]:
+        for dtype, r in run(args, allocator).items():
+            results[(allocator, dtype)] = r
+    print(table(results))
+    if args.write:
+        write_section(args.write, section(args, results))
+        print(f"wrote the '{SECTION}' section of {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
