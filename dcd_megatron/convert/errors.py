@@ -1,0 +1,7 @@
+"""The one error type of checkpoint conversion: its message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class ConvertError(ValueError):
+    """A checkpoint cannot be converted as asked; the message says why and what to do."""

@@ -1,0 +1,62 @@
+"""Build a megatron-core GPTModel without initialising it, and fill it from our checkpoints.
+
+Conversion and scoring only ever overwrite the weights, so random initialisation (slow for
+billions of parameters) is skipped. Parallel state must already be set up for `layout`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dcd_megatron.model.config import ModelConfig
+from dcd_megatron.runtime.layout import Layout
+
+
+def build_empty_model(model: ModelConfig, *, padded_vocab: int, layout: Layout, device: torch.device, use_te: bool = False):
+    """This rank's pipeline stage of the GPTModel, with uninitialised weights."""
+    from megatron.core import parallel_state as ps
+
+    from dcd_megatron.model.builder import build_gpt_model, transformer_config
+
+    tconfig = transformer_config(model, layout, sequence_parallel=False, on_cpu=device.type == "cpu")
+    tconfig.perform_initialization = False
+    module = build_gpt_model(
+        model,
+        tconfig,
+        padded_vocab_size=padded_vocab,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        use_te=use_te,
+    )
+    return module.to(device)
+
+
+def checkpoint_padded_vocab(cfg, meta: dict, vocab_size: int) -> int:
+    """The padded vocabulary the checkpoint was written with."""
+    return int(meta.get("padded_vocab_size") or cfg.model.padded_vocab_size(vocab_size, 1))
+
+
+def load_megatron_model(checkpoint: str | Path, *, layout: Layout, device: torch.device, use_te: bool = False):
+    """(module, TrainConfig, meta, vocab_size) for this rank, loaded from one of our checkpoints.
+
+    Loads at any TP x PP layout (distributed checkpoints reshard; vocabulary rows beyond the
+    checkpoint's padding are zero). `checkpoint` may be a run dir, its checkpoints/ or an iter dir.
+    """
+    from megatron.core import dist_checkpointing
+
+    from dcd_megatron.data import load_tokenizer
+    from dcd_megatron.model.inference import read_checkpoint_config
+
+    path, cfg, meta = read_checkpoint_config(Path(checkpoint))
+    vocab = cfg.model.vocab_size or load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type).vocab_size
+    padded = max(checkpoint_padded_vocab(cfg, meta, vocab), cfg.model.padded_vocab_size(vocab, layout.tp))
+    if padded % layout.tp:
+        padded = cfg.model.padded_vocab_size(padded, layout.tp)
+    module = build_empty_model(cfg.model, padded_vocab=padded, layout=layout, device=device, use_te=use_te)
+    state = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
+    module.load_state_dict(state["model"])
+    module.eval()
+    return module, cfg, meta, vocab
