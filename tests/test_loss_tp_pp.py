@@ -160,6 +160,7 @@ def test_tp2_pp2_step_matches_single_process():
         assert got["factor"] > 1.0  # sigmoid weights are < 1: the rescale did something
         if pp_rank == 1:  # the last stage reports the loss: weighted CE with weights mean-1 globally
             assert got["metrics"]["weighted_ce_normalized"] == pytest.approx(reference["loss"], rel=1e-5)
+            assert got["metrics"]["loss"] == pytest.approx(reference["loss"], rel=1e-5)
         else:
             assert got["metrics"] == {}
         for name, grad in got["grads"].items():

@@ -401,6 +401,8 @@ def test_reduce_reports_matches_direct_statistics():
     assert r["weighted_ce"] == pytest.approx(float((w * nll).mean()))
     assert r["weighted_ce_normalized"] == pytest.approx(float((w / w.mean() * nll).mean()))
     assert r["norm_factor"] == pytest.approx(float(1 / w.mean()))
+    assert r["loss"] == pytest.approx(r["weighted_ce_normalized"])  # global: the rescaled objective
+    assert r["loss_unnormalized"] == pytest.approx(r["weighted_ce"])
     assert r["log_ratio_mean"] == pytest.approx(float(l.mean()), rel=1e-5)
     assert r["weight_min"] == pytest.approx(float(w.min())) and r["weight_max"] == pytest.approx(float(w.max()))
     at_cap, at_floor = float((w > 1.8 - 1e-6).double().mean()), float((w < 0.02 + 1e-8).double().mean())

@@ -161,7 +161,7 @@ def reduce_reports(reports: list[dict[str, torch.Tensor]], dp_cp_group: dist.Pro
         return total / count if count > 0 else None
 
     for name, key in (
-        ("loss", "loss"), ("ce", "ce"), ("weighted_ce", "weighted_ce"), ("weight_mean", "weight"),
+        ("loss_unnormalized", "loss"), ("ce", "ce"), ("weighted_ce", "weighted_ce"), ("weight_mean", "weight"),
         ("weight_at_cap_frac", "weight_at_cap"), ("weight_at_floor_frac", "weight_at_floor"),
         ("log_ratio_mean", "log_ratio"),
     ):
@@ -176,8 +176,14 @@ def reduce_reports(reports: list[dict[str, torch.Tensor]], dp_cp_group: dist.Pro
         out["ess"] = weight_sum * weight_sum / (n * weight_sq)
     if weight_sum > 0:
         out["weighted_ce_normalized"] = float(t["weighted_ce"][0]) / weight_sum
-        if "global_norm" in t:
-            out["norm_factor"] = n / weight_sum
+    # "loss": the per-token objective whose gradient the step applies (after the global
+    # rescale when normalize="global"; as back-propagated otherwise)
+    if "global_norm" in t:
+        out["norm_factor"] = n / weight_sum if weight_sum > 0 else 1.0
+        if n > 0:
+            out["loss"] = out["loss_unnormalized"] * out["norm_factor"]
+    elif n > 0:
+        out["loss"] = out["loss_unnormalized"]
     for key in ("weight_min", "weight_max"):
         if math.isfinite(float(t[key])):
             out[key] = float(t[key])
