@@ -1,0 +1,73 @@
+"""Trace rows -> the token ids and positions to score, encoded exactly as training encodes them.
+
+Scoring uses the training pipeline's `RowEncoder` on the row WITHOUT its teacher columns, so
+the scored positions are the response tokens plus, when `data.add_eos` is set, the eos that
+training appends: the i-th log-prob written belongs to the i-th trained token by construction.
+Rows are never truncated here (a truncated response would get too few log-probs): a row longer
+than `max_length` is a `too_long` problem (an error, or a counted skip with on_bad_row=skip).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from dcd_megatron.data.config import DataConfig
+from dcd_megatron.data.encoding import RowEncoder
+from dcd_megatron.data.loading import RAW_JSON_COLUMN
+from dcd_megatron.data.tokenizer import Tokenizer
+from dcd_megatron.data.validation import RowProblem
+
+
+@dataclass(frozen=True)
+class RowToScore:
+    """Token ids of one row and the span of positions whose tokens get a teacher log-prob."""
+
+    index: int  # row index in the input dataset
+    input_ids: list[int]
+    start: int  # first scored position (>= 1: it is predicted from position start - 1)
+    count: int  # scored tokens: the response (+ eos when trained)
+
+
+def teacher_columns(cfg: DataConfig) -> tuple[str, str, str]:
+    return cfg.field_teacher_logprobs, cfg.field_teacher_topk_ids, cfg.field_teacher_topk_logprobs
+
+
+class ScoringEncoder:
+    """Row dict -> `RowToScore` or a `RowProblem`, with the student's data settings."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, max_length: int):
+        strict = dataclasses.replace(cfg, seq_length=max_length, on_long_row="error")
+        self.encoder = RowEncoder(strict, tokenizer)
+        self.drop = set(teacher_columns(cfg))
+
+    def __call__(self, index: int, row: dict) -> RowToScore | RowProblem:
+        if RAW_JSON_COLUMN in row:
+            row = json.loads(row[RAW_JSON_COLUMN])
+        row = {k: v for k, v in row.items() if k not in self.drop}
+        encoded = self.encoder.encode(row)
+        if isinstance(encoded, RowProblem):
+            return encoded
+        if encoded.response_start < 1:
+            return RowProblem(
+                "empty_prompt",
+                "the prompt encodes to no tokens, so the first response token has no context to be "
+                "scored from; set data.add_bos=true or give the row a prompt",
+            )
+        return RowToScore(index, encoded.input_ids, encoded.response_start, encoded.n_trained)
+
+
+def plan_batches(rows: list[RowToScore], batch_tokens: int) -> list[list[RowToScore]]:
+    """Group rows (longest first, to waste little padding) so that rows x longest <= batch_tokens."""
+    batches: list[list[RowToScore]] = []
+    current: list[RowToScore] = []
+    for row in sorted(rows, key=lambda r: (-len(r.input_ids), r.index)):
+        longest = len(current[0].input_ids) if current else len(row.input_ids)
+        if current and (len(current) + 1) * longest > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(row)
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,264 @@
+"""The scoring job: a teacher checkpoint over a trace dataset -> a Parquet dataset with teacher log-probs.
+
+Read top to bottom: check the teacher's tokenizer against the student's, lay out TP x DP, load
+the rows, agree on the manifest, load the teacher (resharded to this layout), score this DP
+rank's unfinished shards batch by batch, then merge on rank 0. Runs as one process or under
+torchrun; pipeline parallelism is not supported (a teacher must fit TP ranks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dcd_megatron.configs import to_dict
+from dcd_megatron.score.config import ScoreConfig, ScoreError
+from dcd_megatron.score.rows import RowToScore, ScoringEncoder, plan_batches, teacher_columns
+from dcd_megatron.score import shards as sh
+
+log = logging.getLogger("dcd_megatron.score")
+
+POSITIONS_PER_CHUNK = 4096  # logits rows turned into fp32 at once (bounds memory for big vocabularies)
+
+
+@dataclass
+class ScoreResult:
+    """What a finished run reports (on every rank)."""
+
+    output: Path
+    rows: int
+    skipped: dict[str, int]
+    shards_total: int
+    shards_scored_here: int  # by this rank in this invocation
+    shards_already_done: int  # found finished at start (all ranks)
+
+
+def _manifest(cfg: ScoreConfig, teacher_path: Path, teacher_meta: dict, n_rows: int, student_fp: str) -> dict:
+    data = cfg.data
+    encoding = {k: v for k, v in to_dict(data).items() if k.startswith("field_") or k in ("add_bos", "add_eos", "split")}
+    encoding["chat_template_sha256"] = hashlib.sha256(data.template_text().encode()).hexdigest()
+    return {
+        "teacher": str(teacher_path.resolve()),
+        "teacher_step": teacher_meta.get("step"),
+        "data_path": str(Path(cfg.data_path).resolve()) if Path(cfg.data_path).exists() else cfg.data_path,
+        "input_rows": n_rows,
+        "temperature": cfg.temperature,
+        "top_k": cfg.top_k,
+        "rows_per_shard": cfg.rows_per_shard,
+        "max_length": cfg.max_length,
+        "student_tokenizer": student_fp,
+        "encoding": encoding,
+        "on_bad_row": data.on_bad_row,
+    }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load_input(cfg: ScoreConfig):
+    """The input rows as one `datasets.Dataset`, columns exactly as in the files."""
+    import datasets
+
+    from dcd_megatron.data import load_rows
+    from dcd_megatron.data.config import DataConfig
+    from dcd_megatron.data.loading import RAW_JSON_COLUMN
+
+    plain = DataConfig(tokenizer=cfg.data.tokenizer, split=cfg.data.split, on_bad_row=cfg.data.on_bad_row)
+    ds = load_rows(cfg.data_path, plain, cache_dir=cfg.data.resolved_cache_dir())
+    if RAW_JSON_COLUMN in ds.column_names:  # a JSONL file `datasets` could not type: rebuild from the lines
+        ds = datasets.Dataset.from_list([json.loads(s) for s in ds[RAW_JSON_COLUMN]])
+    if len(ds) == 0:
+        raise ScoreError(f"{cfg.data_path} holds no rows to score")
+    return ds
+
+
+def _forward(module, batch: list[RowToScore], pad_id: int, device) -> torch.Tensor:
+    longest = max(len(r.input_ids) for r in batch)
+    tokens = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    for j, r in enumerate(batch):
+        tokens[j, : len(r.input_ids)] = torch.tensor(r.input_ids)
+    tokens = tokens.to(device)
+    positions = torch.arange(longest, device=device).unsqueeze(0).expand_as(tokens)
+    # causal attention: right padding never influences the positions scored
+    return module(input_ids=tokens, position_ids=positions, attention_mask=None)
+
+
+def _score_batch(module, batch, *, cfg: ScoreConfig, pad_id, device, vocab, tp_rank, tp_group):
+    from dcd_megatron.score.logprobs import scored_logprobs
+
+    logits = _forward(module, batch, pad_id, device)  # [b, s, V/tp]
+    width = logits.shape[-1]
+    out = {}
+    for j, row in enumerate(batch):
+        targets = torch.tensor(row.input_ids[row.start : row.start + row.count], device=device)
+        lp, ids, tlp = [], [], []
+        for c in range(0, row.count, POSITIONS_PER_CHUNK):
+            sl = slice(row.start - 1 + c, row.start - 1 + min(c + POSITIONS_PER_CHUNK, row.count))
+            a, b, d = scored_logprobs(
+                logits[j, sl], targets[c : c + POSITIONS_PER_CHUNK], temperature=cfg.temperature, top_k=cfg.top_k,
+                vocab_start=tp_rank * width, vocab_size=vocab, group=tp_group,
+            )
+            lp.append(a)
+            if cfg.top_k:
+                ids.append(b)
+                tlp.append(d)
+        out[row.index] = (
+            torch.cat(lp).cpu().tolist(),
+            torch.cat(ids).cpu().int().tolist() if cfg.top_k else None,
+            torch.cat(tlp).cpu().tolist() if cfg.top_k else None,
+        )
+    return out
+
+
+def _shard_table(ds, start: int, stop: int, kept: list[int], scores: dict, cfg: ScoreConfig):
+    """The input rows of the shard that were scored, with the teacher columns (re)placed."""
+    import pyarrow as pa
+
+    table = ds.with_format("arrow")[start:stop].take(pa.array([i - start for i in kept], type=pa.int64()))
+    names = teacher_columns(cfg.data)
+    table = table.drop_columns([n for n in names if n in table.column_names])
+    table = table.append_column(names[0], pa.array([scores[i][0] for i in kept], type=pa.list_(pa.float32())))
+    if cfg.top_k:
+        table = table.append_column(names[1], pa.array([scores[i][1] for i in kept], type=pa.list_(pa.list_(pa.int32()))))
+        table = table.append_column(names[2], pa.array([scores[i][2] for i in kept], type=pa.list_(pa.list_(pa.float32()))))
+    return table
+
+
+def score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreResult:
+    """Score `cfg.data_path` with `cfg.teacher`; collective over all ranks of the process group."""
+    from megatron.core import parallel_state as ps
+    from tqdm import tqdm
+
+    from dcd_megatron.convert.model_io import load_megatron_model
+    from dcd_megatron.data import BadRowError, load_tokenizer, require_same_vocabulary
+    from dcd_megatron.model.inference import read_checkpoint_config
+    from dcd_megatron.runtime import distributed as rt
+    from dcd_megatron.runtime.layout import Layout
+
+    t0 = time.time()
+    out = Path(cfg.out_dir)
+    # ---- checks that need no other process ----------------------------------------------
+    student = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type)
+    teacher_path, tcfg, tmeta = read_checkpoint_config(Path(cfg.teacher))
+    require_same_vocabulary(student, load_tokenizer(tcfg.data.tokenizer, tcfg.data.tokenizer_type))
+    vocab = tcfg.model.vocab_size or student.vocab_size
+    if cfg.top_k > vocab:
+        raise ScoreError(f"top_k={cfg.top_k} exceeds the teacher's vocabulary of {vocab}")
+    max_pos = tcfg.model.max_position_embeddings
+    max_length = cfg.max_length or max_pos
+    if max_length > max_pos:
+        raise ScoreError(f"max_length={max_length} exceeds the teacher's max_position_embeddings={max_pos}")
+    if tcfg.model.num_attention_heads % cfg.tp or tcfg.model.query_groups % cfg.tp:
+        raise ScoreError(
+            f"tp={cfg.tp} must divide the teacher's {tcfg.model.num_attention_heads} heads and "
+            f"{tcfg.model.query_groups} query groups"
+        )
+
+    # ---- processes and layout ------------------------------------------------------------
+    device = rt.resolve_device(cfg.device)
+    if rt.process_info().world_size == 1 and not torch.distributed.is_initialized():
+        os.environ["MASTER_PORT"] = str(_free_port())  # one process: never collide with another job's port
+    info = rt.init_process_group(device)
+    if info.world_size % cfg.tp:
+        raise ScoreError(f"tp={cfg.tp} must divide the world size {info.world_size}")
+    if device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or min(info.world_size, os.cpu_count() or 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    layout = Layout(cfg.tp, 1, 1, info.world_size // cfg.tp)
+    rt.init_model_parallel(layout, seed=0)
+    dp_rank, tp_rank = ps.get_data_parallel_rank(), ps.get_tensor_model_parallel_rank()
+    tp_group = ps.get_tensor_model_parallel_group()
+    is_main = info.rank == 0
+    barrier = torch.distributed.barrier
+
+    # ---- rows and the manifest -----------------------------------------------------------
+    if is_main:
+        ds = _load_input(cfg)  # rank 0 fills the datasets cache, the others then read it
+    barrier()
+    if not is_main:
+        ds = _load_input(cfg)
+    manifest = _manifest(cfg, teacher_path, tmeta, len(ds), student.fingerprint)
+    ranges = sh.shard_ranges(len(ds), cfg.rows_per_shard)
+    final = out / sh.SCORED
+    box = [None]
+    if is_main:
+        try:
+            resumed = sh.check_manifest(out, manifest)
+            if not resumed:
+                if final.exists() or (out / "shards").exists():
+                    raise ScoreError(f"{out} holds scoring output without a manifest; use a new --out")
+                sh.write_manifest(out, manifest)
+            box = [("ok", resumed)]
+        except ScoreError as exc:
+            box = [("error", str(exc))]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0][0] == "error":
+        raise ScoreError(box[0][1])
+    if final.is_file():
+        summary = json.loads((out / sh.SUMMARY).read_text())
+        if is_main:
+            print(f"{final} is already complete ({summary['rows']} rows); nothing to do", flush=True)
+        return ScoreResult(final, summary["rows"], summary["skipped"], len(ranges), 0, len(ranges))
+
+    mine = sh.my_shards(len(ranges), dp_rank, layout.dp)
+    done_before = [i for i in range(len(ranges)) if sh.is_done(out, i)]
+    todo = [i for i in mine if i not in set(done_before)]
+    barrier()  # every rank has decided what to do before anyone writes
+
+    # ---- the teacher ---------------------------------------------------------------------
+    use_te = device.type == "cuda" and rt.has_transformer_engine()
+    module, _, _, _ = load_megatron_model(teacher_path, layout=layout, device=device, use_te=use_te)
+    encoder = ScoringEncoder(cfg.data, student, max_length)
+    bar = tqdm(
+        total=sum(ranges[i][1] - ranges[i][0] for i in todo), unit="row", disable=not (is_main and progress),
+        desc=f"scoring (rank 0 of dp={layout.dp})", dynamic_ncols=True,
+    )
+    if is_main and done_before:
+        print(f"resuming: {len(done_before)} of {len(ranges)} shards already scored", flush=True)
+    for index in todo:
+        start, stop = ranges[index]
+        batch = ds[start:stop]
+        keys = list(batch)
+        rows, skipped = [], Counter()
+        for i in range(stop - start):
+            result = encoder(start + i, {k: batch[k][i] for k in keys})
+            if isinstance(result, RowToScore):
+                rows.append(result)
+            elif cfg.data.on_bad_row == "skip":
+                skipped[result.reason] += 1
+            else:
+                raise BadRowError(cfg.data_path, start + i + 1, result.reason, result.detail)
+        scores = {}
+        with torch.no_grad():
+            for group in plan_batches(rows, cfg.batch_tokens):
+                scores.update(_score_batch(module, group, cfg=cfg, pad_id=student.pad_id, device=device,
+                                           vocab=vocab, tp_rank=tp_rank, tp_group=tp_group))
+                bar.update(len(group))
+        bar.update(sum(skipped.values()))
+        if tp_rank == 0:
+            sh.write_shard(out, index, _shard_table(ds, start, stop, sorted(scores), scores, cfg), dict(skipped))
+    bar.close()
+    barrier()
+
+    # ---- merge ---------------------------------------------------------------------------
+    if is_main:
+        summary = dict(manifest, seconds=round(time.time() - t0, 1), world_size=info.world_size, tp=cfg.tp)
+        sh.merge_shards(out, len(ranges), summary)
+    barrier()
+    summary = json.loads((out / sh.SUMMARY).read_text())
+    if is_main:
+        print(f"wrote {final}: {summary['rows']} rows scored, skipped {summary['skipped'] or 'none'}", flush=True)
+    return ScoreResult(final, summary["rows"], summary["skipped"], len(ranges), len(todo), len(done_before))
