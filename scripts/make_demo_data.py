@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--k-min", type=int, default=2)
     p.add_argument("--k-max", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-checkpoint", default=None,
+                   help="sample from this dcd-train checkpoint instead of training a teacher")
     return p.parse_args(argv)
 
 
@@ -71,11 +73,18 @@ def main(argv=None) -> int:
     )
     teacher_train = work / "teacher_train.jsonl"
     teacher_train.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    t0 = time.time()
-    result = train(teacher_config(teacher_train, tok_path, work / "teacher", args.teacher_steps, args.seed))
-    print(f"teacher trained in {time.time() - t0:.0f}s: {result.metrics.get('loss'):.4f} loss", flush=True)
+    if args.teacher_checkpoint:
+        checkpoint, teacher_loss = args.teacher_checkpoint, None
+        final = Path(checkpoint).parent.parent / "final_metrics.json"
+        if final.is_file():
+            teacher_loss = json.loads(final.read_text()).get("loss")
+    else:
+        t0 = time.time()
+        result = train(teacher_config(teacher_train, tok_path, work / "teacher", args.teacher_steps, args.seed))
+        checkpoint, teacher_loss = result.checkpoint, result.metrics.get("loss")
+        print(f"teacher trained in {time.time() - t0:.0f}s: {teacher_loss:.4f} loss", flush=True)
 
-    model, tokenizer = load_trained_model(result.checkpoint, device="cpu")
+    model, tokenizer = load_trained_model(checkpoint, device="cpu")
     tok = load_tokenizer(str(tok_path))
     rng = random.Random(args.seed + 1)
     want = args.n_train + args.n_valid
@@ -112,7 +121,7 @@ def main(argv=None) -> int:
         "Made by `.venv/bin/python scripts/make_demo_data.py " + " ".join(sys.argv[1:]) + "`.\n\n"
         f"Teacher: 3 layers, d=96, SFT for {args.teacher_steps} steps on {args.teacher_rows} correct digit-sum "
         "traces (k=2..8; half verbose, a quarter each skip2/skip3); final training loss "
-        f"{result.metrics.get('loss'):.4f}.\n"
+        f"{teacher_loss if teacher_loss is None else round(teacher_loss, 4)}.\n"
         f"Samples at temperature 1 for k={args.k_min}..{args.k_max}: {drawn} drawn, {len(kept)} correct kept "
         f"({args.n_train} train, {args.n_valid} valid); styles {styles}.\n"
         "`teacher_logprobs` has one entry per response token plus one for the end-of-text token.\n"

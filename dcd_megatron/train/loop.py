@@ -87,12 +87,16 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
     from dcd_megatron.model.builder import build_gpt_model, transformer_config
     from dcd_megatron.model.fp8 import check_fp8, current_capability
     from dcd_megatron.runtime import distributed as rt
-    from dcd_megatron.runtime.layout import validate_layout
+    from dcd_megatron.runtime.layout import LayoutError, validate_layout
     from dcd_megatron.tracking import ProgressPrinter, Tracker
     from dcd_megatron.train import checkpoint as ckpt
     from dcd_megatron.train.optim import build_optimizer, build_scheduler
     from dcd_megatron.train.step import make_forward_step
 
+    import yaml
+
+    # The config travels with every checkpoint (meta.json), so a checkpoint is self-describing.
+    config_text = config_text or yaml.safe_dump(to_dict(cfg), sort_keys=False)
     device = rt.resolve_device(cfg.runtime.device)
     has_te = device.type == "cuda" and rt.has_transformer_engine()
     # Everything that can be checked before processes talk to each other is checked here.
@@ -112,6 +116,11 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
         micro_batch_size=cfg.train.micro_batch_size,
         has_te=has_te,
     )
+    if layout.cp > 1 and cfg.data.pack:
+        raise LayoutError(
+            "data.pack=true with parallel.cp > 1 is not supported yet (packed documents would need "
+            "per-document context-parallel splits); set data.pack=false or parallel.cp=1"
+        )
     rt.init_model_parallel(layout, cfg.train.seed)
     g = _groups()
     is_logger = info.rank == 0
@@ -129,6 +138,7 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
     torch.distributed.barrier()
     data = load_trace_data(data_cfg, tokenizer, build=False)
     train_samples, valid_samples = data.train, data.valid
+    _check_teacher_coverage(cfg, data.train_meta)
     num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp)
 
     # ---- model, optimizer, scheduler ---------------------------------------------------
@@ -205,12 +215,12 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
     # ---- tracking ------------------------------------------------------------------------
     tracker = Tracker(cfg.tracking, is_logging_rank=is_logger)
     resolved = to_dict(cfg)
-    tracker.start(resolved, config_text or json.dumps(resolved, indent=1), output_dir)
+    tracker.start(resolved, config_text, output_dir)
     if is_logger:
         print(f"layout tp={layout.tp} pp={layout.pp} cp={layout.cp} dp={layout.dp}, "
               f"{num_microbatches} micro-batches of {cfg.train.micro_batch_size} x {cfg.data.seq_length} tokens; "
               f"{len(train_samples)} training samples; {tracker.describe()}", flush=True)
-    printer = ProgressPrinter(cfg.train.steps, cfg.train.log_interval)
+    printer = ProgressPrinter(cfg.train.steps, cfg.train.log_interval, start_step=start_step)
     metrics_file = output_dir / "metrics.jsonl"
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
     last_metrics: dict = {}
@@ -302,6 +312,21 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
     )
 
 
+def _check_teacher_coverage(cfg: TrainConfig, meta: dict) -> None:
+    """Methods that weight by the teacher need its log-probs on every trace: say so before step 1."""
+    if not cfg.loss.needs_teacher:
+        return
+    from dcd_megatron.data import DataConfigError
+
+    fraction = float(meta.get("has_teacher_logprobs_fraction", 1.0))
+    if fraction < 1.0:
+        raise DataConfigError(
+            f"loss.method={cfg.loss.method} weights tokens by the teacher's log-probs, but only "
+            f"{fraction:.1%} of the kept training rows in {cfg.data.train_path} have `teacher_logprobs`; "
+            "add them with `dcd-score`, drop the rows without them, or use loss.method=sft/student_only"
+        )
+
+
 class StopSignal:
     """SIGTERM/SIGUSR1 (Slurm's warning before a time limit) asks for a checkpoint and a clean stop.
 
@@ -337,7 +362,7 @@ class StopSignal:
 def _save(ckpt, root, step, chunks, optimizer, scheduler, train_iter, cfg, config_text, padded_vocab):
     meta = {
         "consumed_samples": train_iter.consumed_samples,
-        "config": config_text or "",
+        "config": config_text,
         "padded_vocab_size": padded_vocab,
     }
     path = ckpt.save_checkpoint(root, step, chunks, optimizer, scheduler, meta, keep=cfg.train.keep_checkpoints)
