@@ -233,3 +233,27 @@ def test_one_checkpoint_loads_at_tp2_and_pp2(models):
     results = run_ranks(_load_at_other_layouts, 2, cases)
     # PP=2 (untied Llama): both stages hold their share of layers, the embedding and head
     assert results[0]["llama"] > 0 and results[1]["llama"] > 0
+
+
+def test_transformer_engine_names_fold_the_norms_into_the_linears():
+    """The TE-spec mapping (GPU) uses TE's fused-norm names and round-trips like the local one."""
+    from dcd_megatron.convert.tensors import Arch, hf_to_mcore, mcore_to_hf
+
+    arch = Arch(num_layers=2, hidden_size=8, num_heads=4, num_groups=2, head_dim=2, ffn_size=12,
+                vocab_size=10, qkv_bias=True, tied=False)
+    shapes = {"model.embed_tokens.weight": (10, 8), "lm_head.weight": (10, 8), "model.norm.weight": (8,)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (8,), p + "post_attention_layernorm.weight": (8,),
+                       p + "self_attn.q_proj.weight": (8, 8), p + "self_attn.k_proj.weight": (4, 8),
+                       p + "self_attn.v_proj.weight": (4, 8), p + "self_attn.q_proj.bias": (8,),
+                       p + "self_attn.k_proj.bias": (4,), p + "self_attn.v_proj.bias": (4,),
+                       p + "self_attn.o_proj.weight": (8, 8), p + "mlp.gate_proj.weight": (12, 8),
+                       p + "mlp.up_proj.weight": (12, 8), p + "mlp.down_proj.weight": (8, 12)})
+    hf = {k: torch.randn(s) for k, s in shapes.items()}
+    te = dict(hf_to_mcore(arch, hf.__getitem__, padded_vocab=16, fused_norms=True))
+    assert torch.equal(te["decoder.layers.1.self_attention.linear_qkv.layer_norm_weight"], hf["model.layers.1.input_layernorm.weight"])
+    assert torch.equal(te["decoder.layers.0.mlp.linear_fc1.layer_norm_weight"], hf["model.layers.0.post_attention_layernorm.weight"])
+    assert not any("input_layernorm" in k or "pre_mlp_layernorm" in k for k in te)
+    back = dict(mcore_to_hf(arch, te, fused_norms=True))
+    assert sorted(back) == sorted(hf) and all(torch.equal(back[k], hf[k]) for k in hf)

@@ -61,12 +61,11 @@ def convert_hf_to_mcore(
     from megatron.core import dist_checkpointing
 
     from dcd_megatron.configs import to_dict
+    from dcd_megatron.convert.model_io import build_empty_model
     from dcd_megatron.data import load_tokenizer
     from dcd_megatron.model.inference import ensure_single_process_group
     from dcd_megatron.runtime.layout import Layout
     from dcd_megatron.train.checkpoint import META
-
-    from dcd_megatron.convert.model_io import build_empty_model
 
     hf_dir, out = Path(hf_dir).resolve(), Path(out).resolve()
     if out.exists() and not overwrite:

@@ -59,11 +59,10 @@ def convert_mcore_to_hf(
     overwrite: bool = False,
 ) -> ExportResult:
     """Export `checkpoint` (run dir, checkpoints/ or iter dir) as a HF model at `out`."""
+    from dcd_megatron.convert.model_io import load_megatron_model
     from dcd_megatron.data import load_tokenizer
     from dcd_megatron.model.inference import ensure_single_process_group, read_checkpoint_config
     from dcd_megatron.runtime.layout import Layout
-
-    from dcd_megatron.convert.model_io import load_megatron_model
 
     out = Path(out).resolve()
     if out.exists() and not overwrite:
