@@ -197,3 +197,24 @@ def test_two_dp_ranks_write_what_one_writes_and_tp2_matches(setup, tmp_path):
         torch.testing.assert_close(torch.tensor(a["teacher_logprobs"]), torch.tensor(b["teacher_logprobs"]), atol=ATOL, rtol=0)
         assert a["teacher_topk_ids"] == b["teacher_topk_ids"]
         torch.testing.assert_close(torch.tensor(a["teacher_topk_logprobs"]), torch.tensor(b["teacher_topk_logprobs"]), atol=ATOL, rtol=0)
+
+
+def test_vocabulary_check_compares_pieces_not_special_token_roles(setup, tmp_path):
+    import shutil
+
+    from dcd_megatron.data import TokenizerError, load_tokenizer
+    from dcd_megatron.score.vocabulary import check_teacher_vocabulary
+
+    student = load_tokenizer(setup["tok"] / "tokenizer.json")
+    assert check_teacher_vocabulary(student, student) is None
+    instruct = shutil.copytree(setup["tok"], tmp_path / "instruct")  # same tokens, another eos role
+    (instruct / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "<pad>", "pad_token": "<pad>"}))
+    note = check_teacher_vocabulary(student, load_tokenizer(instruct / "tokenizer.json"))
+    assert note and "every token is the same" in note
+    swapped = shutil.copytree(setup["tok"], tmp_path / "swapped")  # same size, two ids exchanged
+    spec = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["0"], vocab["1"] = vocab["1"], vocab["0"]
+    (swapped / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(TokenizerError, match=f"at token id {min(vocab['0'], vocab['1'])}"):
+        check_teacher_vocabulary(student, load_tokenizer(swapped / "tokenizer.json"))

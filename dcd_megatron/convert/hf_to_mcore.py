@@ -103,6 +103,10 @@ def convert_hf_to_mcore(
     missing = sorted(set(params) - filled)
     if missing:
         raise ConvertError(f"internal: no HF tensor mapped to megatron parameters {missing[:5]}")
+    if model.untie_embeddings_and_output_weights is False and "lm_head.weight" in weights.names():
+        # some tied checkpoints also store the (identical) head; it must really be the embedding
+        if not torch.equal(weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")):
+            raise ConvertError("config.json has tie_word_embeddings=true but lm_head.weight differs from the embedding")
     unused = weights.unused()
     if unused:
         raise ConvertError(f"the HF checkpoint has tensors this architecture does not use: {unused[:5]} ...")

@@ -52,7 +52,7 @@ def make_tiny_hf_model(
     else:
         raise ValueError(f"arch must be llama or qwen2, got {arch!r}")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config).float()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -143,17 +143,18 @@ def score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreResult:
     from tqdm import tqdm
 
     from dcd_megatron.convert.model_io import load_megatron_model
-    from dcd_megatron.data import BadRowError, load_tokenizer, require_same_vocabulary
+    from dcd_megatron.data import BadRowError, load_tokenizer
     from dcd_megatron.model.inference import read_checkpoint_config
     from dcd_megatron.runtime import distributed as rt
     from dcd_megatron.runtime.layout import Layout
+    from dcd_megatron.score.vocabulary import check_teacher_vocabulary
 
     t0 = time.time()
     out = Path(cfg.out_dir)
     # ---- checks that need no other process ----------------------------------------------
     student = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type)
     teacher_path, tcfg, tmeta = read_checkpoint_config(Path(cfg.teacher))
-    require_same_vocabulary(student, load_tokenizer(tcfg.data.tokenizer, tcfg.data.tokenizer_type))
+    vocab_note = check_teacher_vocabulary(student, load_tokenizer(tcfg.data.tokenizer, tcfg.data.tokenizer_type))
     vocab = tcfg.model.vocab_size or student.vocab_size
     if cfg.top_k > vocab:
         raise ScoreError(f"top_k={cfg.top_k} exceeds the teacher's vocabulary of {vocab}")
@@ -226,6 +227,8 @@ def score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreResult:
         total=sum(ranges[i][1] - ranges[i][0] for i in todo), unit="row", disable=not (is_main and progress),
         desc=f"scoring (rank 0 of dp={layout.dp})", dynamic_ncols=True,
     )
+    if is_main and vocab_note:
+        print(f"note: {vocab_note}", flush=True)
     if is_main and done_before:
         print(f"resuming: {len(done_before)} of {len(ranges)} shards already scored", flush=True)
     for index in todo:
