@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 from collections import Counter
@@ -23,8 +22,6 @@ from dcd_megatron.configs import to_dict
 from dcd_megatron.score.config import ScoreConfig, ScoreError
 from dcd_megatron.score.rows import RowToScore, ScoringEncoder, plan_batches, teacher_columns
 from dcd_megatron.score import shards as sh
-
-log = logging.getLogger("dcd_megatron.score")
 
 POSITIONS_PER_CHUNK = 4096  # logits rows turned into fp32 at once (bounds memory for big vocabularies)
 
