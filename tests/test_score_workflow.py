@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.dist import free_port
+
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "checkpoints.md"
@@ -39,6 +41,7 @@ def run_documented(argv: list[str], env: dict) -> str:
     elif argv[0] == "dcd-score":
         assert score(argv[1:]) == 0, argv
     elif argv[0] == "dcd-train":
+        env = dict(env, MASTER_PORT=str(free_port()))  # not the port this process's group holds
         proc = subprocess.run([sys.executable, "-m", "dcd_megatron.cli.train", *argv[1:]], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-4000:]
