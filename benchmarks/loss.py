@@ -122,6 +122,7 @@ def _rank(rank, port, args, queue):
                 del x
             results[str(dtype).removeprefix("torch.")] = {
                 "time": {f"{name}_{clock}": statistics.median(v) for (name, clock), v in times.items()},
+                "min": {f"{name}_{clock}": min(v) for (name, clock), v in times.items()},
                 "extra": mem,
                 "logits": base.numel() * base.element_size(),
             }
@@ -175,25 +176,76 @@ def _spawn(args) -> dict:
     return got[0]
 
 
+SWEEP_CHUNKS = (1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24)
+
+
+def chunk_sweep(args) -> dict:
+    """CPU seconds of vocab_parallel_logprobs forward+backward (one shard, no TP) per block size."""
+    from dcd_megatron.loss import vocab_parallel_logprobs
+
+    torch.set_num_threads(args.threads)
+    rows, width = args.seq * args.batch, args.vocab // TP
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, width, (rows,), generator=g)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        base = torch.randn(rows, width, generator=g).to(dtype)
+        times = {c: [] for c in SWEEP_CHUNKS}
+        for rep in range(args.reps + 1):
+            for c in SWEEP_CHUNKS:
+                x = base.clone().requires_grad_()
+                start = time.process_time()
+                value = vocab_parallel_logprobs(x, targets, chunk_elements=c)
+                torch.autograd.grad(value.sum(), x)
+                if rep:
+                    times[c].append(time.process_time() - start)
+                del x, value
+        out[str(dtype).removeprefix("torch.")] = {c: statistics.median(v) for c, v in times.items()}
+    return out
+
+
+def sweep_table(sweep: dict) -> str:
+    lines = ["| logits | " + " | ".join(f"2^{c.bit_length() - 1}" for c in SWEEP_CHUNKS) + " |",
+             "| --- |" + " --- |" * len(SWEEP_CHUNKS)]
+    for dtype, row in sweep.items():
+        lines.append(f"| {dtype} | " + " | ".join(f"{row[c]:.3f}" for c in SWEEP_CHUNKS) + " |")
+    return "\n".join(lines)
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:.0f}"
 
 
 def table(results: dict) -> str:
     lines = [
-        "| logits, allocator | CPU time (s) megatron CE / DCD | CPU time ratio | wall time (s) megatron CE / DCD "
-        "| wall ratio | peak (MiB) megatron CE / DCD | peak ratio | extra over the logits (MiB) megatron CE / DCD |",
+        "| logits, allocator | CPU time (s) megatron CE / DCD | CPU time ratio (of the minima) "
+        "| wall time (s) megatron CE / DCD | wall ratio | peak (MiB) megatron CE / DCD | peak ratio "
+        "| extra over the logits (MiB) megatron CE / DCD |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (allocator, dtype), r in results.items():
-        t, extra, logits = r["time"], r["extra"], r["logits"]
+        t, lo, extra, logits = r["time"], r["min"], r["extra"], r["logits"]
         peak_m, peak_d = logits + extra["megatron"], logits + extra["dcd"]
         lines.append(
-            f"| {dtype}, {allocator} | {t['megatron_cpu']:.3f} / {t['dcd_cpu']:.3f} | {t['dcd_cpu'] / t['megatron_cpu']:.2f}x "
+            f"| {dtype}, {allocator} | {t['megatron_cpu']:.3f} / {t['dcd_cpu']:.3f} "
+            f"| {t['dcd_cpu'] / t['megatron_cpu']:.2f}x ({lo['dcd_cpu'] / lo['megatron_cpu']:.2f}x) "
             f"| {t['megatron_wall']:.3f} / {t['dcd_wall']:.3f} | {t['dcd_wall'] / t['megatron_wall']:.2f}x "
             f"| {_mib(peak_m)} / {_mib(peak_d)} | {peak_d / peak_m:.2f}x "
             f"| {_mib(extra['megatron'])} / {_mib(extra['dcd'])} |"
         )
+    return "\n".join(lines)
+
+
+def verdict(results: dict) -> str:
+    """Which rows meet the targets (DCD <= 1.10x megatron CE in CPU time and in peak memory)."""
+    lines = ["Against the targets (DCD <= 1.10x megatron's CE):"]
+    for (allocator, dtype), r in results.items():
+        t, extra, logits = r["time"], r["extra"], r["logits"]
+        time_ratio = t["dcd_cpu"] / t["megatron_cpu"]
+        peak_ratio = (logits + extra["dcd"]) / (logits + extra["megatron"])
+        ok = lambda x: "met" if x <= 1.10 else "not met"  # noqa: E731
+        lines.append(f"- {dtype}, {allocator}: time {time_ratio:.2f}x ({ok(time_ratio)}), "
+                     f"peak memory {peak_ratio:.2f}x ({ok(peak_ratio)})")
     return "\n".join(lines)
 
 
@@ -208,22 +260,45 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores (`nproc`), {cpu}, torch {torch.__version__}"
 
 
-def section(args, results: dict) -> str:
-    cmd = f"python benchmarks/loss.py --seq {args.seq} --batch {args.batch} --vocab {args.vocab} --reps {args.reps} --threads {args.threads}"
+def section(args, results: dict, sweep: dict | None, load: tuple) -> str:
+    cmd = (f"python benchmarks/loss.py --seq {args.seq} --batch {args.batch} --vocab {args.vocab} "
+           f"--reps {args.reps} --threads {args.threads} --allocator '{args.allocator}'"
+           + ("" if sweep else " --no-sweep"))
+    sweep_text = "" if not sweep else f"""
+Block size of `vocab_parallel_logprobs` (elements per fp32 scratch block, `chunk_elements`):
+CPU seconds of forward+backward on one {args.seq * args.batch}x{args.vocab // TP} shard, no TP,
+glibc default allocator, median of {args.reps} (same command). The fp32 path
+keeps its exponentials in the future gradient buffer, so only its forward uses blocks;
+the bf16 path recomputes in blocks, and small ones stay in cache. `CPU_CHUNK_ELEMENTS` is
+the CPU default.
+
+{sweep_table(sweep)}
+"""
     return f"""{SECTION}
 
 Forward+backward of the DCD loss function (`sigmoid` weights, report included) against
 megatron-core's `vocab_parallel_cross_entropy` (summed), TP={TP} over gloo, each rank holding
 a {args.seq}x{args.batch}x{args.vocab // TP} logits shard (s x b x V/tp, V={args.vocab}); median of
-{args.reps} interleaved repetitions after one warm-up, rank 0. Peak = logits shard + the peak
+{args.reps} interleaved repetitions after one warm-up (the ratio of the fastest repetitions in
+brackets: other jobs only ever add time), rank 0. Peak = logits shard + the peak
 of torch's allocations during the call (torch.profiler memory events, same accounting for
 both); the last column is that extra alone.
 
-Machine: {machine()}, {args.threads} thread(s) per rank.
+Machine: {machine()}, {args.threads} thread(s) per rank; the machine is shared, load
+average {load[0]:.1f} before and {load[1]:.1f} after the run (`os.getloadavg`), so CPU time
+(`time.process_time` of the rank: user + system, including page faults) is the measure to
+read; wall time includes waiting for the CPU and for the other rank.
 Command: `{cmd}` (`make bench-loss`).
 
 {table(results)}
 
+{verdict(results)}
+
+"glibc default" hands large frees back to the OS, so every large buffer is fresh pages
+that fault on first touch (system time, counted in CPU time); "caching"
+(`MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_` raised) keeps freed memory for reuse, as
+PyTorch's CUDA caching allocator does on a GPU.
+{sweep_text}
 Why the ratios are what they are: megatron's CE works in place. With fp32 logits it
 overwrites its input (exp, then the softmax, then the gradient, all in the logits buffer),
 so it allocates almost nothing; the DCD log-probs must leave the logits intact (the loss
@@ -232,7 +307,10 @@ logits-sized buffer: about 2x the logits at peak is the floor for any non-destru
 implementation. With bf16 logits megatron keeps an fp32 copy (2x the bf16 bytes) for
 backward and returns an fp32 gradient that autograd casts to bf16; the DCD function saves
 only the per-row log-sum-exp, recomputes the softmax in blocks of rows (fp32 temporaries
-of at most `DEFAULT_CHUNK_ELEMENTS` elements) and writes the bf16 gradient directly.
+of `CPU_CHUNK_ELEMENTS` / `GPU_CHUNK_ELEMENTS` elements) and writes the bf16 gradient
+directly. For fp32 logits the DCD function keeps `exp(x - max)` in the buffer that becomes
+the gradient, so it computes the exponentials once, like megatron; what it adds over
+megatron is that buffer's allocation (page faults on CPU with the default allocator).
 """
 
 
@@ -253,17 +331,25 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--allocator", choices=[*ALLOCATORS, "both"], default="both")
     parser.add_argument("--chunk-elements", type=int, default=0, help="override DEFAULT_CHUNK_ELEMENTS (0 = keep)")
+    parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time vocab_parallel_logprobs per block size")
     parser.add_argument("--write", type=Path, help="rewrite the loss section of this markdown file")
     args = parser.parse_args(argv)
     if args.vocab % TP:
         parser.error(f"--vocab must be divisible by TP={TP}")
+    load_before = os.getloadavg()[0]
     results = {}
     for allocator in ALLOCATORS if args.allocator == "both" else [args.allocator]:
         for dtype, r in run(args, allocator).items():
             results[(allocator, dtype)] = r
     print(table(results))
+    sweep = None
+    if args.sweep:
+        sweep = chunk_sweep(args)
+        print(sweep_table(sweep))
+    load = (load_before, os.getloadavg()[0])
     if args.write:
-        write_section(args.write, section(args, results))
+        write_section(args.write, section(args, results, sweep, load))
         print(f"wrote the '{SECTION}' section of {args.write}")
     return 0
 

@@ -16,7 +16,7 @@ from dcd_megatron.loss import DCDConfig, dcd_weights, make_loss_func, normalize_
 from dcd_megatron.loss.cp_layout import split_for_rank
 from tests.dist import run_ranks
 
-pytestmark = pytest.mark.megatron
+pytestmark = [pytest.mark.megatron, pytest.mark.timeout(900)]  # 4 ranks on a shared 2-core box
 
 WORLD = 4
 VOCAB = 4 * 251  # divisible by TP=4, odd per shard
@@ -250,7 +250,7 @@ def _rank_main(rank, world_size):
 
 @pytest.fixture(scope="module")
 def results():
-    return run_ranks(_rank_main, WORLD, timeout=400)
+    return run_ranks(_rank_main, WORLD, timeout=840)
 
 
 # ----------------------------------------------------------------------------- assertions

@@ -15,7 +15,7 @@ import torch
 from dcd_megatron.loss import DCDConfig, make_loss_func
 from tests.dist import run_ranks
 
-pytestmark = [pytest.mark.megatron, pytest.mark.slow]
+pytestmark = [pytest.mark.megatron, pytest.mark.slow, pytest.mark.timeout(900)]
 
 VOCAB, SEQ, MICRO_ROWS, MICRO = 64, 16, 2, 3
 LAYERS, HIDDEN, HEADS, GROUPS, FFN = 2, 32, 4, 2, 48
@@ -151,7 +151,7 @@ def _rank_main(rank, world_size):
 
 
 def test_tp2_pp2_step_matches_single_process():
-    results = run_ranks(_rank_main, 4, timeout=400)
+    results = run_ranks(_rank_main, 4, timeout=840)
     reference = results[0]["reference"]
     seen = set()
     for r in results:
