@@ -61,9 +61,8 @@ def convert_hf_to_mcore(
     from megatron.core import dist_checkpointing
 
     from dcd_megatron.configs import to_dict
-    from dcd_megatron.convert.model_io import build_empty_model
+    from dcd_megatron.convert.model_io import build_empty_model, single_process_group
     from dcd_megatron.data import load_tokenizer
-    from dcd_megatron.model.inference import ensure_single_process_group
     from dcd_megatron.runtime.layout import Layout
     from dcd_megatron.train.checkpoint import META
 
@@ -84,7 +83,7 @@ def convert_hf_to_mcore(
     weights = HFWeights(hf_dir)
 
     device = torch.device("cpu")
-    ensure_single_process_group(device)
+    single_process_group(device)
     padded = model.padded_vocab_size(model.vocab_size, 1)
     module = build_empty_model(model, padded_vocab=padded, layout=Layout(1, 1, 1, 1), device=device)
     params = dict(module.named_parameters())

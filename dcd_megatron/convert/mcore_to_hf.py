@@ -59,9 +59,9 @@ def convert_mcore_to_hf(
     overwrite: bool = False,
 ) -> ExportResult:
     """Export `checkpoint` (run dir, checkpoints/ or iter dir) as a HF model at `out`."""
-    from dcd_megatron.convert.model_io import load_megatron_model
+    from dcd_megatron.convert.model_io import load_megatron_model, single_process_group
     from dcd_megatron.data import load_tokenizer
-    from dcd_megatron.model.inference import ensure_single_process_group, read_checkpoint_config
+    from dcd_megatron.model.inference import read_checkpoint_config
     from dcd_megatron.runtime.layout import Layout
 
     out = Path(out).resolve()
@@ -80,7 +80,7 @@ def convert_mcore_to_hf(
     hf_cfg = hf_config_from_model(model_cfg, dtype=dtype, template=template, special_ids=special)
 
     device = torch.device("cpu")
-    ensure_single_process_group(device)
+    single_process_group(device)
     module, _, _, _ = load_megatron_model(path, layout=Layout(1, 1, 1, 1), device=device)
     state = {name: p.detach() for name, p in module.named_parameters()}
     tensors = {name: t.to(_TORCH[dtype]).contiguous() for name, t in mcore_to_hf(Arch.from_model_config(model_cfg), state)}

@@ -6,12 +6,41 @@ billions of parameters) is skipped. Parallel state must already be set up for `l
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from dcd_megatron.model.config import ModelConfig
 from dcd_megatron.runtime.layout import Layout
+
+
+@contextmanager
+def unchanged_master_env() -> Iterator[None]:
+    """Undo MASTER_ADDR/PORT changes made while a one-process group starts.
+
+    The group keeps its port; subprocesses started later (which copy os.environ) must not be
+    told to rendezvous on it.
+    """
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def single_process_group(device: torch.device) -> None:
+    """A one-rank process group and TP=1 parallel state (unless one exists), env left as it was."""
+    from dcd_megatron.model.inference import ensure_single_process_group
+
+    with unchanged_master_env():
+        ensure_single_process_group(device)
 
 
 def build_empty_model(model: ModelConfig, *, padded_vocab: int, layout: Layout, device: torch.device, use_te: bool = False):

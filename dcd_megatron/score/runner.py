@@ -139,7 +139,7 @@ def score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreResult:
     from megatron.core import parallel_state as ps
     from tqdm import tqdm
 
-    from dcd_megatron.convert.model_io import load_megatron_model
+    from dcd_megatron.convert.model_io import load_megatron_model, unchanged_master_env
     from dcd_megatron.data import BadRowError, load_tokenizer
     from dcd_megatron.model.inference import read_checkpoint_config
     from dcd_megatron.runtime import distributed as rt
@@ -167,9 +167,10 @@ def score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreResult:
 
     # ---- processes and layout ------------------------------------------------------------
     device = rt.resolve_device(cfg.device)
-    if rt.process_info().world_size == 1 and not torch.distributed.is_initialized():
-        os.environ["MASTER_PORT"] = str(_free_port())  # one process: never collide with another job's port
-    info = rt.init_process_group(device)
+    with unchanged_master_env():
+        if rt.process_info().world_size == 1 and not torch.distributed.is_initialized():
+            os.environ["MASTER_PORT"] = str(_free_port())  # one process: never collide with another job's port
+        info = rt.init_process_group(device)
     if info.world_size % cfg.tp:
         raise ScoreError(f"tp={cfg.tp} must divide the world size {info.world_size}")
     if device.type == "cpu":
