@@ -288,7 +288,7 @@ Machine: {machine()}, {args.threads} thread(s) per rank; the machine is shared, 
 average {load[0]:.1f} before and {load[1]:.1f} after the run (`os.getloadavg`), so CPU time
 (`time.process_time` of the rank: user + system, including page faults) is the measure to
 read; wall time includes waiting for the CPU and for the other rank.
-Command: `{cmd}` (`make bench-loss`).
+Command: `{cmd}`; `make bench-loss` reruns it with the default options and rewrites this section.
 
 {table(results)}
 
