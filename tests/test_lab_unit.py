@@ -16,7 +16,7 @@ from dcd_megatron.lab.config import LabConfig, LabConfigError, NetConfig, tiny_l
 from dcd_megatron.lab.evaluate import BRANCH_POSITION, token_batch, weights_by_style
 from dcd_megatron.lab.kv_model import KVCachedGPT
 from dcd_megatron.lab.sampling import sample_and_score
-from dcd_megatron.lab.stats import binomial_se, summarize, verdict
+from dcd_megatron.lab.stats import binomial_se, idle_wall_estimate, list_schedule, summarize, verdict
 from dcd_megatron.loss import DCDConfig
 
 
@@ -250,6 +250,13 @@ def _record(arm, seed, acc_by_k, n=100):
     }
 
 
+def test_idle_estimate_replays_cpu_times_stage_by_stage():
+    assert list_schedule([4, 3, 3, 2], 2) == 6  # 4+2 | 3+3
+    assert list_schedule([5], 2) == 5 and list_schedule([], 2) == 0
+    cpu = {"main_s": 1, "worker_init_s": 2, "teacher_s": 10, "priors_s": [4, 4], "sampling_s": 3, "jobs_s": [5, 5, 5]}
+    assert idle_wall_estimate(cpu, 2) == 1 + 2 + 10 + 3 + 10
+
+
 def test_binomial_se_and_verdict():
     assert binomial_se(100, 200) == pytest.approx(math.sqrt(0.25 / 200))
     assert binomial_se(0, 0) == 0.0
@@ -281,11 +288,11 @@ def test_report_renders_every_arm_and_small_plots(tmp_path):
     from dcd_megatron.lab.report import write_report
 
     cfg = tiny_lab_config(str(tmp_path / "out"))
-    ks = [3, 4, 5]
+    ks = [*cfg.eval.known_k, *cfg.eval.new_k, *cfg.eval.longer_k]
     recs = []
     for arm in cfg.arms:
         for seed in cfg.seeds:
-            rec = _record(arm, seed, {3: 0.5 + 0.1 * seed, 4: 0.3, 5: 0.1}, n=8)
+            rec = _record(arm, seed, dict(zip(ks, (0.5 + 0.1 * seed, 0.3, 0.1))), n=8)
             rec["weights_final"] = rec["weights_init"] = {"verbose": {"mean": 1.2, "branch": 1.5, "log_ratio_branch": 0.1}}
             rec["series"] = {"step": [1, 2], "ce": [1.0, 0.8], "ess": [1.0, 0.9]}
             rec["exposure"].update(max_len=12, prompts=6)
@@ -294,13 +301,17 @@ def test_report_renders_every_arm_and_small_plots(tmp_path):
     results = {"lab_id": "test", "config": to_dict(cfg), "records": recs, "references": {"teacher": ref, "prior-seed1": ref},
                "trace_styles": {"verbose": 3}, "sampling": {"drawn": 5, "dropped": {"wrong": 2}},
                "timing": {"total_s": 60.0, "cpus": 2, "workers": 2, "threads_per_worker": 1,
-                          "load_before": [0.1, 0, 0], "load_after": [0.2, 0, 0], "stages_s": {"teacher trained": 5.0}},
+                          "load_before": [0.1, 0, 0], "load_after": [0.2, 0, 0], "stages_s": {"teacher trained": 5.0},
+                          "cpu": {"main_s": 6.0, "workers_total_s": 54.0}, "idle_estimate_s": 42.0},
+               "teacher": {"checkpoint": "/x/teacher", "reused": True},
                "command": "python benchmarks/drift_lab.py --tiny"}
     path = write_report(results, tmp_path / "docs" / "results.md")
     text = path.read_text()
     for arm in cfg.arms:
         assert f"| {arm} |" in text
     assert "python benchmarks/drift_lab.py --tiny" in text
+    assert "not a fresh run" in text and "`/x/teacher`" in text  # a reused teacher is declared
+    assert "1.0 CPU-minutes" in text and "**0.7 min**" in text
     pngs = list((tmp_path / "docs" / "img").glob("*.png"))
     assert len(pngs) == 4 and all(0 < p.stat().st_size < 200_000 for p in pngs)
     for p in pngs:

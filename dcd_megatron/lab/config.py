@@ -73,10 +73,13 @@ class TeacherConfig:
 
     net: NetConfig = field(default_factory=lambda: NetConfig(3, 96, 4, 2, 256))
     train: StageConfig = field(default_factory=lambda: StageConfig(
-        steps=1000, global_batch_size=32, micro_batch_size=16, lr=3e-3, min_lr=1e-4, warmup_steps=30))
+        steps=1000, global_batch_size=16, micro_batch_size=16, lr=3e-3, min_lr=1e-4, warmup_steps=30))
     rows: int = 16000
-    k: list[int] = field(default_factory=lambda: [2, 12])
+    k: list[int] = field(default_factory=lambda: [2, 10])
     styles: dict[str, float] = field(default_factory=lambda: {"verbose": 0.5, "skip2": 0.25, "skip3": 0.25})
+    # reuse a teacher trained by an earlier lab run with the same data settings (for iterating on
+    # arms); the report then says the run was not fresh. None: train one.
+    checkpoint: str | None = None
 
 
 @dataclass
@@ -92,9 +95,9 @@ class TracesConfig:
 class StudentConfig:
     """The student: its prior is SFT on a narrow distribution (one style, short problems)."""
 
-    net: NetConfig = field(default_factory=lambda: NetConfig(2, 64, 4, 2, 192))
+    net: NetConfig = field(default_factory=lambda: NetConfig(2, 96, 4, 2, 256))
     prior_train: StageConfig = field(default_factory=lambda: StageConfig(
-        steps=300, global_batch_size=32, micro_batch_size=16, lr=3e-3, min_lr=1e-4, warmup_steps=20))
+        steps=400, global_batch_size=16, micro_batch_size=16, lr=3e-3, min_lr=1e-4, warmup_steps=20))
     prior_rows: int = 6000
     prior_k: list[int] = field(default_factory=lambda: [2, 6])
     prior_style: str = "verbose"
@@ -128,7 +131,7 @@ class LabConfig:
     traces: TracesConfig = field(default_factory=TracesConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: StageConfig = field(default_factory=lambda: StageConfig(
-        steps=300, global_batch_size=32, micro_batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=10))
+        steps=200, global_batch_size=16, micro_batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=10))
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: bool = True
@@ -192,20 +195,21 @@ def trace_tokens(k: int) -> int:
 
 def tiny_lab_config(out_dir: str) -> LabConfig:
     """A miniature that exercises every stage in about a minute (the end-to-end test's lab)."""
-    tiny_stage = dict(global_batch_size=8, micro_batch_size=8, lr=3e-3, min_lr=1e-4, warmup_steps=2)
+    stage = dict(lr=3e-3, min_lr=1e-4, warmup_steps=2)
     return LabConfig(
         out_dir=out_dir,
         seeds=[1, 2],
         workers=2,
         seq_length=64,
-        teacher=TeacherConfig(net=NetConfig(2, 32, 4, 2, 64), train=StageConfig(steps=12, **tiny_stage),
-                              rows=200, k=[2, 5]),
-        traces=TracesConfig(k=[2, 4], count=24),
-        student=StudentConfig(net=NetConfig(1, 32, 4, 2, 64), prior_train=StageConfig(steps=6, **tiny_stage),
-                              prior_rows=100, prior_k=[2, 3], prior_per_seed=False),
-        distill=StageConfig(steps=4, **tiny_stage),
+        teacher=TeacherConfig(net=NetConfig(2, 32, 4, 2, 64), rows=400, k=[2, 4],
+                              train=StageConfig(steps=60, global_batch_size=8, micro_batch_size=8,
+                                                lr=1e-2, min_lr=1e-3, warmup_steps=5)),
+        traces=TracesConfig(k=[2, 3], count=16),
+        student=StudentConfig(net=NetConfig(1, 32, 4, 2, 64), prior_rows=100, prior_k=[2, 2], prior_per_seed=False,
+                              prior_train=StageConfig(steps=6, global_batch_size=8, micro_batch_size=8, **stage)),
+        distill=StageConfig(steps=4, global_batch_size=2, micro_batch_size=2, **stage),
         arms=["sft", "sigmoid_sharp", "prefix"],
-        eval=EvalConfig(known_k=[3], new_k=[4], longer_k=[5], problems=8, exposure_k=[4], exposure_prompts=6,
+        eval=EvalConfig(known_k=[2], new_k=[3], longer_k=[4], problems=8, exposure_k=[3], exposure_prompts=6,
                         exposure_max_len=12, weight_traces_per_style=3, batch_size=16),
         experiment="dcd-drift-lab-test",
     )

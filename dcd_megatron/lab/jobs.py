@@ -73,8 +73,12 @@ def train_config(spec: TrainSpec):
 
 # ---- worker plumbing --------------------------------------------------------------------------
 
+_INIT_CPU_S = 0.0  # CPU seconds this worker spent starting (imports, process group)
+
+
 def worker_init(threads: int) -> None:
     """ProcessPoolExecutor initializer: thread count, then a one-rank gloo group with megatron state."""
+    global _INIT_CPU_S
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -83,6 +87,7 @@ def worker_init(threads: int) -> None:
     from dcd_megatron.model.inference import ensure_single_process_group
 
     ensure_single_process_group(torch.device("cpu"))
+    _INIT_CPU_S = time.process_time()
 
 
 _MODELS: dict[str, tuple] = {}
@@ -120,7 +125,7 @@ def train_job(spec: TrainSpec) -> dict:
     from dcd_megatron.configs import to_dict
     from dcd_megatron.train.loop import train
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cfg = train_config(spec)
     # the checkpoint keeps the config text: load_trained_model rebuilds the model from it
     result = train(cfg, config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -128,6 +133,8 @@ def train_job(spec: TrainSpec) -> dict:
         "name": spec.name,
         "checkpoint": str(result.checkpoint),
         "seconds": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,
+        "worker_init_cpu_s": _INIT_CPU_S,
         "final": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
     }
 
@@ -136,8 +143,10 @@ def eval_model_job(checkpoint: str, problems: dict[int, list[str]], batch_size: 
     """Greedy accuracy of a reference model (the teacher or a prior) on the held-out problems."""
     from dcd_megatron.lab.evaluate import greedy_accuracy
 
+    c0 = time.process_time()
     model, tok, diff = load_kv(checkpoint)
-    return {"accuracy": greedy_accuracy(model, tok, problems, batch_size=batch_size), "kv_max_abs_diff": diff}
+    accuracy = greedy_accuracy(model, tok, problems, batch_size=batch_size)
+    return {"accuracy": accuracy, "kv_max_abs_diff": diff, "cpu_s": time.process_time() - c0}
 
 
 @dataclass
@@ -158,7 +167,7 @@ def sample_job(spec: SampleSpec) -> dict:
     from dcd_megatron.lab.evaluate import prompt_ids
     from dcd_megatron.lab.sampling import sample_and_score
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model, tok, kv_diff = load_kv(spec.teacher)
     prompts = [prompt_ids(tok, d) for d in spec.digits]
     longest = max(len(d) for d in spec.digits)
@@ -180,7 +189,7 @@ def sample_job(spec: SampleSpec) -> dict:
                      "teacher_logprobs": [round(x, 6) for x in lps],
                      "answer": str(sum(int(c) for c in digits)), "style": task.style_of(response)})
     return {"rows": kept, "drawn": len(spec.digits), "dropped": dropped,
-            "seconds": time.perf_counter() - t0, "kv_max_abs_diff": kv_diff}
+            "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "kv_max_abs_diff": kv_diff}
 
 
 @dataclass
@@ -206,8 +215,9 @@ def distill_job(spec: DistillSpec) -> dict:
     record: dict = {"arm": spec.arm, "seed": spec.train.seed}
     trained = train_job(spec.train)
     record["train_seconds"] = trained["seconds"]
+    record["train_cpu_s"] = trained["cpu_s"]
     record["final"] = trained["final"]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     student, tok, diff = load_kv(trained["checkpoint"])
     teacher, _, _ = load_kv(spec.teacher)
     prior, _, _ = load_kv(spec.prior)
@@ -220,6 +230,7 @@ def distill_job(spec: DistillSpec) -> dict:
     record["weights_final"] = ev.weights_by_style(student, tok, spec.weight_rows, loss, step=spec.train.stage.steps)
     record["series"] = metric_series(Path(spec.train.output_dir) / "metrics.jsonl")
     record["eval_seconds"] = time.perf_counter() - t0
+    record["eval_cpu_s"] = time.process_time() - c0
     _MODELS.pop(trained["checkpoint"], None)
     if spec.train.tracking_uri:
         record["mlflow_run_id"] = log_evaluation(spec, record)

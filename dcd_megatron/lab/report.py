@@ -35,6 +35,16 @@ def _acc_row(acc: dict, ks: list[int]) -> str:
     return " | ".join(_pct(acc[str(k)]["correct"] / acc[str(k)]["n"]) if str(k) in acc else "n/a" for k in ks)
 
 
+def _cpu_sentence(timing: dict) -> str:
+    cpu = timing.get("cpu")
+    if not cpu:
+        return ""
+    total = cpu["main_s"] + cpu["workers_total_s"]
+    return (f" The lab's processes used {total / 60:.1f} CPU-minutes in all; replaying each job's CPU time "
+            f"on {timing['workers']} otherwise idle cores (`stats.idle_wall_estimate`: stages in sequence, "
+            f"jobs list-scheduled) gives **{timing['idle_estimate_s'] / 60:.1f} min**.")
+
+
 def _groups(results: dict) -> dict[str, list[int]]:
     ev = results["config"]["eval"]
     return {"known": ev["known_k"], "new": ev["new_k"], "longer": ev["longer_k"]}
@@ -60,12 +70,16 @@ def render(results: dict, img_dir: Path, img_rel: str) -> str:
         "",
         f"    {results.get('command', 'python benchmarks/drift_lab.py')}",
         "",
-        f"Lab id `{results['lab_id']}`: a fresh run from an empty output directory (nothing cached between",
-        f"invocations). Wall time **{timing['total_s'] / 60:.1f} min** on {timing['cpus']} CPU cores "
+        (f"Lab id `{results['lab_id']}`: a fresh run from an empty output directory (nothing cached between "
+         "invocations)." if not results["teacher"].get("reused") else
+         f"Lab id `{results['lab_id']}`: **not a fresh run**: the teacher was reused from "
+         f"`{results['teacher']['checkpoint']}` (teacher.checkpoint), so its training time is not included.")
+        + f" Wall time **{timing['total_s'] / 60:.1f} min** on {timing['cpus']} CPU cores "
         f"({timing['workers']} worker processes x {timing['threads_per_worker']} thread); load average "
         f"{timing['load_before'][0]:.1f} at the start, {timing['load_after'][0]:.1f} at the end "
-        "(above ~0.5 means other work shared the cores and the time is pessimistic). Stage end times: "
-        + ", ".join(f"{name} {sec:.0f} s" for name, sec in timing["stages_s"].items()) + ".",
+        "(above ~1 means other work shared the cores and the wall time is pessimistic). Stage end times: "
+        + ", ".join(f"{name} {sec:.0f} s" for name, sec in timing["stages_s"].items()) + "."
+        + _cpu_sentence(timing),
         "What the lab is and how to read it: [drift-lab.md](drift-lab.md). "
         f"MLflow: experiment `{cfg['experiment']}`, one run per arm x seed (tag `lab.id={results['lab_id']}`).",
         "",

@@ -26,6 +26,7 @@ from dcd_megatron.lab import data as labdata
 from dcd_megatron.lab import task
 from dcd_megatron.lab.arms import arm_loss
 from dcd_megatron.lab.config import LabConfig, tiny_lab_config
+from dcd_megatron.lab.stats import idle_wall_estimate
 from dcd_megatron.lab.jobs import (
     DistillSpec,
     SampleSpec,
@@ -86,7 +87,11 @@ def run_lab(cfg: LabConfig) -> dict:
     """Run every stage; return the results record (also written to `<out_dir>/results.json`)."""
     clock = Stopwatch()
     load_before = os.getloadavg()
+    main_cpu0 = time.process_time()
     out = Path(cfg.out_dir).resolve()
+    if cfg.teacher.checkpoint and Path(cfg.teacher.checkpoint).resolve().is_relative_to(out):
+        raise LabError(f"teacher.checkpoint={cfg.teacher.checkpoint} lies inside the output directory {out}, "
+                       "which every run empties first: copy it elsewhere or pick another --out")
     prepare_out_dir(out)
     data_dir = out / "data"
     tok_path = task.build_tokenizer(out / "tokenizer")
@@ -119,13 +124,20 @@ def run_lab(cfg: LabConfig) -> dict:
                                initargs=(threads,))
     try:
         # ---- teacher and prior(s), side by side ------------------------------------------------
-        teacher_f = pool.submit(train_job, spec("teacher", cfg.teacher.net, cfg.teacher.train, teacher_path,
-                                                cfg.data_seed + 1000, "teacher"))
+        teacher_f = None
+        if cfg.teacher.checkpoint is None:
+            teacher_f = pool.submit(train_job, spec("teacher", cfg.teacher.net, cfg.teacher.train, teacher_path,
+                                                    cfg.data_seed + 1000, "teacher"))
         prior_fs = {s: pool.submit(train_job, spec(f"prior-seed{s}", cfg.student.net, cfg.student.prior_train,
                                                    prior_path, s, f"prior-seed{s}"))
                     for s in prior_seeds}
-        teacher = _result(teacher_f, "teacher training")
-        clock.mark("teacher trained")
+        if teacher_f is None:
+            teacher = {"name": "teacher", "checkpoint": cfg.teacher.checkpoint, "seconds": 0.0, "cpu_s": 0.0,
+                       "final": {}, "reused": True}
+            clock.mark(f"teacher reused from {cfg.teacher.checkpoint}")
+        else:
+            teacher = _result(teacher_f, "teacher training")
+            clock.mark("teacher trained")
 
         # ---- teacher traces ------------------------------------------------------------------
         traces, sampling = sample_traces(pool, cfg, teacher["checkpoint"], exclude, rng)
@@ -169,6 +181,20 @@ def run_lab(cfg: LabConfig) -> dict:
         clock.mark("all arms distilled and evaluated")
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers, reaped by shutdown
+    cpu = {
+        "main_s": time.process_time() - main_cpu0,
+        "workers_total_s": children.ru_utime + children.ru_stime,
+        "worker_init_s": max([p.get("worker_init_cpu_s", 0.0) for p in priors.values()]
+                             + [teacher.get("worker_init_cpu_s", 0.0)]),
+        "teacher_s": teacher["cpu_s"],
+        "priors_s": [p["cpu_s"] for p in priors.values()],
+        "sampling_s": sampling["cpu_s"],
+        "jobs_s": [r["cpu_s"] for r in references.values()]
+        + [r["train_cpu_s"] + r["eval_cpu_s"] for r in records],
+    }
 
     results = {
         "lab_id": lab_id,
@@ -182,7 +208,8 @@ def run_lab(cfg: LabConfig) -> dict:
         "records": records,
         "timing": {"stages_s": clock.marks, "total_s": time.perf_counter() - clock.t0,
                    "load_before": load_before, "load_after": os.getloadavg(), "cpus": os.cpu_count(),
-                   "workers": cfg.workers, "threads_per_worker": threads},
+                   "workers": cfg.workers, "threads_per_worker": threads,
+                   "cpu": cpu, "idle_estimate_s": idle_wall_estimate(cpu, cfg.workers)},
     }
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
     return results
@@ -191,7 +218,7 @@ def run_lab(cfg: LabConfig) -> dict:
 def sample_traces(pool, cfg: LabConfig, teacher_ckpt: str, exclude: set[str], rng: random.Random):
     """Correct teacher samples until `traces.count` are kept (at most four rounds), in shards per worker."""
     kept: list[dict] = []
-    stats = {"drawn": 0, "dropped": {}, "rounds": 0, "seconds": 0.0, "kv_max_abs_diff": 0.0}
+    stats = {"drawn": 0, "dropped": {}, "rounds": 0, "seconds": 0.0, "cpu_s": 0.0, "kv_max_abs_diff": 0.0}
     rate = 0.85
     while len(kept) < cfg.traces.count and stats["rounds"] < 4:
         need = cfg.traces.count - len(kept)
@@ -200,17 +227,19 @@ def sample_traces(pool, cfg: LabConfig, teacher_ckpt: str, exclude: set[str], rn
         fs = [pool.submit(sample_job, SampleSpec(teacher_ckpt, shard, seed=1000 * stats["rounds"] + i,
                                                  temperature=cfg.traces.temperature, batch_size=cfg.eval.batch_size))
               for i, shard in enumerate(shards) if shard]
-        got = 0
+        got, round_cpu = 0, 0.0
         for f in fs:
             res = _result(f, "teacher sampling")
             kept += res["rows"]
             got += len(res["rows"])
             stats["drawn"] += res["drawn"]
             stats["seconds"] = max(stats["seconds"], res["seconds"])
+            round_cpu = max(round_cpu, res["cpu_s"])
             stats["kv_max_abs_diff"] = max(stats["kv_max_abs_diff"], res["kv_max_abs_diff"])
             for k, v in res["dropped"].items():
                 stats["dropped"][k] = stats["dropped"].get(k, 0) + v
         stats["rounds"] += 1
+        stats["cpu_s"] += round_cpu  # shards run side by side: a round costs its slowest shard
         rate = max(got / max(len(digits), 1), 0.05)
     if not kept:
         raise LabError("the teacher produced no correct trace: train it longer (teacher.train.steps)")

@@ -113,3 +113,26 @@ def summarize(records: list[dict], arms: list[str], groups: dict[str, list[int]]
         )
         out[arm] = entry
     return out
+
+
+def list_schedule(durations: list[float], workers: int) -> float:
+    """Makespan of running jobs in the given order, each on the first free of `workers` workers."""
+    free = [0.0] * max(1, workers)
+    for d in durations:
+        i = free.index(min(free))
+        free[i] += d
+    return max(free)
+
+
+def idle_wall_estimate(cpu: dict, workers: int) -> float:
+    """Wall time the lab would take on `workers` otherwise idle cores, from each job's CPU seconds.
+
+    Stages run one after another (conservative: the priors' overlap with sampling is ignored);
+    inside a stage the jobs are list-scheduled in submission order. `cpu` holds `main_s`,
+    `worker_init_s`, `teacher_s`, `priors_s` (list), `sampling_s` and `jobs_s` (list: references
+    and arms).
+    """
+    return (cpu["main_s"] + cpu["worker_init_s"]
+            + list_schedule([cpu["teacher_s"], *cpu["priors_s"]], workers)
+            + cpu["sampling_s"]
+            + list_schedule(cpu["jobs_s"], workers))
