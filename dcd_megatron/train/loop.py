@@ -56,7 +56,10 @@ def _groups():
         "dp_rank": ps.get_data_parallel_rank(),
         "cp_rank": ps.get_context_parallel_rank(),
         "tp_rank": ps.get_tensor_model_parallel_rank(),
-        "last_stage_rank0": ps.get_pipeline_model_parallel_last_rank(),
+        # One source all ranks agree on: the last global rank sits on the last pipeline stage
+        # (megatron's default rank order puts pp outermost; Megatron-LM logs from it too).
+        # get_pipeline_model_parallel_last_rank() differs per PP group and deadlocks at DP > 1.
+        "last_stage_rank0": torch.distributed.get_world_size() - 1,
     }
 
 
