@@ -104,6 +104,8 @@ def main(argv=None) -> int:
             response = tok.decode(ids[:-1])
             if tok.encode(response) != ids[:-1] or not task.is_correct(digits, response):
                 continue
+            if task.first_error(digits, response) is not None:  # right answer, wrong steps
+                continue
             kept.append({
                 "prompt": task.make_prompt(digits),
                 "response": response,
@@ -122,7 +124,8 @@ def main(argv=None) -> int:
         f"Teacher: 3 layers, d=96, SFT for {args.teacher_steps} steps on {args.teacher_rows} correct digit-sum "
         "traces (k=2..8; half verbose, a quarter each skip2/skip3); final training loss "
         f"{teacher_loss if teacher_loss is None else round(teacher_loss, 4)}.\n"
-        f"Samples at temperature 1 for k={args.k_min}..{args.k_max}: {drawn} drawn, {len(kept)} correct kept "
+        f"Samples at temperature 1 for k={args.k_min}..{args.k_max}: {drawn} drawn, {len(kept)} kept whose every step "
+        "and answer are right "
         f"({args.n_train} train, {args.n_valid} valid); styles {styles}.\n"
         "`teacher_logprobs` has one entry per response token plus one for the end-of-text token.\n"
     )
