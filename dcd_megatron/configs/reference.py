@@ -93,3 +93,37 @@ def reference_markdown(cls) -> str:
             out += ["", f"#### `{head}`", "", "| key | default | type | meaning |", "| --- | --- | --- | --- |"]
         out.append(f"| `{key}` | {default} | {tp} | {doc} |")
     return "\n".join(out).strip() + "\n"
+
+
+START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def with_reference(text: str, table: str) -> str:
+    """`text` with the block between the START/END markers replaced by `table`."""
+    if START not in text or END not in text:
+        raise ValueError(f"the file has no {START} ... {END} block")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{table}{END}{tail}"
+
+
+def main(argv=None) -> int:
+    import argparse
+    from pathlib import Path
+
+    from dcd_megatron.train.config import TrainConfig
+
+    parser = argparse.ArgumentParser(description="Print (or write into a file's marked block) the config reference.")
+    parser.add_argument("--write", help="a markdown file with the config-reference markers, e.g. README.md")
+    args = parser.parse_args(argv)
+    table = reference_markdown(TrainConfig)
+    if args.write:
+        path = Path(args.write)
+        path.write_text(with_reference(path.read_text(), table))
+    else:
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

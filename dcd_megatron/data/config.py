@@ -22,30 +22,30 @@ class DataConfig:
     checked where data is first loaded (`require_sources`).
     """
 
-    train_path: str = ""
-    valid_path: str | None = None
-    valid_fraction: float = 0.0
-    split: str = "train"
-    tokenizer: str = ""
-    tokenizer_type: Literal["auto", "sentencepiece", "hf"] = "auto"
-    chat_template: str = "plain"
-    seq_length: int = 2048
-    pack: bool = True
-    on_bad_row: Literal["error", "skip"] = "error"
-    on_long_row: Literal["truncate", "skip", "error"] = "truncate"
-    cache_dir: str | None = None
-    num_proc: int | None = None
-    add_eos: bool = True
-    add_bos: bool = True
-    shuffle: bool = True
-    field_prompt: str = "prompt"
-    field_messages: str = "messages"
-    field_response: str = "response"
-    field_teacher_logprobs: str = "teacher_logprobs"
-    field_teacher_topk_ids: str = "teacher_topk_ids"
-    field_teacher_topk_logprobs: str = "teacher_topk_logprobs"
-    field_answer: str = "answer"
-    count_fields: list[str] = field(default_factory=lambda: ["style"])
+    train_path: str = ""  # JSONL/Parquet file, glob or directory, a save_to_disk dir, or a datasets name
+    valid_path: str | None = None  # held-out traces for validation loss (or use valid_fraction)
+    valid_fraction: float = 0.0  # share of train documents held out (by a hash of the row), if no valid_path
+    split: str = "train"  # the split to read when train_path is a datasets name
+    tokenizer: str = ""  # a SentencePiece .model, a Hugging Face tokenizer.json, or a directory holding one
+    tokenizer_type: Literal["auto", "sentencepiece", "hf"] = "auto"  # auto = by file name
+    chat_template: str = "plain"  # plain, chatml, llama3, or a Jinja template string (prompt side only)
+    seq_length: int = 2048  # tokens per packed training sample
+    pack: bool = True  # pack several documents per sample (attention stays inside each)
+    on_bad_row: Literal["error", "skip"] = "error"  # a malformed row stops the run, or is skipped and counted
+    on_long_row: Literal["truncate", "skip", "error"] = "truncate"  # rows longer than seq_length (truncation cuts the response end)
+    cache_dir: str | None = None  # token cache location (null = <train.output_dir>/cache)
+    num_proc: int | None = None  # tokenization worker processes (null = min(4, cpus))
+    add_eos: bool = True  # append the tokenizer's end-of-text after each response
+    add_bos: bool = True  # start each prompt with the tokenizer's BOS (when it has one)
+    shuffle: bool = True  # reshuffle samples every epoch (seeded by train.seed)
+    field_prompt: str = "prompt"  # column names in the trace rows:
+    field_messages: str = "messages"  # column holding the messages
+    field_response: str = "response"  # column holding the response
+    field_teacher_logprobs: str = "teacher_logprobs"  # column holding the teacher logprobs
+    field_teacher_topk_ids: str = "teacher_topk_ids"  # column holding the teacher topk ids
+    field_teacher_topk_logprobs: str = "teacher_topk_logprobs"  # column holding the teacher topk logprobs
+    field_answer: str = "answer"  # column holding the answer
+    count_fields: list[str] = field(default_factory=lambda: ["style"])  # metadata columns whose values are counted in the cache metadata
 
     def __post_init__(self) -> None:
         if not isinstance(self.seq_length, int) or self.seq_length < 2:

@@ -15,11 +15,11 @@ DEFAULT_ARTIFACT_DIR = "artifacts"
 class TrackingConfig:
     """What to log to MLflow and how patiently; see docs/tracking.md."""
 
-    enabled: bool = True
+    enabled: bool = True  # log to MLflow (from one rank)
     # None: env MLFLOW_TRACKING_URI, else an embedded SQLite store under ./mlruns/.
     tracking_uri: str | None = None
-    experiment: str = "dcd-megatron"
-    run_name: str | None = None
+    experiment: str = "dcd-megatron"  # MLflow experiment name
+    run_name: str | None = None  # MLflow run name (null = MLflow picks one)
     # Render the weight-distribution PNGs every this many steps (0 = never).
     plot_interval: int = 50
     # Per HTTP request; a dead or slow server must not stall anything for longer.
