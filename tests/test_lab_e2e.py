@@ -59,6 +59,8 @@ def test_tiny_lab_runs_every_stage_and_logs_to_mlflow(tmp_path):
     traces = [json.loads(line) for line in (out / "data" / "traces.jsonl").read_text().splitlines()]
     assert 0 < len(traces) <= cfg.traces.count  # the tiny teacher is weak: kept what came right
     assert len(traces) == sum(results["trace_styles"].values())
+    wrong_steps = sum(task.first_error(t["prompt"].rstrip(":"), t["response"]) is not None for t in traces)
+    assert results["sampling"]["kept_with_wrong_step"] >= wrong_steps  # counted over every kept sample
     for t in traces:
         assert task.is_correct(t["prompt"].rstrip(":"), t["response"])
         assert len(t["teacher_logprobs"]) == len(t["response"]) + 1

@@ -131,7 +131,7 @@ class LabConfig:
     traces: TracesConfig = field(default_factory=TracesConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: StageConfig = field(default_factory=lambda: StageConfig(
-        steps=200, global_batch_size=16, micro_batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=10))
+        steps=300, global_batch_size=8, micro_batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=10))
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: bool = True

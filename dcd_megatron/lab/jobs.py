@@ -173,7 +173,7 @@ def sample_job(spec: SampleSpec) -> dict:
     longest = max(len(d) for d in spec.digits)
     samples = sample_and_score(model, prompts, eos_id=tok.eos_id, max_new_tokens=trace_tokens(longest),
                                temperature=spec.temperature, seed=spec.seed, batch_size=spec.batch_size)
-    kept, dropped = [], {"no_eos": 0, "not_roundtrip": 0, "wrong": 0}
+    kept, dropped, wrong_steps = [], {"no_eos": 0, "not_roundtrip": 0, "wrong": 0}, 0
     for digits, (ids, lps) in zip(spec.digits, samples, strict=True):
         if not ids or ids[-1] != tok.eos_id:
             dropped["no_eos"] += 1
@@ -185,10 +185,12 @@ def sample_job(spec: SampleSpec) -> dict:
         if not task.is_correct(digits, response):
             dropped["wrong"] += 1
             continue
+        if task.first_error(digits, response) is not None:
+            wrong_steps += 1  # the answer filter keeps it, as the paper's would
         kept.append({"prompt": task.make_prompt(digits), "response": response,
                      "teacher_logprobs": [round(x, 6) for x in lps],
                      "answer": str(sum(int(c) for c in digits)), "style": task.style_of(response)})
-    return {"rows": kept, "drawn": len(spec.digits), "dropped": dropped,
+    return {"rows": kept, "drawn": len(spec.digits), "dropped": dropped, "kept_with_wrong_step": wrong_steps,
             "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "kv_max_abs_diff": kv_diff}
 
 

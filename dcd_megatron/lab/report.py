@@ -42,7 +42,8 @@ def _cpu_sentence(timing: dict) -> str:
     total = cpu["main_s"] + cpu["workers_total_s"]
     return (f" The lab's processes used {total / 60:.1f} CPU-minutes in all; replaying each job's CPU time "
             f"on {timing['workers']} otherwise idle cores (`stats.idle_wall_estimate`: stages in sequence, "
-            f"jobs list-scheduled) gives **{timing['idle_estimate_s'] / 60:.1f} min**.")
+            f"jobs list-scheduled) gives **{timing['idle_estimate_s'] / 60:.1f} min** (pessimistic too when "
+            "the load was high: CPU time itself grows when other processes share the caches and cores).")
 
 
 def _groups(results: dict) -> dict[str, list[int]]:
@@ -90,7 +91,8 @@ def render(results: dict, img_dir: Path, img_rel: str) -> str:
         f"k={t['k'][0]}..{t['k'][1]}, styles {t['styles']}.",
         f"- Traces: teacher samples at temperature {tr['temperature']} for k={tr['k'][0]}..{tr['k'][1]}, kept when "
         f"the answer is right: {sum(results['trace_styles'].values())} kept of {results['sampling']['drawn']} drawn "
-        f"(dropped: {results['sampling']['dropped']}); styles {results['trace_styles']}.",
+        f"(dropped: {results['sampling']['dropped']}; kept with a wrong intermediate step: "
+        f"{results['sampling'].get('kept_with_wrong_step', 'n/a')}); styles {results['trace_styles']}.",
         f"- Student: {st['net']['num_layers']} layers, d={st['net']['hidden_size']}; prior = SFT for "
         f"{st['prior_train']['steps']} steps on {st['prior_rows']} {st['prior_style']} traces with "
         f"k={st['prior_k'][0]}..{st['prior_k'][1]} ({'one prior per seed' if st['prior_per_seed'] else 'one prior'}).",

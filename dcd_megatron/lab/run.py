@@ -218,7 +218,8 @@ def run_lab(cfg: LabConfig) -> dict:
 def sample_traces(pool, cfg: LabConfig, teacher_ckpt: str, exclude: set[str], rng: random.Random):
     """Correct teacher samples until `traces.count` are kept (at most four rounds), in shards per worker."""
     kept: list[dict] = []
-    stats = {"drawn": 0, "dropped": {}, "rounds": 0, "seconds": 0.0, "cpu_s": 0.0, "kv_max_abs_diff": 0.0}
+    stats = {"drawn": 0, "dropped": {}, "kept_with_wrong_step": 0, "rounds": 0, "seconds": 0.0, "cpu_s": 0.0,
+             "kv_max_abs_diff": 0.0}
     rate = 0.85
     while len(kept) < cfg.traces.count and stats["rounds"] < 4:
         need = cfg.traces.count - len(kept)
@@ -233,6 +234,7 @@ def sample_traces(pool, cfg: LabConfig, teacher_ckpt: str, exclude: set[str], rn
             kept += res["rows"]
             got += len(res["rows"])
             stats["drawn"] += res["drawn"]
+            stats["kept_with_wrong_step"] += res["kept_with_wrong_step"]
             stats["seconds"] = max(stats["seconds"], res["seconds"])
             round_cpu = max(round_cpu, res["cpu_s"])
             stats["kv_max_abs_diff"] = max(stats["kv_max_abs_diff"], res["kv_max_abs_diff"])
