@@ -342,11 +342,38 @@ class StopSignal:
         self.device = device
         self.received = False
         self._previous = {}
+        self._start_helpers_ignoring_signals()
         for sig in self.SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
                 pass
+
+    def _start_helpers_ignoring_signals(self) -> None:
+        """Start megatron's checkpoint-writer Manager process now, with the stop signals ignored.
+
+        Slurm's `--signal` and `scancel --signal` reach every process of a job step; the Manager
+        (spawned at the first save) would die of SIGUSR1 and fail the very checkpoint the signal
+        asks for. Ignored signals stay ignored across exec, so the spawned process keeps them off.
+        """
+        try:
+            from megatron.core.dist_checkpointing.strategies import filesystem_async
+        except ImportError:
+            return
+        start = getattr(filesystem_async, "get_write_results_queue", None) or getattr(
+            filesystem_async, "_get_write_results_queue", None
+        )
+        if start is None:
+            return
+        try:
+            saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in self.SIGNALS}
+        except ValueError:  # not the main thread: the handlers are not ours to set either
+            return
+        try:
+            start()
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.received = True
