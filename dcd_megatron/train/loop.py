@@ -423,5 +423,5 @@ def evaluate(run_step, chunks, valid_samples, cfg, layout, g, num_microbatches) 
             chunk.train()
     metrics = reduce_reports(reports, dp_cp_group=g["dp_cp"]) if g["last_stage"] else None
     metrics = _share_metrics(metrics, g["last_stage_rank0"])
-    keep = ("loss", "ce_unweighted", "ce_weighted")
+    keep = ("loss", "ce", "weighted_ce")
     return {f"val_{k}": v for k, v in metrics.items() if k in keep and isinstance(v, (int, float))}
