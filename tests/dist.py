@@ -60,8 +60,9 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 420, patch: bool = Tr
     ctx = mp.get_context("spawn")
     out_queue = ctx.Queue()
     port = free_port()
+    # Not daemonic: megatron's checkpoint writer starts processes of its own inside a rank.
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, out_queue, patch), daemon=True)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, out_queue, patch))
         for r in range(world_size)
     ]
     for p in procs:

@@ -2,19 +2,22 @@
 
 import pytest
 
+from dcd_megatron.runtime import cpu_compat
 from tests.dist import run_ranks
 
 pytestmark = pytest.mark.megatron
 
 
 def _check_each_patch(rank, world_size):
+    """Probe the patches that need this many ranks (as pipeline stages), without and with each."""
     from megatron.core import parallel_state
 
     from dcd_megatron.runtime import cpu_compat
 
-    parallel_state.initialize_model_parallel(1, 1)
-    report = {}
-    for patch in cpu_compat.PATCHES:
+    parallel_state.initialize_model_parallel(1, world_size)
+    mine = [p for p in cpu_compat.PATCHES if p.probe_ranks == world_size]
+    report = {"probed": [p.name for p in mine]}
+    for patch in mine:
         others = tuple(p.name for p in cpu_compat.PATCHES if p is not patch)
         cpu_compat.apply(only=others)
         try:
@@ -27,7 +30,7 @@ def _check_each_patch(rank, world_size):
         report[patch.name] = {"applies": patch.applies(), "works_without": works_without}
     installed = cpu_compat.apply()
     failures = {}
-    for patch in cpu_compat.PATCHES:
+    for patch in mine:
         try:
             patch.probe()
         except Exception as exc:
@@ -37,12 +40,19 @@ def _check_each_patch(rank, world_size):
     return report
 
 
-def test_every_patch_is_needed_and_works():
-    from dcd_megatron.runtime import cpu_compat
-
-    (report,) = run_ranks(_check_each_patch, 1, patch=False)
+# A probe's failure without its patch must be the same on every rank (else the other ranks wait
+# in a collective forever), so probes needing several ranks are run apart from the others.
+@pytest.mark.parametrize("ranks", sorted({p.probe_ranks for p in cpu_compat.PATCHES}))
+def test_every_patch_is_needed_and_works(ranks):
+    reports = run_ranks(_check_each_patch, ranks, patch=False)
+    report = reports[0]
+    assert all(r == report for r in reports[1:]), reports  # every rank saw the same
+    expected = [p.name for p in cpu_compat.PATCHES if p.probe_ranks == ranks]
+    assert report["probed"] == expected and expected
     assert report["failures_with_patches"] == {}, report
     for patch in cpu_compat.PATCHES:
+        if patch.probe_ranks != ranks:
+            continue
         entry = report[patch.name]
         if entry["applies"]:
             assert not entry["works_without"], (
@@ -57,7 +67,7 @@ def test_every_patch_is_needed_and_works():
             assert patch.name not in report["installed"]
 
 
-def test_apply_is_idempotent_and_reversible():
+def _apply_twice_then_remove(rank, world_size):
     import torch
 
     from dcd_megatron.runtime import cpu_compat
@@ -65,10 +75,24 @@ def test_apply_is_idempotent_and_reversible():
     original = torch.cuda.current_device
     first = cpu_compat.apply()
     try:
-        assert cpu_compat.apply() == []  # already installed
-        assert "current_device" in first
-        assert torch.cuda.current_device() == torch.device("cpu")
+        again = cpu_compat.apply()
+        device = torch.cuda.current_device()
     finally:
         cpu_compat.remove()
-    assert torch.cuda.current_device is original
-    assert cpu_compat.applied() == frozenset()
+    return {
+        "first": first,
+        "again": again,
+        "device": str(device),
+        "restored": torch.cuda.current_device is original,
+        "applied_after": sorted(cpu_compat.applied()),
+    }
+
+
+def test_apply_is_idempotent_and_reversible():
+    # A fresh process: an earlier in-process test may already have patched this one.
+    (result,) = run_ranks(_apply_twice_then_remove, 1, patch=False)
+    assert "current_device" in result["first"]
+    assert result["again"] == []  # already installed
+    assert result["device"] == "cpu"
+    assert result["restored"]
+    assert result["applied_after"] == []

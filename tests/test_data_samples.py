@@ -227,3 +227,45 @@ def test_packed_mask_is_block_diagonal_causal():
         cu_seqlens_from_segments(seg)
     with pytest.raises(ValueError, match="padding"):
         cu_seqlens_from_segments(torch.tensor([[0, -1, 1, 1]]))
+
+
+def test_teacher_top_k_lines_up_with_labels_and_flows_into_batches(tmp_path):
+    """Row j's top-k at response position t is [label, label+1, ...] with log-probs -t - [0, 1, ...]."""
+    corpus = [f"what is {i} times k? " + _response(i) for i in range(40)]
+    tok = load_tokenizer(train_sentencepiece(corpus, tmp_path / "sp"))
+    k = 3
+    rows = []
+    for i in range(10):
+        row = {"prompt": f"what is {i} times k?", "response": _response(i)}
+        if i % 3:  # some rows without top-k: their positions stay unknown (-1 / NaN)
+            resp = tok.encode(row["response"]) + [tok.eos_id]
+            row["teacher_topk_ids"] = [[(t + j) % tok.vocab_size for j in range(k + 1)] for t in resp]
+            row["teacher_topk_logprobs"] = [[-float(p) - j for j in range(k + 1)] for p in range(len(resp))]
+        rows.append(row)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(train_path=str(path), tokenizer=str(tmp_path / "sp"), seq_length=SEQ,
+                     cache_dir=str(tmp_path / "cache"), num_proc=1, topk=k)
+    cache = TokenCache.open(build_token_cache(str(path), cfg, tok))
+    assert cache.teacher_topk_ids.shape == (len(cache.tokens), k)
+    samples = PackedSamples(cache, SEQ, pack=True)
+    with_topk = 0
+    for i in range(len(samples)):
+        s = samples[i]
+        assert s["teacher_topk_ids"].shape == (SEQ, k)
+        for d, doc in enumerate(samples.docs_of(i)):
+            row = rows[int(cache.doc_rows[doc])]
+            pos = np.flatnonzero((s["segment_ids"] == d) & (s["loss_mask"] > 0))
+            ids, lps = s["teacher_topk_ids"][pos], s["teacher_topk_logprobs"][pos]
+            if "teacher_topk_ids" in row:  # only the first k of the k+1 given entries are kept
+                np.testing.assert_array_equal(ids, (s["labels"][pos, None] + np.arange(k)) % tok.vocab_size)
+                np.testing.assert_array_equal(lps, -np.arange(len(pos))[:, None] - np.arange(k, dtype=np.float32))
+                with_topk += 1
+            else:
+                assert (ids == -1).all() and np.isnan(lps).all()
+            untrained = np.flatnonzero((s["segment_ids"] == d) & (s["loss_mask"] == 0))
+            assert (s["teacher_topk_ids"][untrained] == -1).all()
+    assert with_topk == 6
+    batch = samples.batch([0, -1])
+    assert batch["teacher_topk_ids"].shape == (2, SEQ, k)
+    assert (batch["teacher_topk_ids"][1] == -1).all()

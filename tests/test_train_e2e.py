@@ -126,3 +126,35 @@ def test_training_survives_the_tracking_server_dying(tmp_path):
     assert "warn" in log.lower()
     stored = MlflowClient(server.backend_uri).get_metric_history(run.info.run_id, "loss")
     assert len(stored) >= 1 and all(1 <= m.step <= 30 for m in stored)
+
+
+def test_topk_kl_term_trains_end_to_end(tmp_path):
+    """loss.term=topk_kl with data.topk: demo traces given a synthetic teacher top-4 per token."""
+    import math
+
+    from dcd_megatron.data import load_tokenizer
+    from dcd_megatron.recipes import DEMO_DIR
+
+    tok = load_tokenizer(str(DEMO_DIR / "tokenizer.json"))
+    k = 4
+    rows = []
+    for line in (DEMO_DIR / "train.jsonl").read_text().splitlines()[:300]:
+        row = json.loads(line)
+        targets = tok.encode(row["response"]) + [tok.eos_id]
+        assert len(targets) == len(row["teacher_logprobs"])
+        ids, lps = [], []
+        for y, lp in zip(targets, row["teacher_logprobs"]):
+            rest = max(1.0 - math.exp(lp), 1e-6) / (2 * (k - 1))  # half the remaining mass to k-1 others
+            ids.append([y] + [(y + j) % tok.vocab_size for j in range(1, k)])
+            lps.append([lp] + [math.log(rest)] * (k - 1))
+        rows.append(dict(row, teacher_topk_ids=ids, teacher_topk_logprobs=lps))
+    data = tmp_path / "topk.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    out = tmp_path / "run"
+    proc = run_train(out, [
+        "train.steps=16", "train.eval_interval=0", "loss.term=topk_kl", "data.topk=4",
+        f"data.train_path={data}", "data.valid_path=null", "tracking.plot_interval=0",
+    ])
+    _assert_ok(proc)
+    _assert_learns(out, 16)

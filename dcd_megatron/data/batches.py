@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-INT_KEYS = ("tokens", "labels", "position_ids", "segment_ids")
-FLOAT_KEYS = ("loss_mask", "teacher_logprobs", "response_frac")
+INT_KEYS = ("tokens", "labels", "position_ids", "segment_ids", "teacher_topk_ids")
+FLOAT_KEYS = ("loss_mask", "teacher_logprobs", "response_frac", "teacher_topk_logprobs")
 
 
 def to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -32,11 +32,12 @@ from dcd_megatron.data.validation import BadRowError, SkipCounts
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: optional teacher top-k arrays
 ARRAY_NAMES = (
     "tokens", "loss_mask", "teacher_logprobs", "doc_offsets",
     "response_start", "response_tokens", "doc_rows",
 )
+TOPK_ARRAY_NAMES = ("teacher_topk_ids", "teacher_topk_logprobs")  # only when data.topk > 0
 MIN_ROWS_PER_WORKER = 256  # below this, worker start-up costs more than it saves (auto num_proc only)
 _SCAN_BATCH = 4096
 
@@ -62,6 +63,7 @@ def _key_config(cfg: DataConfig, tokenizer: Tokenizer) -> dict:
             cfg.field_teacher_topk_ids, cfg.field_teacher_topk_logprobs,
         ],
         "count_fields": list(cfg.count_fields),
+        "topk": cfg.topk,
     }
 
 
@@ -89,6 +91,8 @@ class TokenCache:
     response_tokens: np.ndarray
     doc_rows: np.ndarray
     meta: dict
+    teacher_topk_ids: np.ndarray | None = None  # [tokens, k] int32, -1 where unknown
+    teacher_topk_logprobs: np.ndarray | None = None  # [tokens, k] float32, NaN where unknown
 
     @staticmethod
     def is_complete(path: str | Path) -> bool:
@@ -112,6 +116,9 @@ class TokenCache:
             )
         meta = json.loads((path / "meta.json").read_text())
         arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAY_NAMES}
+        for name in TOPK_ARRAY_NAMES:
+            if (path / f"{name}.npy").is_file():
+                arrays[name] = np.load(path / f"{name}.npy", mmap_mode="r")
         return cls(path=path, meta=meta, **arrays)
 
     @property
@@ -196,6 +203,11 @@ def _write_arrays(sources: list[Source], mapped: list, cfg: DataConfig, out: Pat
     tokens = fmt.open_memmap(out / "tokens.npy", mode="w+", dtype=np.int32, shape=(n_tokens,))
     loss_mask = fmt.open_memmap(out / "loss_mask.npy", mode="w+", dtype=np.uint8, shape=(n_tokens,))
     teacher = fmt.open_memmap(out / "teacher_logprobs.npy", mode="w+", dtype=np.float32, shape=(n_tokens,))
+    k = cfg.topk
+    top_ids = top_lp = None
+    if k:
+        top_ids = fmt.open_memmap(out / "teacher_topk_ids.npy", mode="w+", dtype=np.int32, shape=(n_tokens, k))
+        top_lp = fmt.open_memmap(out / "teacher_topk_logprobs.npy", mode="w+", dtype=np.float32, shape=(n_tokens, k))
     doc_lengths: list[np.ndarray] = []
     resp_start: list[np.ndarray] = []
     resp_tokens: list[np.ndarray] = []
@@ -224,6 +236,17 @@ def _write_arrays(sources: list[Source], mapped: list, cfg: DataConfig, out: Pat
                 values = batch.column("teacher").combine_chunks().flatten().to_numpy(zero_copy_only=False)
                 block[np.repeat(has_teacher, lengths)] = values
             teacher[cursor : cursor + n] = block
+            if k:
+                has_topk = batch.column("topk_ids").combine_chunks()
+                flat_ids = has_topk.flatten().to_numpy(zero_copy_only=False)
+                flat_lp = batch.column("topk_logprobs").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                with_topk = np.repeat(pc.list_value_length(has_topk).to_numpy(zero_copy_only=False) > 0, lengths)
+                ids_block = np.full((n, k), -1, dtype=np.int32)
+                lp_block = np.full((n, k), np.nan, dtype=np.float32)
+                ids_block[with_topk] = flat_ids.reshape(-1, k)
+                lp_block[with_topk] = flat_lp.reshape(-1, k)
+                top_ids[cursor : cursor + n] = ids_block
+                top_lp[cursor : cursor + n] = lp_block
             cursor += n
             doc_lengths.append(lengths[kept])
             resp_start.append(rs[kept])
@@ -244,9 +267,10 @@ def _write_arrays(sources: list[Source], mapped: list, cfg: DataConfig, out: Pat
             row_in_source += batch.num_rows
         row_base += row_in_source if src.row_numbers is None else int(src.row_numbers.max(initial=0))
     assert cursor == n_tokens
-    for arr in (tokens, loss_mask, teacher):
-        arr.flush()
-    del tokens, loss_mask, teacher
+    for arr in (tokens, loss_mask, teacher, top_ids, top_lp):
+        if arr is not None:
+            arr.flush()
+    del tokens, loss_mask, teacher, top_ids, top_lp
     lengths_all = np.concatenate(doc_lengths)
     offsets = np.zeros(len(lengths_all) + 1, dtype=np.int64)
     np.cumsum(lengths_all, out=offsets[1:])

@@ -45,6 +45,7 @@ class DataConfig:
     field_teacher_topk_ids: str = "teacher_topk_ids"  # column holding the teacher topk ids
     field_teacher_topk_logprobs: str = "teacher_topk_logprobs"  # column holding the teacher topk logprobs
     field_answer: str = "answer"  # column holding the answer
+    topk: int = 0  # teacher top-k entries kept per token (for loss.term=topk_kl); 0 = don't store them
     count_fields: list[str] = field(default_factory=lambda: ["style"])  # metadata columns whose values are counted in the cache metadata
 
     def __post_init__(self) -> None:
@@ -75,6 +76,10 @@ class DataConfig:
         if self.num_proc is not None and (not isinstance(self.num_proc, int) or self.num_proc < 1):
             raise DataConfigError(
                 f"data.num_proc={self.num_proc!r}: needs a positive integer, or null for min(4, cpus)"
+            )
+        if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 0:
+            raise DataConfigError(
+                f"data.topk={self.topk!r}: needs an integer >= 0 (teacher top-k entries per token; 0 = none)"
             )
         if not self.split:
             raise DataConfigError("data.split is empty: name the split to read, e.g. data.split=train")

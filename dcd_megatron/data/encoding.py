@@ -19,6 +19,7 @@ from dcd_megatron.data.tokenizer import Tokenizer
 from dcd_megatron.data.validation import RowProblem, check_messages, check_teacher_logprobs, check_topk
 
 _NO_TEACHER = np.zeros(0, dtype=np.float32)  # same arrow type as real rows (float32), never double
+_NO_TOPK_IDS = np.zeros(0, dtype=np.int32)
 
 
 def output_features(count_fields: list[str]):
@@ -37,6 +38,9 @@ def output_features(count_fields: list[str]):
         "has_teacher": datasets.Value("bool"),
         "has_topk": datasets.Value("bool"),
         "eos_untrained": datasets.Value("bool"),
+        # data.topk > 0: k entries per input token, flattened (-1 / NaN where unknown)
+        "topk_ids": seq(datasets.Value("int32")),
+        "topk_logprobs": seq(datasets.Value("float32")),
     }
     for name in count_fields:
         feats[f"meta::{name}"] = datasets.Value("string")
@@ -54,6 +58,8 @@ class EncodedRow:
     truncated_tokens: int = 0
     has_topk: bool = False
     eos_untrained: bool = False
+    topk_ids: np.ndarray | None = None  # [len(input_ids), data.topk] int32, -1 where unknown
+    topk_logprobs: np.ndarray | None = None  # same shape, float32, NaN where unknown
 
 
 class _Problem(Exception):
@@ -85,6 +91,7 @@ class RowEncoder:
             "input_ids": [], "teacher": _NO_TEACHER, "response_start": 0, "n_trained": 0,
             "reason": "", "detail": "", "truncated_tokens": 0,
             "has_teacher": False, "has_topk": False, "eos_untrained": False,
+            "topk_ids": _NO_TOPK_IDS, "topk_logprobs": _NO_TEACHER,
         }
         for name in self.cfg.count_fields:
             value = row.get(name)
@@ -103,6 +110,8 @@ class RowEncoder:
             has_topk=result.has_topk,
             eos_untrained=result.eos_untrained,
         )
+        if result.topk_ids is not None:
+            out.update(topk_ids=result.topk_ids.reshape(-1), topk_logprobs=result.topk_logprobs.reshape(-1))
         return out
 
     def encode(self, row: dict) -> EncodedRow | RowProblem:
@@ -120,6 +129,29 @@ class RowEncoder:
             raise ValueError(f"cannot encode the prompt: {p.problem.detail}") from None
 
     # ---- steps ---------------------------------------------------------------------------
+    def _aligned_topk(self, ids, logprobs, n_ids: int, start: int, n_resp: int, eos_trained: bool):
+        """[n_ids, k] teacher top-k ids / log-probs aligned to the input tokens (-1 / NaN elsewhere)."""
+        k = self.cfg.topk
+        out_ids = np.full((n_ids, k), -1, dtype=np.int32)
+        out_lp = np.full((n_ids, k), np.nan, dtype=np.float32)
+        positions = n_resp + int(eos_trained and len(ids) > n_resp)
+        for i in range(positions):
+            row_ids, row_lp = ids[i], logprobs[i]
+            if len(row_ids) < k:
+                raise _Problem(
+                    "topk_mismatch",
+                    f"position {i} has {len(row_ids)} top-k entries, fewer than data.topk={k}",
+                )
+            values = np.asarray(row_lp[:k], dtype=np.float64)
+            if not np.isfinite(values).all() or (values > 1e-4).any():
+                raise _Problem("bad_topk_logprobs", f"position {i}: top-k log-probs must be finite and <= 0")
+            target = start + i if i < n_resp else n_ids - 1
+            out_ids[target] = np.asarray(row_ids[:k], dtype=np.int64)
+            out_lp[target] = values
+        if (out_ids >= self.tokenizer.vocab_size).any():
+            raise _Problem("topk_mismatch", f"a top-k id is outside the tokenizer's vocabulary ({self.tokenizer.vocab_size})")
+        return out_ids, out_lp
+
     def _split_prompt_response(self, row: dict) -> tuple[list[dict], str]:
         cfg = self.cfg
         messages = row.get(cfg.field_messages)
@@ -207,6 +239,8 @@ class RowEncoder:
             with_eos = eos_trained = False
             if teacher is not None:
                 teacher = teacher[:keep]
+            if topk_ids is not None:
+                topk_ids, topk_lp = topk_ids[:keep], topk_lp[:keep]
 
         ids = [*prompt_ids, *resp_ids]
         if with_eos:
@@ -218,8 +252,13 @@ class RowEncoder:
             aligned[len(prompt_ids) : len(prompt_ids) + n_resp] = teacher[:n_resp]
             if eos_trained:
                 aligned[-1] = teacher[n_resp]
+        top_ids = top_lp = None
+        if cfg.topk and topk_ids is not None:
+            top_ids, top_lp = self._aligned_topk(topk_ids, topk_lp, len(ids), len(prompt_ids), n_resp, eos_trained)
         return EncodedRow(
             input_ids=ids,
+            topk_ids=top_ids,
+            topk_logprobs=top_lp,
             response_start=len(prompt_ids),
             n_trained=n_resp + int(eos_trained),
             teacher=aligned,

@@ -49,9 +49,9 @@ def plan_samples(doc_lengths: np.ndarray, seq_length: int, pack: bool) -> np.nda
     return np.asarray(bounds, dtype=np.int64)
 
 
-def empty_sample(seq_length: int, pad_id: int) -> dict[str, np.ndarray]:
+def empty_sample(seq_length: int, pad_id: int, topk: int = 0) -> dict[str, np.ndarray]:
     """An all-padding sample: nothing trained, segment -1 (fills the last validation batch)."""
-    return {
+    sample = {
         "tokens": np.full(seq_length, pad_id, dtype=np.int64),
         "labels": np.full(seq_length, pad_id, dtype=np.int64),
         "loss_mask": np.zeros(seq_length, dtype=np.float32),
@@ -60,11 +60,16 @@ def empty_sample(seq_length: int, pad_id: int) -> dict[str, np.ndarray]:
         "position_ids": np.zeros(seq_length, dtype=np.int64),
         "response_frac": np.zeros(seq_length, dtype=np.float32),
     }
+    if topk:
+        sample["teacher_topk_ids"] = np.full((seq_length, topk), -1, dtype=np.int64)
+        sample["teacher_topk_logprobs"] = np.full((seq_length, topk), np.nan, dtype=np.float32)
+    return sample
 
 
 def assemble_sample(cache: TokenCache, docs: np.ndarray, seq_length: int, pad_id: int) -> dict[str, np.ndarray]:
     """Concatenate documents ``docs`` of ``cache`` into one padded sample (see module docstring)."""
-    out = empty_sample(seq_length, pad_id)
+    topk = 0 if cache.teacher_topk_ids is None else int(cache.teacher_topk_ids.shape[1])
+    out = empty_sample(seq_length, pad_id, topk)
     cur = 0
     for seg, d in enumerate(np.asarray(docs).tolist()):
         a, b = int(cache.doc_offsets[d]), int(cache.doc_offsets[d + 1])
@@ -80,6 +85,9 @@ def assemble_sample(cache: TokenCache, docs: np.ndarray, seq_length: int, pad_id
         mask = cache.loss_mask[a + 1 : b].astype(np.float32)
         out["loss_mask"][lo:hi] = mask
         out["teacher_logprobs"][lo:hi] = cache.teacher_logprobs[a + 1 : b]
+        if topk:  # like the log-probs: the entry of the label token
+            out["teacher_topk_ids"][lo:hi] = cache.teacher_topk_ids[a + 1 : b]
+            out["teacher_topk_logprobs"][lo:hi] = cache.teacher_topk_logprobs[a + 1 : b]
         trained = int(cache.response_tokens[d])
         if trained:
             label_index = np.arange(1, n) - int(cache.response_start[d])
@@ -148,9 +156,10 @@ class PackedSamples:
         return assemble_sample(self.cache, self.docs_of(index), self.seq_length, self.pad_id)
 
     def empty(self) -> dict[str, np.ndarray]:
-        return empty_sample(self.seq_length, self.pad_id)
+        ids = self.cache.teacher_topk_ids
+        return empty_sample(self.seq_length, self.pad_id, 0 if ids is None else int(ids.shape[1]))
 
     def batch(self, indices) -> dict[str, np.ndarray]:
         """Stack samples (index -1 gives an all-padding sample) into ``[b, seq_length]`` arrays."""
         rows = [self[i] if i >= 0 else self.empty() for i in np.asarray(indices).tolist()]
-        return {k: np.stack([r[k] for r in rows]) for k in SAMPLE_KEYS}
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}

@@ -39,32 +39,37 @@ def _check_finite(field: str, value) -> None:
 class DCDConfig:
     """Per-token weight family of shared/method.md; see docs/loss.md for each formula."""
 
+    # the per-token weight (see docs/loss.md for each formula)
     method: Method = "sigmoid"
+    # the weighted per-token term: nll = -log p_student(teacher token); topk_kl = KL over the
+    # teacher's top-k plus a residual bucket (needs data.topk and top-k in the traces)
+    term: Literal["nll", "topk_kl"] = "nll"
     # sigmoid-shaped weights: sigma((z - bias) / tau) with z the clipped statistic
     tau: float = 1.0
-    bias: float = 0.0
-    bias_mode: Literal["fixed", "median"] = "fixed"
+    bias: float = 0.0  # the sigmoid's centre, in log-ratio units
+    bias_mode: Literal["fixed", "median"] = "fixed"  # median: the micro-batch median of the clipped statistic
     # z = clip(statistic, -clip, clip): the log-ratio (or student log-prob) clip
     clip: float = 5.0
     # every non-sft weight is clamped to [floor, cap] before normalisation
     floor: float = 0.0
-    cap: float = 2.0
+    cap: float = 2.0  # the largest raw weight (tis, prefix, sequence, and the clamp of every method)
     # tis: min(exp(alpha * clip(l)), cap)
     alpha: float = 1.0
     # student_only: sigmoid of the clipped student log-prob, or p**beta (the DFT limit)
     student_only_form: Literal["sigmoid", "power"] = "sigmoid"
-    beta: float = 1.0
+    beta: float = 1.0  # student_only power form: p**beta
     # prefix: transform of the clipped mean of l over the prefix (0 = whole prefix, k = last k)
     prefix_transform: Literal["exp", "sigmoid"] = "exp"
-    prefix_window: int = 0
+    prefix_window: int = 0  # prefix: 0 = the whole prefix, k = the last k response tokens
     # where the weights are made mean-1: global batch, micro-batch, or not at all
     normalize: Literal["global", "micro", "none"] = "global"
     # tau schedule: linear from tau to tau_end over tau_anneal_steps optimizer steps
     tau_end: float | None = None
-    tau_anneal_steps: int = 0
+    tau_anneal_steps: int = 0  # optimizer steps of the tau anneal (0 = constant tau)
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
+        _check_choice("term", self.term, ("nll", "topk_kl"))
         for name in ("tau", "bias", "clip", "floor", "cap", "alpha", "beta"):
             _check_finite(name, getattr(self, name))
         if self.tau <= 0:

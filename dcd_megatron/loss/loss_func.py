@@ -90,6 +90,10 @@ class DCDLossFunction:
         self.dp_group = dp_group  # unused by the per-micro-batch math; kept for a uniform API
         self.step = step
         self.cp_layout = cp_layout
+        if token_term is None and config.term == "topk_kl":
+            from dcd_megatron.loss.topk_kl import TopKKLTerm
+
+            token_term = TopKKLTerm(tp_group)
         self.token_term = token_term or nll_term
 
     def _tp_size(self) -> int:

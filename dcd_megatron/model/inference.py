@@ -7,8 +7,6 @@ loads here at TP=1, PP=1.
 from __future__ import annotations
 
 import json
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,19 +19,20 @@ def ensure_single_process_group(device: torch.device) -> None:
     from megatron.core import parallel_state
 
     from dcd_megatron.runtime import cpu_compat
-    from dcd_megatron.runtime.distributed import init_model_parallel
+    from dcd_megatron.runtime.distributed import free_port, init_model_parallel
     from dcd_megatron.runtime.layout import Layout
 
     if device.type == "cpu":
         cpu_compat.apply()
     if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(port)
+        port = free_port()
+        # An explicit init_method, not MASTER_ADDR/PORT: subprocesses started later copy
+        # os.environ and must not be told to rendezvous on the port this group holds.
         torch.distributed.init_process_group(
-            "gloo" if device.type == "cpu" else "nccl", rank=0, world_size=1
+            "gloo" if device.type == "cpu" else "nccl",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=0,
+            world_size=1,
         )
     if not parallel_state.model_parallel_is_initialized():
         init_model_parallel(Layout(1, 1, 1, 1), seed=0)

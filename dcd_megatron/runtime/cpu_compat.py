@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import importlib
 import logging
+import shutil
 import types
 from typing import Callable
 
@@ -33,6 +34,7 @@ class Patch:
     install: Callable[[], Callable[[], None]]  # returns an undo function
     probe: Callable[[], None]  # raises when the code path does not work on CPU
     applies: Callable[[], bool] = lambda: True  # whether this megatron-core version needs it
+    probe_ranks: int = 1  # the probe runs on this many ranks, as that many pipeline stages
 
 
 _undo_stack: list[Callable[[], None]] = []
@@ -319,13 +321,57 @@ def _probe_synchronize():
     from megatron.core.dist_checkpointing import ShardedTensor
 
     tensor = torch.arange(4.0)
-    with tempfile.TemporaryDirectory() as tmp:
-        dist_checkpointing.save({"t": ShardedTensor.from_rank_offsets("t", tensor)}, tmp)
+    dist = torch.distributed
+    box = [tempfile.mkdtemp(prefix="dcd-probe-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)  # every rank must write into the same directory
+    try:
+        dist_checkpointing.save({"t": ShardedTensor.from_rank_offsets("t", tensor)}, box[0])
         loaded = dist_checkpointing.load(
-            {"t": ShardedTensor.from_rank_offsets("t", torch.empty(4))}, tmp
+            {"t": ShardedTensor.from_rank_offsets("t", torch.empty(4))}, box[0]
         )
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(box[0], ignore_errors=True)
     if not torch.equal(loaded["t"], tensor):
         raise AssertionError("distributed checkpoint round trip changed the tensor")
+
+
+# --------------------------------------------------------------------------------------
+# 7. Tensor.cuda() (tied embeddings across pipeline stages) -> the tensor itself
+# --------------------------------------------------------------------------------------
+def _cpu_tensor_cuda(self, device=None, non_blocking=False, memory_format=torch.preserve_format):
+    """Tensor.cuda() without CUDA: the tensor stays where it is (on the CPU)."""
+    return self
+
+
+def _install_tensor_cuda():
+    return _set_attr(torch.Tensor, "cuda", _cpu_tensor_cuda)
+
+
+def _probe_tensor_cuda():
+    """A GPTModel with tied embeddings split over two pipeline stages (first and last copy synced).
+
+    Needs a world of two ranks in pipeline-parallel size 2; it is a no-op on a single stage.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    if parallel_state.get_pipeline_model_parallel_world_size() < 2:
+        raise RuntimeError("this probe needs pipeline-parallel size >= 2")
+    config = TransformerConfig(
+        num_layers=2, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True,
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        pipeline_dtype=torch.float32,
+    )
+    GPTModel(
+        config, get_gpt_layer_local_spec(), vocab_size=16, max_sequence_length=8,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=True,
+    )
 
 
 def _megatron_at_least(version: str) -> bool:
@@ -373,6 +419,13 @@ PATCHES: tuple[Patch, ...] = (
         "distributed checkpoint saving calls torch.cuda.synchronize() before writing",
         _install_synchronize,
         _probe_synchronize,
+    ),
+    Patch(
+        "tensor_cuda",
+        "tied embeddings over pipeline stages move the shared weight with Tensor.cuda() before syncing it",
+        _install_tensor_cuda,
+        _probe_tensor_cuda,
+        probe_ranks=2,
     ),
 )
 

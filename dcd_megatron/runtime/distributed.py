@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,13 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cuda")
 
 
+def free_port() -> int:
+    """A TCP port on loopback that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_process_group(device: torch.device, timeout_minutes: int = 30) -> ProcessInfo:
     """Initialise torch.distributed once (gloo on CPU, nccl on CUDA) and pin the local GPU."""
     info = process_info()
@@ -68,10 +76,17 @@ def init_process_group(device: torch.device, timeout_minutes: int = 30) -> Proce
     else:
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", info.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(info.master_port))
+        if info.world_size == 1 and "MASTER_PORT" not in os.environ:
+            # One process and no launcher: a free port, so two local runs never collide, and
+            # nothing written to os.environ for later subprocesses to inherit.
+            init_method = f"tcp://127.0.0.1:{free_port()}"
+        else:
+            os.environ.setdefault("MASTER_ADDR", info.master_addr)
+            os.environ.setdefault("MASTER_PORT", str(info.master_port))
+            init_method = "env://"
         torch.distributed.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
+            init_method=init_method,
             rank=info.rank,
             world_size=info.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),

@@ -1,0 +1,142 @@
+"""The KL form of the per-token term: KL(teacher || student) over the teacher's top-k tokens plus
+one residual bucket ("everything else"), exact under tensor parallelism.
+
+With teacher top-k ids ``i_1..i_k`` and log-probs ``a_j`` at a position, ``p_j = exp(a_j)``
+and the teacher's residual mass ``r = 1 - sum_j p_j``; with the student's log-probs ``s_j``
+of the same ids and residual ``r_s = 1 - sum_j exp(s_j)``::
+
+    KL_t = sum_j p_j (a_j - s_j) + r (log r - log r_s)        (0 log 0 = 0)
+
+Only the student side carries gradient. ``s_j`` comes from one vocab-parallel function that
+gathers k logits per row from the shard that owns each id and shares the log-sum-exp over the
+tensor-parallel group, so the full vocabulary is never gathered. The DCD weights multiply this
+term exactly as they multiply ``-s_t`` in the default form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+from dcd_megatron.loss.logprobs import _chunk_elements, _group_rank_size, _row_blocks, _shifted_exp_sums
+
+_RESIDUAL_FLOOR = 1e-12  # log of a vanishing residual mass stays finite (its weight r is ~0 then)
+
+
+class _VocabParallelGatherLogProbs(torch.autograd.Function):
+    """log softmax(x)[ids] for ``ids`` [rows, k] from this rank's vocabulary shard of ``x``."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, group, chunk_elements):
+        rank, world = _group_rank_size(group)
+        shard = logits.shape[-1]
+        x = logits.reshape(-1, shard)
+        k = ids.shape[-1]
+        local = ids.reshape(-1, k).to(torch.long) - rank * shard
+        owned = (local >= 0) & (local < shard)
+        local = torch.where(owned, local, torch.zeros_like(local))
+        row_max, sums = _shifted_exp_sums(x, chunk_elements, None)
+        lse = sums.log_().add_(row_max)
+        picked = torch.where(owned, x.gather(1, local).float(), torch.zeros(local.shape, device=x.device))
+        if world > 1:
+            stats = torch.cat([lse[:, None], picked], dim=1)  # [rows, 1 + k]
+            parts = [torch.empty_like(stats) for _ in range(world)]
+            dist.all_gather(parts, stats, group=group)
+            gathered = torch.stack(parts)  # [world, rows, 1 + k]
+            lse = torch.logsumexp(gathered[:, :, 0], dim=0)
+            picked = gathered[:, :, 1:].sum(dim=0)
+        ctx.chunk_elements = chunk_elements
+        ctx.save_for_backward(logits, local, owned, lse)
+        return (picked - lse[:, None]).view(ids.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, local, owned, lse = ctx.saved_tensors
+        shard = logits.shape[-1]
+        x = logits.reshape(-1, shard)
+        g = grad_out.reshape(local.shape).float()
+        total = g.sum(dim=1)  # d/dx_v sum_j g_j s_j = sum_j g_j onehot(i_j)_v - (sum_j g_j) softmax_v
+        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        scratch = None
+        for rows in _row_blocks(x.shape[0], shard, ctx.chunk_elements):
+            n = rows.stop - rows.start
+            if grad.dtype == torch.float32:
+                block = grad[rows]
+            else:
+                if scratch is None:
+                    scratch = torch.empty((n, shard), dtype=torch.float32, device=x.device)
+                block = scratch[:n]
+            torch.sub(x[rows], lse[rows, None], out=block)
+            block.exp_().mul_(-total[rows, None])
+            block.scatter_add_(1, local[rows], torch.where(owned[rows], g[rows], torch.zeros_like(g[rows])))
+            if grad.dtype != torch.float32:
+                grad[rows].copy_(block)
+        return grad.view(logits.shape), None, None, None
+
+
+def vocab_parallel_gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, group=None, *, chunk_elements=None):
+    """fp32 student log-probs ``[..., k]`` of the global token ids ``ids`` from vocab-sharded ``logits``.
+
+    ``logits`` is ``[..., V/tp]`` (shard ``r`` of ``group`` holds ids ``[r*V/tp, (r+1)*V/tp)``),
+    ``ids`` is ``[..., k]`` with the same leading shape. Differentiable w.r.t. ``logits``,
+    which is not modified. Ids must be in ``[0, V)``.
+    """
+    if logits.shape[:-1] != ids.shape[:-1]:
+        raise ValueError(
+            f"vocab_parallel_gather_logprobs: logits {tuple(logits.shape)} and ids {tuple(ids.shape)} "
+            "must share their leading dimensions"
+        )
+    if ids.is_floating_point():
+        raise TypeError(f"vocab_parallel_gather_logprobs: ids must be integer token ids, got {ids.dtype}")
+    chunk = _chunk_elements(logits.device) if chunk_elements is None else int(chunk_elements)
+    return _VocabParallelGatherLogProbs.apply(logits, ids, group, chunk)
+
+
+def topk_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) over k tokens plus the residual bucket, per position (last dim = k)."""
+    teacher = teacher_logprobs.float()
+    p = teacher.exp()
+    r_teacher = (1.0 - p.sum(dim=-1)).clamp_min(0.0)
+    r_student = (1.0 - student_logprobs.exp().sum(dim=-1)).clamp_min(_RESIDUAL_FLOOR)
+    head = (p * (teacher - student_logprobs)).sum(dim=-1)
+    tail = torch.where(
+        r_teacher > 0,
+        r_teacher * (r_teacher.clamp_min(_RESIDUAL_FLOOR).log() - r_student.log()),
+        torch.zeros_like(r_teacher),
+    )
+    return head + tail
+
+
+class TopKKLTerm:
+    """``TokenTerm`` using the batch's ``teacher_topk_ids`` / ``teacher_topk_logprobs`` ``[b, s, k]``."""
+
+    def __init__(self, tp_group=None):
+        self.tp_group = tp_group
+
+    def __call__(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor], student_logprobs: torch.Tensor):
+        ids, teacher = batch.get("teacher_topk_ids"), batch.get("teacher_topk_logprobs")
+        if ids is None or teacher is None:
+            raise ValueError(
+                "loss.term=topk_kl needs teacher top-k in the batch: score the traces with "
+                "`dcd-score --top-k K` and set data.topk=K"
+            )
+        shape = tuple(logits.shape[:2])
+        if tuple(ids.shape[:2]) != shape or ids.shape != teacher.shape or ids.dim() != 3:
+            raise ValueError(
+                f"teacher_topk_ids {tuple(ids.shape)} and teacher_topk_logprobs {tuple(teacher.shape)} "
+                f"must both be [b, s, k] with [b, s] = {shape}"
+            )
+        valid = batch["loss_mask"] > 0
+        known = (ids >= 0).all(dim=-1) & torch.isfinite(teacher).all(dim=-1)
+        missing = int((valid & ~known).sum())
+        if missing:
+            raise ValueError(
+                f"loss.term=topk_kl: {missing} trained token(s) have no teacher top-k (e.g. an appended "
+                "eos the teacher did not score); rescore with `dcd-score --top-k` including the eos"
+            )
+        safe_ids = torch.where(known[..., None], ids, torch.zeros_like(ids))
+        safe_teacher = torch.where(known[..., None], teacher, torch.full_like(teacher, -30.0))
+        student_topk = vocab_parallel_gather_logprobs(logits, safe_ids, self.tp_group)
+        return topk_kl(safe_teacher, student_topk)
