@@ -46,17 +46,27 @@ def resolve_config(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     from dcd_megatron.cli.errors import user_error_types
-    from dcd_megatron.configs import to_dict
 
     args = parse_args(argv)
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     try:
         cfg = resolve_config(args)
     except user_error_types() + (ValueError,) as exc:
         print(f"dcd-train: error: {exc}", file=sys.stderr)
         return 2
+    return run_config(cfg, print_config=args.print_config)
+
+
+def run_config(cfg, print_config: bool = False) -> int:
+    """Train with a resolved TrainConfig on this rank; the exit code (2: a user error, printed).
+
+    `dcd-train` and the NeMo-Run entrypoint (`dcd_megatron.launch.nemo.train`) both end here.
+    """
+    from dcd_megatron.cli.errors import user_error_types
+    from dcd_megatron.configs import to_dict
+
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    if args.print_config:
+    if print_config:
         print(config_text)
         return 0
 

@@ -1,0 +1,32 @@
+"""NeMo-Run recipes for dcd-train: `python -m recipes.run RECIPE --executor local|slurm|docker`.
+
+The recipes are dcd_megatron.recipes' functions registered as NeMo-Run factories; calling one
+returns a `run.Config[TrainConfig]`. From Python:
+
+    import nemo_run as run
+    from recipes import tiny_cpu, local_executor, launch
+
+    cfg = tiny_cpu()
+    cfg.train.steps = 20
+    launch(cfg, local_executor(nproc=2))
+
+The implementation is dcd_megatron/launch/nemo.py (installed with the package, so containers and
+cluster nodes import the entrypoint from there); docs/launch.md, section "NeMo-Run".
+"""
+
+from dcd_megatron.launch.nemo import (  # noqa: F401
+    RECIPE_FACTORIES,
+    LaunchError,
+    docker_executor,
+    launch,
+    local_executor,
+    qwen25_1p5b_h100_bf16,
+    qwen25_1p5b_h100_fp8,
+    recipe,
+    slurm_executor,
+    tiny_cpu,
+    tiny_gpu_bf16,
+    tiny_gpu_fp8,
+    to_run_config,
+    train,
+)
