@@ -19,7 +19,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 DEMO_ARGS ?=
 
-.PHONY: help venv test test-latest demo bench bench-loss clean
+.PHONY: help venv test test-latest demo bench bench-loss bench-loss-sweep bench-train-step clean
 
 help:
 	@echo "make demo         train the tiny student end to end on CPU (bootstraps .venv)"
@@ -54,10 +54,16 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(VENV)/bin/dcd-train --recipe tiny_cpu train.output_dir=runs/demo $(DEMO_ARGS)
 
-bench: bench-loss
+bench: bench-loss bench-loss-sweep bench-train-step
 
 bench-loss: $(STAMP)
 	$(VENV)/bin/python benchmarks/loss.py --write docs/performance.md
+
+bench-loss-sweep: $(STAMP)
+	$(VENV)/bin/python benchmarks/loss_seq_sweep.py --write docs/performance.md
+
+bench-train-step: $(STAMP)
+	$(VENV)/bin/python benchmarks/train_step.py --write docs/performance.md
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) .pytest_cache

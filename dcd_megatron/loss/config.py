@@ -66,6 +66,10 @@ class DCDConfig:
     # tau schedule: linear from tau to tau_end over tau_anneal_steps optimizer steps
     tau_end: float | None = None
     tau_anneal_steps: int = 0  # optimizer steps of the tau anneal (0 = constant tau)
+    # memory-bounded loss: the model hands the loss its final hidden states and the loss makes
+    # and consumes the logits chunk_size tokens at a time (docs/performance.md); 0 = the full
+    # [b, s, V/tp] logits. term=topk_kl always uses the full logits.
+    chunk_size: int = 1024
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -108,11 +112,19 @@ class DCDConfig:
                 "is 0 while tau_end is set",
                 "set tau_anneal_steps to the number of optimizer steps of the anneal, or tau_end to None",
             )
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 0:
+            _fail("chunk_size", f"must be an integer >= 0, got {self.chunk_size!r}",
+                  "use 0 for the full logits or a token count such as 1024")
 
     @property
     def needs_teacher(self) -> bool:
         """Whether this method's weights need teacher log-probs."""
         return self.method in NEEDS_TEACHER
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the loss is computed from hidden states a chunk of tokens at a time."""
+        return self.chunk_size > 0 and self.term == "nll"
 
     def tau_at(self, step: int) -> float:
         """The temperature at optimizer step ``step``: linear from tau to tau_end, then constant."""

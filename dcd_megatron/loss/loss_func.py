@@ -101,7 +101,11 @@ class DCDLossFunction:
             return 1
         return dist.get_world_size(self.tp_group)
 
-    def __call__(self, batch: Mapping[str, torch.Tensor], output_tensor: torch.Tensor):
+    def __call__(self, batch: Mapping[str, torch.Tensor], output_tensor: torch.Tensor, output_weight=None):
+        if output_weight is not None:  # hidden states [b, s, h] + the [V/tp, h] weight: chunked.py
+            from dcd_megatron.loss.chunked import chunked_loss
+
+            return chunked_loss(self, batch, output_tensor, output_weight)
         logits = output_tensor
         validate_batch(batch, logits, self.config)
         labels, teacher = batch["labels"], batch.get("teacher_logprobs")

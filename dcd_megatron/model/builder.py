@@ -97,3 +97,74 @@ def build_gpt_model(
         rotary_percent=model.rotary_percent,
         rotary_base=int(model.rotary_base),
     )
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous.
+
+    megatron-core's ``_reduce`` (the backward of ``copy_to_tensor_model_parallel_region``)
+    all-reduces ``grad.contiguous()`` and returns ``grad``: on a non-contiguous gradient
+    (GPTModel's ``[s, b] -> [b, s]`` transpose makes one) the reduction is silently lost.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def return_hidden_states(model) -> None:
+    """Make a (last-stage) GPTModel return its final hidden states ``[b, s, h]`` instead of logits.
+
+    For the chunked DCD loss (``loss.chunk_size > 0``), which makes the logits itself a chunk
+    at a time from these and ``output_weight(model)``. The output layer keeps its parameters
+    (checkpoints are unchanged); its forward does to the input exactly what megatron's
+    ``ColumnParallelLinear`` does before the matmul: the sequence-parallel all-gather
+    (reduce-scatter of the gradient), or, with TP > 1, the copy to the tensor-parallel region
+    (all-reduce of the gradient). A no-op on stages without an output layer.
+    """
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        gather_from_sequence_parallel_region,
+    )
+
+    layer = getattr(model, "output_layer", None)
+    if layer is None or not getattr(model, "post_process", False):
+        return
+    config = layer.config
+    if getattr(config, "mtp_num_layers", None):
+        raise ValueError("the chunked DCD loss does not support multi-token prediction; set loss.chunk_size=0")
+    if getattr(config, "defer_embedding_wgrad_compute", False):
+        raise ValueError("the chunked DCD loss computes the output-layer weight gradient itself; "
+                         "unset defer_embedding_wgrad_compute or set loss.chunk_size=0")
+
+    def forward(input_, weight=None, runtime_gather_output=None):
+        if layer.sequence_parallel:
+            out = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True, group=layer.tp_group)
+        elif layer.allreduce_dgrad:
+            out = copy_to_tensor_model_parallel_region(input_, group=layer.tp_group)
+        else:
+            return input_, None
+        return _ContiguousGrad.apply(out), None
+
+    layer.forward = forward  # the instance attribute shadows ColumnParallelLinear.forward
+    model.returns_hidden_states = True
+
+
+def output_weight(model):
+    """The ``[V/tp, h]`` weight GPTModel's output layer multiplies on this stage (None without one).
+
+    As ``GPTModel._postprocess`` picks it: the shared embedding/output weight when they are
+    tied (the embedding on a stage that has it), else ``output_layer.weight``. ``model`` may be
+    wrapped (DDP, Float16Module).
+    """
+    while not hasattr(model, "output_layer") and hasattr(model, "module"):
+        model = model.module
+    if not getattr(model, "post_process", False) or getattr(model, "output_layer", None) is None:
+        return None
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight

@@ -87,7 +87,7 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
         split_for_context_parallel,
     )
     from dcd_megatron.loss import make_loss_func, reduce_reports, rescale_grads_for_global_weight_mean
-    from dcd_megatron.model.builder import build_gpt_model, transformer_config
+    from dcd_megatron.model.builder import build_gpt_model, return_hidden_states, transformer_config
     from dcd_megatron.model.fp8 import check_fp8, current_capability
     from dcd_megatron.runtime import distributed as rt
     from dcd_megatron.runtime.layout import LayoutError, validate_layout
@@ -158,6 +158,8 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
         post_process=g["last_stage"],
         use_te=has_te,
     ).to(device)
+    if cfg.loss.chunked:  # the loss makes the logits itself, a chunk of tokens at a time
+        return_hidden_states(model)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.optim.distributed_optimizer
     )
@@ -204,7 +206,9 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
 
     def run_step(data_iter, step: int, n_micro: int, forward_only: bool):
         loss_func = make_loss_func(cfg.loss, tp_group=g["tp"], cp_group=g["cp"] if layout.cp > 1 else None, step=step)
-        forward_step = make_forward_step(loss_func, packed=packed, use_te=has_te, device=device, cp_split=cp_split)
+        forward_step = make_forward_step(
+            loss_func, packed=packed, use_te=has_te, device=device, cp_split=cp_split, hidden_states=cfg.loss.chunked
+        )
         return forward_backward(
             forward_step_func=forward_step,
             data_iterator=data_iter,

@@ -29,11 +29,16 @@ def model_inputs(batch: dict, *, packed: bool, use_te: bool) -> dict:
     return kwargs
 
 
-def make_forward_step(loss_func, *, packed: bool, use_te: bool, device: torch.device, cp_split=None):
+def make_forward_step(
+    loss_func, *, packed: bool, use_te: bool, device: torch.device, cp_split=None, hidden_states: bool = False
+):
     """The `forward_step_func` for megatron-core's `get_forward_backward_func()`.
 
     `cp_split(batch)` slices a batch to this context-parallel rank's chunks (None when cp == 1).
+    `hidden_states`: the model returns its final hidden states (`builder.return_hidden_states`)
+    and the loss gets the output-layer weight too (the chunked DCD loss).
     """
+    from dcd_megatron.model.builder import output_weight
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -41,6 +46,8 @@ def make_forward_step(loss_func, *, packed: bool, use_te: bool, device: torch.de
         if cp_split is not None:
             batch = cp_split(batch)
         output = model(**model_inputs(batch, packed=packed, use_te=use_te))
+        if hidden_states:
+            return output, functools.partial(loss_func, batch, output_weight=output_weight(model))
         return output, functools.partial(loss_func, batch)
 
     return forward_step
