@@ -8,6 +8,7 @@ test with that rank's traceback; a hang fails it after ``timeout`` seconds.
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_mod
 import socket
 import traceback
@@ -38,7 +39,9 @@ def _worker(rank, world_size, port, fn, args, out_queue, patch):
             cpu_compat.apply()
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        out_queue.put((rank, True, result))
+        # Plain pickle bytes: the queue's own pickler would share tensors through this
+        # process's file descriptors, gone once it exits before the parent reads them.
+        out_queue.put((rank, True, pickle.dumps(result)))
     except BaseException:  # report every failure, including assertion errors
         out_queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -77,7 +80,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 420, patch: bool = Tr
                 failures.append(f"timed out after {timeout}s waiting for ranks {sorted(set(range(world_size)) - set(results))}")
                 break
             if ok:
-                results[rank] = value
+                results[rank] = pickle.loads(value)
             else:
                 failures.append(f"rank {rank} failed:\n{value}")
                 break  # the other ranks are likely blocked in a collective
