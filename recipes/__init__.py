@@ -14,19 +14,18 @@ The implementation is dcd_megatron/launch/nemo.py (installed with the package, s
 cluster nodes import the entrypoint from there); docs/launch.md, section "NeMo-Run".
 """
 
-from dcd_megatron.launch.nemo import (  # noqa: F401
-    RECIPE_FACTORIES,
-    LaunchError,
-    docker_executor,
-    launch,
-    local_executor,
-    qwen25_1p5b_h100_bf16,
-    qwen25_1p5b_h100_fp8,
-    recipe,
-    slurm_executor,
-    tiny_cpu,
-    tiny_gpu_bf16,
-    tiny_gpu_fp8,
-    to_run_config,
-    train,
-)
+__all__ = [
+    "RECIPE_FACTORIES", "LaunchError", "docker_executor", "launch", "local_executor", "qwen25_1p5b_h100_bf16",
+    "qwen25_1p5b_h100_fp8", "recipe", "slurm_executor", "tiny_cpu", "tiny_gpu_bf16", "tiny_gpu_fp8",
+    "to_run_config", "train",
+]
+
+
+def __getattr__(name: str):
+    # Lazy: importing nemo_run takes seconds, and `python -m recipes.run` imports this package
+    # before its argument checks run.
+    if name in __all__:
+        from dcd_megatron.launch import nemo
+
+        return getattr(nemo, name)
+    raise AttributeError(f"module 'recipes' has no attribute {name!r}")

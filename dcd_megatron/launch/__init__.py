@@ -4,3 +4,5 @@ The user-facing entry point is the top-level `recipes` package (`python -m recip
 the code lives here so that it is installed with `dcd_megatron` everywhere the job runs
 (a container or a cluster node imports `dcd_megatron.launch.nemo.train` to start training).
 """
+
+EXECUTORS = ("local", "slurm", "docker")  # `--executor` choices (defined here: importing nemo_run is slow)

@@ -17,9 +17,8 @@ PROG = "python -m recipes.run"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from dcd_megatron.launch import EXECUTORS
     from dcd_megatron.recipes import RECIPES
-
-    from dcd_megatron.launch.nemo import EXECUTORS
 
     p = argparse.ArgumentParser(
         prog=PROG,

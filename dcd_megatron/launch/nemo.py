@@ -26,9 +26,9 @@ from nemo_run.config import get_type_namespace
 
 from dcd_megatron import recipes as _recipes
 from dcd_megatron.configs import apply_overrides
+from dcd_megatron.launch import EXECUTORS  # noqa: F401  (re-exported)
 from dcd_megatron.train.config import ALIASES, TrainConfig
 
-EXECUTORS = ("local", "slurm", "docker")
 DEFAULT_DOCKER_IMAGE = "dcd-megatron:latest"
 
 
