@@ -19,13 +19,14 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 DEMO_ARGS ?=
 
-.PHONY: help venv test test-latest demo bench bench-loss bench-loss-sweep bench-train-step clean
+.PHONY: help venv test test-latest demo bench bench-loss bench-loss-sweep bench-train-step bench-drift clean
 
 help:
 	@echo "make demo         train the tiny student end to end on CPU (bootstraps .venv)"
 	@echo "make test         run the test suite (bootstraps .venv)"
 	@echo "make test-latest  run the megatron-core tests against megatron-core $(MCORE_LATEST) on Python 3.12"
 	@echo "make bench        run the benchmarks and rewrite docs/performance.md"
+	@echo "make bench-drift  run the drift lab (~23 CPU-min on 2 idle cores) and rewrite docs/results.md"
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -64,6 +65,9 @@ bench-loss-sweep: $(STAMP)
 
 bench-train-step: $(STAMP)
 	$(VENV)/bin/python benchmarks/train_step.py --write docs/performance.md
+
+bench-drift: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/python benchmarks/drift_lab.py --write docs/results.md
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) .pytest_cache

@@ -73,7 +73,7 @@ class TeacherConfig:
 
     net: NetConfig = field(default_factory=lambda: NetConfig(3, 96, 4, 2, 256))
     train: StageConfig = field(default_factory=lambda: StageConfig(
-        steps=1000, global_batch_size=16, micro_batch_size=16, lr=3e-3, min_lr=1e-4, warmup_steps=30))
+        steps=900, global_batch_size=16, micro_batch_size=16, lr=3e-3, min_lr=1e-4, warmup_steps=30))
     rows: int = 16000
     k: list[int] = field(default_factory=lambda: [2, 10])
     styles: dict[str, float] = field(default_factory=lambda: {"verbose": 0.5, "skip2": 0.25, "skip3": 0.25})
@@ -111,9 +111,9 @@ class EvalConfig:
     known_k: list[int] = field(default_factory=lambda: [4, 6])
     new_k: list[int] = field(default_factory=lambda: [8, 10])
     longer_k: list[int] = field(default_factory=lambda: [12])
-    problems: int = 400  # greedy accuracy: problems per k
+    problems: int = 250  # greedy accuracy: problems per k
     exposure_k: list[int] = field(default_factory=lambda: [6, 8, 10])
-    exposure_prompts: int = 150  # ExAccErr: prompts (spread over exposure_k), student sampled at T=1
+    exposure_prompts: int = 100  # ExAccErr: prompts (spread over exposure_k), student sampled at T=1
     exposure_max_len: int = 40
     weight_traces_per_style: int = 64  # per-style weight diagnostics on training traces
     batch_size: int = 256
@@ -131,7 +131,7 @@ class LabConfig:
     traces: TracesConfig = field(default_factory=TracesConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: StageConfig = field(default_factory=lambda: StageConfig(
-        steps=300, global_batch_size=8, micro_batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=10))
+        steps=250, global_batch_size=8, micro_batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=10))
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: bool = True
