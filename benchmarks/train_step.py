@@ -308,9 +308,10 @@ def write_section(path: Path, text: str) -> None:
 
 
 PRESETS = {
-    # one H100, a Qwen2.5-0.5B-shaped student (24 x 896, 14 heads / 2 groups, V=151936), bf16
-    "h100": dict(device="cuda", tp=1, layers=24, hidden=896, heads=14, groups=2, vocab=151936, seq=8192,
-                 micro=4, micro_batch=1, dtype="bf16", steps=5, chunk=4096),
+    # one H100, a Qwen2.5-0.5B-shaped student (24 x 896, 14 heads / 2 groups, V=151936), bf16;
+    # 4096-token rows so that the local spec's unfused attention also fits where TE is missing
+    "h100": dict(device="cuda", tp=1, layers=24, hidden=896, heads=14, groups=2, vocab=151936, seq=4096,
+                 micro=8, micro_batch=1, dtype="bf16", steps=5, chunk=4096),
 }
 
 
