@@ -4,6 +4,7 @@
 # loss and tokens/s of each from the run's metrics.jsonl, and what it skipped and why.
 #
 #   scripts/gpu_smoke.sh [key=value ...]      # extra dcd-train overrides for both runs
+#                                             # (steps: DCD_SMOKE_STEPS, not train.steps)
 #
 # Environment (all optional):
 #   DCD_SMOKE_STEPS    optimizer steps per run (default 40)

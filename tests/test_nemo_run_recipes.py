@@ -80,10 +80,11 @@ def test_recipe_overrides_and_serialization_round_trip():
 
     cfg = nemo.recipe("tiny_cpu", ["train.steps=7", "tp=1", "loss.method=tis"])
     assert (cfg.train.steps, cfg.loss.method) == (7, "tis")
-    task = run.Partial(nemo.train, cfg=cfg)
-    # What NeMo-Run ships to every rank, deserialized and built as fdl_runner does
-    rebuilt = fdl.build(ZlibJSONSerializer().deserialize(ZlibJSONSerializer().serialize(task)))
-    assert rebuilt.func is nemo.train and rebuilt.keywords["cfg"] == fdl.build(cfg)
+    # What NeMo-Run ships to every rank, deserialized and built as fdl_runner does, for every recipe
+    for config in [cfg, *(factory() for factory in nemo.RECIPE_FACTORIES.values())]:
+        task = run.Partial(nemo.train, cfg=config)
+        rebuilt = fdl.build(ZlibJSONSerializer().deserialize(ZlibJSONSerializer().serialize(task)))
+        assert rebuilt.func is nemo.train and rebuilt.keywords["cfg"] == fdl.build(config)
 
 
 # --- errors ----------------------------------------------------------------------------------
