@@ -8,7 +8,6 @@ whole batch in one process; and one real megatron-core TP=2 x PP=2 step of a tin
 """
 
 import dataclasses
-import io
 
 import pytest
 import torch
@@ -254,16 +253,12 @@ def _gpt_part(rank):
 
 
 def _rank_main(rank, world_size):
-    # returned as torch.save bytes: tensors sent through the queue as shared memory need
-    # their sender alive when the parent unpickles them, and a finished rank exits
-    buf = io.BytesIO()
-    torch.save({"loss": _loss_part(rank), "gpt": _gpt_part(rank)}, buf)
-    return buf.getvalue()
+    return {"loss": _loss_part(rank), "gpt": _gpt_part(rank)}
 
 
 @pytest.fixture(scope="module")
 def dist_results():
-    return [torch.load(io.BytesIO(r)) for r in run_ranks(_rank_main, 4, timeout=840)]
+    return run_ranks(_rank_main, 4, timeout=840)
 
 
 @pytest.mark.megatron
