@@ -64,6 +64,20 @@ def resolve_tracking_uri(cfg: LabConfig) -> str | None:
     return TrackingConfig(tracking_uri=cfg.tracking_uri).resolved_uri()
 
 
+def prepare_tracking_store(uri: str | None, experiment: str) -> None:
+    """Create the MLflow store and experiment once, here: workers that start together on a new
+    SQLite file would race its schema migration ("table _alembic_tmp_experiments already exists")."""
+    if uri is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from dcd_megatron.tracking.config import default_artifact_location
+
+    client = MlflowClient(uri)
+    if client.get_experiment_by_name(experiment) is None:
+        client.create_experiment(experiment, artifact_location=default_artifact_location(uri))
+
+
 class Stopwatch:
     """Named wall-clock intervals of the lab's stages."""
 
@@ -96,6 +110,7 @@ def run_lab(cfg: LabConfig) -> dict:
     data_dir = out / "data"
     tok_path = task.build_tokenizer(out / "tokenizer")
     uri = resolve_tracking_uri(cfg)
+    prepare_tracking_store(uri, cfg.experiment)
     lab_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     threads = max(1, (os.cpu_count() or 1) // cfg.workers)
 
