@@ -8,7 +8,8 @@ TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.dcd-installed
 
 # The newest supported megatron-core runs on Python 3.12 (what NGC containers have).
-PYTHON_LATEST ?= $(shell command -v python3.12 || ls -d $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 2>/dev/null | tail -n1)
+# (pyenv's shim for python3.12 exists even where 3.12 is not selected, so each candidate must run)
+PYTHON_LATEST ?= $(shell for p in python3.12 $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 2>/dev/null); do $$p -c '' >/dev/null 2>&1 && { echo $$p; break; }; done)
 VENV_LATEST := .venv-latest
 TORCH_LATEST ?= 2.14.1
 MCORE_LATEST ?= 0.19.2
