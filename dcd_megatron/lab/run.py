@@ -73,9 +73,12 @@ def prepare_tracking_store(uri: str | None, experiment: str) -> None:
 
     from dcd_megatron.tracking.config import default_artifact_location
 
-    client = MlflowClient(uri)
-    if client.get_experiment_by_name(experiment) is None:
-        client.create_experiment(experiment, artifact_location=default_artifact_location(uri))
+    try:
+        client = MlflowClient(uri)
+        if client.get_experiment_by_name(experiment) is None:
+            client.create_experiment(experiment, artifact_location=default_artifact_location(uri))
+    except Exception as exc:  # tracking never stops the lab: each job's tracker warns and goes on
+        print(f"[lab] warning: could not prepare the MLflow store at {uri}: {exc}", flush=True)
 
 
 class Stopwatch:
