@@ -40,9 +40,7 @@ from dcd_megatron.loss.report import build_report
 from dcd_megatron.loss.weights import (
     _looks_along_rows,
     compute_weights,
-    nonfinite_teacher_count,
     normalize_weights,
-    raise_for_nonfinite_teacher,
 )
 
 # coef(student_logprobs of the chunk [c] fp32, index of its rows [c]) -> dL/ds for those rows
@@ -295,17 +293,7 @@ def chunked_loss(fn, batch: Mapping[str, torch.Tensor], hidden: torch.Tensor, we
     labels, teacher = batch["labels"], batch.get("teacher_logprobs")
     valid = batch["loss_mask"] > 0
 
-    vocab = weight.shape[0] * fn._tp_size()
-    bad_labels = (((labels < 0) | (labels >= vocab)) & valid).sum()
-    n_labels, n_teacher = torch.stack([bad_labels, nonfinite_teacher_count(teacher, valid)]).tolist()
-    if n_labels:
-        raise ValueError(
-            f"DCD loss: {n_labels} loss-masked-in label(s) are outside the vocabulary [0, {vocab}); "
-            "check the tokenizer / vocab size, or set loss_mask 0 on those positions"
-        )
-    if n_teacher and not config.needs_teacher:
-        teacher, n_teacher = None, 0
-    raise_for_nonfinite_teacher(n_teacher)
+    teacher = fn.checked_teacher(labels, teacher, valid, weight.shape[0])
 
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
     chunk = config.chunk_size or max(1, labels.numel())  # 0: one chunk of every token

@@ -101,18 +101,10 @@ class DCDLossFunction:
             return 1
         return dist.get_world_size(self.tp_group)
 
-    def __call__(self, batch: Mapping[str, torch.Tensor], output_tensor: torch.Tensor, output_weight=None):
-        if output_weight is not None:  # hidden states [b, s, h] + the [V/tp, h] weight: chunked.py
-            from dcd_megatron.loss.chunked import chunked_loss
-
-            return chunked_loss(self, batch, output_tensor, output_weight)
-        logits = output_tensor
-        validate_batch(batch, logits, self.config)
-        labels, teacher = batch["labels"], batch.get("teacher_logprobs")
-        valid = batch["loss_mask"] > 0
-
-        # One host sync for both content checks.
-        vocab = logits.shape[-1] * self._tp_size()
+    def checked_teacher(self, labels, teacher, valid, vocab_shard: int):
+        """Masked-in labels inside the vocabulary and finite teacher log-probs (one host sync for
+        both); returns the teacher log-probs to use: None where the method never reads them."""
+        vocab = vocab_shard * self._tp_size()
         bad_labels = (((labels < 0) | (labels >= vocab)) & valid).sum()
         n_labels, n_teacher = torch.stack([bad_labels, nonfinite_teacher_count(teacher, valid)]).tolist()
         if n_labels:
@@ -125,6 +117,19 @@ class DCDLossFunction:
             # fine; the log-ratio diagnostic is then left out for this micro-batch.
             teacher, n_teacher = None, 0
         raise_for_nonfinite_teacher(n_teacher)
+        return teacher
+
+    def __call__(self, batch: Mapping[str, torch.Tensor], output_tensor: torch.Tensor, output_weight=None):
+        if output_weight is not None:  # hidden states [b, s, h] + the [V/tp, h] weight: chunked.py
+            from dcd_megatron.loss.chunked import chunked_loss
+
+            return chunked_loss(self, batch, output_tensor, output_weight)
+        logits = output_tensor
+        validate_batch(batch, logits, self.config)
+        labels, teacher = batch["labels"], batch.get("teacher_logprobs")
+        valid = batch["loss_mask"] > 0
+
+        teacher = self.checked_teacher(labels, teacher, valid, logits.shape[-1])
 
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
         student = vocab_parallel_logprobs(logits, safe_labels, group=self.tp_group)
