@@ -176,27 +176,64 @@ def test_a_crash_after_some_shards_then_a_rerun_scores_only_the_rest(setup, tmp_
     assert again.shards_scored_here == 0 and again.rows == res.rows
 
 
-# ---- data and tensor parallel --------------------------------------------------------------
-def _score_on_two_ranks(rank, world_size, setup, out_dp, out_tp):
+# ---- data, tensor and pipeline parallel ----------------------------------------------------
+def _score_on_two_ranks(rank, world_size, setup, out_dp, out_tp, out_pp):
     from dcd_megatron.score import score
 
     dp = score(_score_cfg(setup, out_dp), progress=False)
     tp = score(_score_cfg(setup, out_tp, tp=2), progress=False)
-    return dp.shards_scored_here, tp.shards_scored_here
+    pp = score(_score_cfg(setup, out_pp, pp=2), progress=False)
+    return dp.shards_scored_here, tp.shards_scored_here, pp.shards_scored_here
 
 
-def test_two_dp_ranks_write_what_one_writes_and_tp2_matches(setup, tmp_path):
-    shared = {k: setup[k] for k in ("tok", "teacher", "traces")}
-    counts = run_ranks(_score_on_two_ranks, 2, shared, str(tmp_path / "dp2"), str(tmp_path / "tp2"))
-    assert [c[0] for c in counts] == [2, 1]  # 3 shards, round robin over 2 DP ranks
-    assert [c[1] for c in counts] == [3, 3]  # TP=2: both ranks work on every shard, rank 0 writes
-    straight = _table(setup["straight"])
-    assert pq.read_table(tmp_path / "dp2" / "scored.parquet").equals(straight)
-    tp = pq.read_table(tmp_path / "tp2" / "scored.parquet").to_pylist()
-    for a, b in zip(tp, straight.to_pylist()):
+def _assert_scores_close(path, straight):
+    rows = pq.read_table(path).to_pylist()
+    assert len(rows) == straight.num_rows
+    for a, b in zip(rows, straight.to_pylist()):
+        assert {k: v for k, v in a.items() if not k.startswith("teacher_")} == {k: v for k, v in b.items() if not k.startswith("teacher_")}
         torch.testing.assert_close(torch.tensor(a["teacher_logprobs"]), torch.tensor(b["teacher_logprobs"]), atol=ATOL, rtol=0)
         assert a["teacher_topk_ids"] == b["teacher_topk_ids"]
         torch.testing.assert_close(torch.tensor(a["teacher_topk_logprobs"]), torch.tensor(b["teacher_topk_logprobs"]), atol=ATOL, rtol=0)
+
+
+def test_two_dp_ranks_write_what_one_writes_and_tp2_and_pp2_match(setup, tmp_path):
+    shared = {k: setup[k] for k in ("tok", "teacher", "traces")}
+    counts = run_ranks(_score_on_two_ranks, 2, shared, *(str(tmp_path / d) for d in ("dp2", "tp2", "pp2")))
+    assert [c[0] for c in counts] == [2, 1]  # 3 shards, round robin over 2 DP ranks
+    assert [c[1] for c in counts] == [3, 3]  # TP=2: both ranks work on every shard, rank 0 writes
+    assert [c[2] for c in counts] == [3, 3]  # PP=2: both stages work on every shard, the last writes
+    straight = _table(setup["straight"])
+    assert pq.read_table(tmp_path / "dp2" / "scored.parquet").equals(straight)
+    _assert_scores_close(tmp_path / "tp2" / "scored.parquet", straight)
+    _assert_scores_close(tmp_path / "pp2" / "scored.parquet", straight)
+    assert json.loads((tmp_path / "pp2" / "score_summary.json").read_text())["pp"] == 2
+
+
+def _score_tp2_pp2(rank, world_size, setup, out):
+    from dcd_megatron.score import score
+
+    return score(_score_cfg(setup, out, tp=2, pp=2, batch_tokens=48), progress=False).shards_scored_here
+
+
+def test_tp2_by_pp2_on_four_ranks_matches_one_process(setup, tmp_path):
+    """Both parallelisms at once, with small batches so each shard is several pipelined micro-batches."""
+    shared = {k: setup[k] for k in ("tok", "teacher", "traces")}
+    assert run_ranks(_score_tp2_pp2, 4, shared, str(tmp_path / "tp2pp2")) == [3, 3, 3, 3]
+    _assert_scores_close(tmp_path / "tp2pp2" / "scored.parquet", _table(setup["straight"]))
+
+
+def test_impossible_layouts_are_refused_before_loading(setup, tmp_path, capsys):
+    from dcd_megatron.cli.score import main
+    from dcd_megatron.score import ScoreError, score
+
+    argv = ["--teacher", str(setup["teacher"]), "--data", str(setup["traces"]), "--out", str(tmp_path / "a"),
+            "--student-tokenizer", str(setup["tok"] / "tokenizer.json"), "--device", "cpu", "--pp", "3"]
+    assert main(argv) == 2
+    assert "pp=3 must divide the teacher's 2 layers" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    with pytest.raises(ScoreError, match="pp must be >= 1"):
+        _score_cfg(setup, tmp_path / "b", pp=0)
+    with pytest.raises(ScoreError, match=r"tp\*pp = 1\*2 = 2 must divide the world size 1"):
+        score(_score_cfg(setup, tmp_path / "c", pp=2), progress=False)
 
 
 def test_vocabulary_check_compares_pieces_not_special_token_roles(setup, tmp_path):

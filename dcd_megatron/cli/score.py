@@ -1,11 +1,11 @@
 """`dcd-score`: a teacher checkpoint scores trace responses -> a Parquet dataset that dcd-train reads.
 
     dcd-score --teacher CKPT --data TRACES --out DIR (--config STUDENT.yaml | --student-tokenizer PATH)
-              [--temperature 1.0] [--top-k K] [--tp N] [data.key=value ...]
+              [--temperature 1.0] [--top-k K] [--tp N] [--pp N] [data.key=value ...]
 
 Tokenization is the student's (its training config's data section, or the defaults with
 `data.*` overrides), so each log-prob belongs to the token training will see. Runs as one
-process or under torchrun (data parallel over shards of rows; --tp for big teachers). A
+process or under torchrun (data parallel over shards of rows; --tp and --pp for big teachers). A
 rerun with the same --out resumes: finished shards are kept. Output: DIR/scored.parquet.
 """
 
@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows-per-shard", type=int, default=256)
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
     p.add_argument("--max-length", type=int, help="longest row in tokens (default: the teacher's max positions)")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (world size must be a multiple)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (world size must be a multiple of tp*pp)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size (divides the teacher's layers)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="data.key=value overrides")
@@ -62,7 +63,7 @@ def resolve_config(args: argparse.Namespace):
     return ScoreConfig(
         teacher=args.teacher, data_path=args.data, out_dir=args.out, data=data,
         temperature=args.temperature, top_k=args.top_k, rows_per_shard=args.rows_per_shard,
-        batch_tokens=args.batch_tokens, max_length=args.max_length, tp=args.tp, device=args.device,
+        batch_tokens=args.batch_tokens, max_length=args.max_length, tp=args.tp, pp=args.pp, device=args.device,
     )
 
 

@@ -25,7 +25,8 @@ class ScoreConfig:
     rows_per_shard: int = 256  # the unit of resumption and of data-parallel work
     batch_tokens: int = 8192  # padded tokens per forward pass
     max_length: int | None = None  # longest prompt+response; None = the teacher's max_position_embeddings
-    tp: int = 1  # tensor parallel size for big teachers (the rest of the world is data parallel)
+    tp: int = 1  # tensor parallel size for big teachers
+    pp: int = 1  # pipeline parallel size for teachers too big for one TP group (divides its layers)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self):
@@ -47,7 +48,8 @@ class ScoreConfig:
             raise ScoreError(f"batch_tokens must be >= 1, got {self.batch_tokens}")
         if self.max_length is not None and self.max_length < 2:
             raise ScoreError(f"max_length must be >= 2 or unset, got {self.max_length}")
-        if self.tp < 1:
-            raise ScoreError(f"tp must be >= 1, got {self.tp}")
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ScoreError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ScoreError(f"device must be auto, cpu or cuda, got {self.device!r}")

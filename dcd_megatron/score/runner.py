@@ -1,9 +1,10 @@
 """The scoring job: a teacher checkpoint over a trace dataset -> a Parquet dataset with teacher log-probs.
 
-Read top to bottom: check the teacher's tokenizer against the student's, lay out TP x DP, load
-the rows, agree on the manifest, load the teacher (resharded to this layout), score this DP
-rank's unfinished shards batch by batch, then merge on rank 0. Runs as one process or under
-torchrun; pipeline parallelism is not supported (a teacher must fit TP ranks).
+Read top to bottom: check the teacher's tokenizer against the student's, lay out TP x PP x DP,
+load the rows, agree on the manifest, load this rank's stage of the teacher (resharded to this
+layout), score this DP rank's unfinished shards (the batches of a shard are micro-batches of one
+forward-only pipeline pass; the last stage scores them and writes the shard), then merge on
+rank 0. Runs as one process or under torchrun.
 """
 
 from __future__ import annotations
@@ -82,21 +83,20 @@ def _load_input(cfg: ScoreConfig):
     return ds
 
 
-def _forward(module, batch: list[RowToScore], pad_id: int, device) -> torch.Tensor:
+def _tokens(batch: list[RowToScore], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids and their positions, `[b, longest]` each."""
     longest = max(len(r.input_ids) for r in batch)
     tokens = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     for j, r in enumerate(batch):
         tokens[j, : len(r.input_ids)] = torch.tensor(r.input_ids)
     tokens = tokens.to(device)
-    positions = torch.arange(longest, device=device).unsqueeze(0).expand_as(tokens)
-    # causal attention: right padding never influences the positions scored
-    return module(input_ids=tokens, position_ids=positions, attention_mask=None)
+    return tokens, torch.arange(longest, device=device).unsqueeze(0).expand_as(tokens)
 
 
-def _score_batch(module, batch, *, cfg: ScoreConfig, pad_id, device, vocab, tp_rank, tp_group):
+def _score_logits(logits, batch, *, cfg: ScoreConfig, device, vocab, tp_rank, tp_group) -> dict:
+    """{row index: (log-probs, top-k ids, top-k log-probs)} from one batch's `[b, s, V/tp]` logits."""
     from dcd_megatron.score.logprobs import scored_logprobs
 
-    logits = _forward(module, batch, pad_id, device)  # [b, s, V/tp]
     width = logits.shape[-1]
     out = {}
     for j, row in enumerate(batch):
@@ -118,6 +118,43 @@ def _score_batch(module, batch, *, cfg: ScoreConfig, pad_id, device, vocab, tp_r
             torch.cat(tlp).cpu().tolist() if cfg.top_k else None,
         )
     return out
+
+
+def _score_batches(module, batches: list[list[RowToScore]], *, pad_id, device, on_batch, **score_kw) -> dict:
+    """Run the batches through the teacher as megatron micro-batches (forward only); scores on the last stage.
+
+    One code path for PP=1 and PP>1: megatron-core's schedule pipelines the batches over the
+    stages (shapes are exchanged per micro-batch, so batches may differ in size and length) and
+    the last stage turns each batch's logits into scores as it arrives. Other stages return {}.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    scores: dict = {}
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        tokens, positions = _tokens(batch, pad_id, device)
+        # causal attention: right padding never influences the positions scored
+        output = model(input_ids=tokens, position_ids=positions, attention_mask=None)
+        on_batch(len(batch))
+
+        def collect(logits):
+            scores.update(_score_logits(logits, batch, device=device, **score_kw))
+            return logits.new_zeros(()), {}
+
+        return output, collect
+
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=[module],
+            num_microbatches=len(batches),
+            seq_length=max(len(r.input_ids) for b in batches for r in b),  # unused: shapes travel per batch
+            micro_batch_size=max(len(b) for b in batches),
+            forward_only=True,
+        )
+    return scores
 
 
 def _shard_table(ds, start: int, stop: int, kept: list[int], scores: dict, cfg: ScoreConfig):
@@ -164,6 +201,8 @@ def score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreResult:
             f"tp={cfg.tp} must divide the teacher's {tcfg.model.num_attention_heads} heads and "
             f"{tcfg.model.query_groups} query groups"
         )
+    if tcfg.model.num_layers % cfg.pp:
+        raise ScoreError(f"pp={cfg.pp} must divide the teacher's {tcfg.model.num_layers} layers; choose another --pp")
 
     # ---- processes and layout ------------------------------------------------------------
     device = rt.resolve_device(cfg.device)
@@ -171,16 +210,21 @@ def score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreResult:
         if rt.process_info().world_size == 1 and not torch.distributed.is_initialized():
             os.environ["MASTER_PORT"] = str(_free_port())  # one process: never collide with another job's port
         info = rt.init_process_group(device)
-    if info.world_size % cfg.tp:
-        raise ScoreError(f"tp={cfg.tp} must divide the world size {info.world_size}")
+    model_parallel = cfg.tp * cfg.pp
+    if info.world_size % model_parallel:
+        raise ScoreError(
+            f"tp*pp = {cfg.tp}*{cfg.pp} = {model_parallel} must divide the world size {info.world_size}; "
+            f"launch a multiple of {model_parallel} processes"
+        )
     if device.type == "cpu":
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or min(info.world_size, os.cpu_count() or 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    layout = Layout(cfg.tp, 1, 1, info.world_size // cfg.tp)
+    layout = Layout(cfg.tp, cfg.pp, 1, info.world_size // model_parallel)
     rt.init_model_parallel(layout, seed=0)
     dp_rank, tp_rank = ps.get_data_parallel_rank(), ps.get_tensor_model_parallel_rank()
     tp_group = ps.get_tensor_model_parallel_group()
     is_main = info.rank == 0
+    writer = ps.is_pipeline_last_stage() and tp_rank == 0  # one writer per DP rank: it holds the scores
     barrier = torch.distributed.barrier
 
     # ---- rows and the manifest -----------------------------------------------------------
@@ -220,6 +264,7 @@ def score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreResult:
     # ---- the teacher ---------------------------------------------------------------------
     use_te = device.type == "cuda" and rt.has_transformer_engine()
     module, _, _, _ = load_megatron_model(teacher_path, layout=layout, device=device, use_te=use_te)
+    module.config.variable_seq_lengths = True  # pipeline stages exchange each batch's shape
     encoder = ScoringEncoder(cfg.data, student, max_length)
     bar = tqdm(
         total=sum(ranges[i][1] - ranges[i][0] for i in todo), unit="row", disable=not (is_main and progress),
@@ -242,21 +287,20 @@ def score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreResult:
                 skipped[result.reason] += 1
             else:
                 raise BadRowError(cfg.data_path, start + i + 1, result.reason, result.detail)
-        scores = {}
-        with torch.no_grad():
-            for group in plan_batches(rows, cfg.batch_tokens):
-                scores.update(_score_batch(module, group, cfg=cfg, pad_id=student.pad_id, device=device,
-                                           vocab=vocab, tp_rank=tp_rank, tp_group=tp_group))
-                bar.update(len(group))
+        batches = plan_batches(rows, cfg.batch_tokens)
+        scores = _score_batches(
+            module, batches, pad_id=student.pad_id, device=device, on_batch=bar.update,
+            cfg=cfg, vocab=vocab, tp_rank=tp_rank, tp_group=tp_group,
+        ) if batches else {}
         bar.update(sum(skipped.values()))
-        if tp_rank == 0:
+        if writer:
             sh.write_shard(out, index, _shard_table(ds, start, stop, sorted(scores), scores, cfg), dict(skipped))
     bar.close()
     barrier()
 
     # ---- merge ---------------------------------------------------------------------------
     if is_main:
-        summary = dict(manifest, seconds=round(time.time() - t0, 1), world_size=info.world_size, tp=cfg.tp)
+        summary = dict(manifest, seconds=round(time.time() - t0, 1), world_size=info.world_size, tp=cfg.tp, pp=cfg.pp)
         sh.merge_shards(out, len(ranges), summary)
     barrier()
     summary = json.loads((out / sh.SUMMARY).read_text())
