@@ -197,8 +197,18 @@ class _FusedWeightedLogProbs(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None
 
 
-def _flat_valid_index(valid: torch.Tensor) -> torch.Tensor:
-    return valid.reshape(-1).nonzero().squeeze(1)
+def _flat_inputs(name: str, hidden, weight, targets, chunk_size: int, mask):
+    """Checked ``(hidden as [tokens, h], indices of the tokens to compute)`` for the public entry points."""
+    if hidden.shape[:-1] != targets.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{name}: hidden {tuple(hidden.shape)} must be targets {tuple(targets.shape)} + [h] "
+            f"and weight [V/tp, h], got weight {tuple(weight.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    idx = mask.reshape(-1).nonzero().squeeze(1) if mask is not None else torch.arange(flat.shape[0], device=flat.device)
+    return flat, idx
 
 
 def chunked_logprobs(
@@ -217,15 +227,7 @@ def chunked_logprobs(
     ``hidden`` and ``weight``, with at most ``chunk_size`` tokens' logits alive at a time
     (backward recomputes them).
     """
-    if hidden.shape[:-1] != targets.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"chunked_logprobs: hidden {tuple(hidden.shape)} must be targets {tuple(targets.shape)} + [h] "
-            f"and weight [V/tp, h], got weight {tuple(weight.shape)}"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"chunked_logprobs: chunk_size must be >= 1, got {chunk_size}")
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    idx = _flat_valid_index(mask) if mask is not None else torch.arange(flat.shape[0], device=flat.device)
+    flat, idx = _flat_inputs("chunked_logprobs", hidden, weight, targets, chunk_size, mask)
     out = _RecomputeLogProbs.apply(flat, weight, targets.reshape(-1), idx, group, int(chunk_size))
     return out.view(targets.shape)
 
@@ -246,15 +248,7 @@ def fused_weighted_nll(
     depend on ``s_chunk``, e.g. ``-u(s_t, a_t)``). ``s`` is the detached fp32 log-prob
     ``[...]`` (0 where ``mask`` is false). Gradients are computed in the forward pass.
     """
-    if hidden.shape[:-1] != targets.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"fused_weighted_nll: hidden {tuple(hidden.shape)} must be targets {tuple(targets.shape)} + [h] "
-            f"and weight [V/tp, h], got weight {tuple(weight.shape)}"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"fused_weighted_nll: chunk_size must be >= 1, got {chunk_size}")
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    idx = _flat_valid_index(mask) if mask is not None else torch.arange(flat.shape[0], device=flat.device)
+    flat, idx = _flat_inputs("fused_weighted_nll", hidden, weight, targets, chunk_size, mask)
     loss, s = _FusedWeightedLogProbs.apply(flat, weight, targets.reshape(-1), idx, group, int(chunk_size), coef)
     return loss, s.view(targets.shape)
 

@@ -45,6 +45,24 @@ def _row_blocks(rows: int, width: int, chunk_elements: int):
         yield slice(start, min(start + step, rows))
 
 
+def _fp32_blocks(out: torch.Tensor, chunk_elements: int):
+    """Yield (rows, fp32 block) over row blocks of 2-D ``out``; write the block and it lands in ``out[rows]``.
+
+    For fp32 ``out`` the block is a view of it; otherwise one reused fp32 scratch, copied into
+    ``out[rows]`` when the loop moves on (so the math stays in fp32 whatever the logits' dtype).
+    """
+    scratch = None
+    for rows in _row_blocks(out.shape[0], out.shape[1], chunk_elements):
+        if out.dtype == torch.float32:
+            yield rows, out[rows]
+            continue
+        if scratch is None:
+            scratch = torch.empty((rows.stop - rows.start, out.shape[1]), dtype=torch.float32, device=out.device)
+        block = scratch[: rows.stop - rows.start]
+        yield rows, block
+        out[rows].copy_(block)
+
+
 def _shifted_exp_sums(x: torch.Tensor, chunk_elements: int, keep: torch.Tensor | None):
     """Per-row max and sum of exp(x - max) of ``x`` [rows, V] in fp32.
 
@@ -129,22 +147,12 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         flip = g > 0
         any_flip = bool(flip.any())
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        scratch = None
-        for rows in _row_blocks(x.shape[0], shard, ctx.chunk_elements):
-            n = rows.stop - rows.start
-            if grad.dtype == torch.float32:
-                block = grad[rows]
-            else:
-                if scratch is None:
-                    scratch = torch.empty((n, shard), dtype=torch.float32, device=x.device)
-                block = scratch[:n]
+        for rows, block in _fp32_blocks(grad, ctx.chunk_elements):
             torch.sub(x[rows], shift[rows, None], out=block)
             block.exp_()
             if any_flip:
                 block[flip[rows]] *= -1
             _scatter_target(block, local[rows], owned[rows], g[rows])
-            if grad.dtype != torch.float32:
-                grad[rows].copy_(block)
         return grad.view(logits.shape), None, None, None
 
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
-from dcd_megatron.loss.logprobs import _chunk_elements, _group_rank_size, _row_blocks, _shifted_exp_sums
+from dcd_megatron.loss.logprobs import _chunk_elements, _fp32_blocks, _group_rank_size, _shifted_exp_sums
 
 _RESIDUAL_FLOOR = 1e-12  # log of a vanishing residual mass stays finite (its weight r is ~0 then)
 
@@ -59,20 +59,10 @@ class _VocabParallelGatherLogProbs(torch.autograd.Function):
         g = grad_out.reshape(local.shape).float()
         total = g.sum(dim=1)  # d/dx_v sum_j g_j s_j = sum_j g_j onehot(i_j)_v - (sum_j g_j) softmax_v
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        scratch = None
-        for rows in _row_blocks(x.shape[0], shard, ctx.chunk_elements):
-            n = rows.stop - rows.start
-            if grad.dtype == torch.float32:
-                block = grad[rows]
-            else:
-                if scratch is None:
-                    scratch = torch.empty((n, shard), dtype=torch.float32, device=x.device)
-                block = scratch[:n]
+        for rows, block in _fp32_blocks(grad, ctx.chunk_elements):
             torch.sub(x[rows], lse[rows, None], out=block)
             block.exp_().mul_(-total[rows, None])
             block.scatter_add_(1, local[rows], torch.where(owned[rows], g[rows], torch.zeros_like(g[rows])))
-            if grad.dtype != torch.float32:
-                grad[rows].copy_(block)
         return grad.view(logits.shape), None, None, None
 
 
