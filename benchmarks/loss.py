@@ -17,123 +17,88 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
-import re
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks._harness import clocks, machine, mib, peak_bytes, run_ranks, summarize, write_section  # noqa: E402
 
 SECTION = "## Loss benchmark"
 TP = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank(rank, args) -> dict:
+    """This rank's medians, minima and peaks per logits dtype (runs in a spawned gloo rank)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
 
+    from dcd_megatron.loss import DCDConfig, logprobs, make_loss_func
 
-def _peak_bytes(fn) -> int:
-    """Peak of torch's allocated bytes during ``fn()`` above the start (profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
+    if args.chunk_elements:
+        logprobs.DEFAULT_CHUNK_ELEMENTS = args.chunk_elements
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    current = peak = 0
-    for e in events:
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
+    group = parallel_state.get_tensor_model_parallel_group()
+    width = args.vocab // TP
+    g = torch.Generator().manual_seed(rank)
+    labels = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    batch = {
+        "labels": labels,
+        "loss_mask": torch.ones(args.batch, args.seq),
+        "teacher_logprobs": -torch.rand(args.batch, args.seq, generator=g) * 3,
+    }
+    dcd = make_loss_func(DCDConfig(method="sigmoid"), tp_group=group)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        # megatron's layout is [s, b, V/tp], ours [b, s, V/tp]; the same bytes
+        base = (torch.randn(args.batch, args.seq, width, generator=g) * 2).to(dtype)
 
+        # torch.autograd.grad hands the logits gradient back the way the output layer's
+        # backward receives it (no extra copy into a leaf's .grad)
+        def run_megatron(x):
+            loss = tensor_parallel.vocab_parallel_cross_entropy(x, labels.t()).sum()
+            return torch.autograd.grad(loss, x)
 
-def _rank(rank, port, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(TP))
-    torch.set_num_threads(args.threads)
-    try:
-        import torch.distributed as dist
+        def run_dcd(x):
+            loss_sum, _, _ = dcd(batch, x)
+            return torch.autograd.grad(loss_sum, x)
 
-        dist.init_process_group("gloo", rank=rank, world_size=TP)
-        from megatron.core import parallel_state, tensor_parallel
-
-        from dcd_megatron.loss import DCDConfig, logprobs, make_loss_func
-
-        if args.chunk_elements:
-            logprobs.DEFAULT_CHUNK_ELEMENTS = args.chunk_elements
-
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
-        group = parallel_state.get_tensor_model_parallel_group()
-        width = args.vocab // TP
-        g = torch.Generator().manual_seed(rank)
-        labels = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
-        batch = {
-            "labels": labels,
-            "loss_mask": torch.ones(args.batch, args.seq),
-            "teacher_logprobs": -torch.rand(args.batch, args.seq, generator=g) * 3,
-        }
-        dcd = make_loss_func(DCDConfig(method="sigmoid"), tp_group=group)
-        results = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            # megatron's layout is [s, b, V/tp], ours [b, s, V/tp]; the same bytes
-            base = (torch.randn(args.batch, args.seq, width, generator=g) * 2).to(dtype)
-
-            # torch.autograd.grad hands the logits gradient back the way the output layer's
-            # backward receives it (no extra copy into a leaf's .grad)
-            def run_megatron(x):
-                loss = tensor_parallel.vocab_parallel_cross_entropy(x, labels.t()).sum()
-                return torch.autograd.grad(loss, x)
-
-            def run_dcd(x):
-                loss_sum, _, _ = dcd(batch, x)
-                return torch.autograd.grad(loss_sum, x)
-
-            impls = {"megatron": run_megatron, "dcd": run_dcd}
-            times = {(name, clock): [] for name in impls for clock in ("cpu", "wall")}
-            for rep in range(args.reps + 1):
-                for name, fn in impls.items():
-                    x = base.clone().requires_grad_()  # the fresh input is not timed
-                    if name == "megatron":
-                        x = x.detach().transpose(0, 1).clone().requires_grad_()
-                    dist.barrier()
-                    wall, cpu = time.perf_counter(), time.process_time()
-                    fn(x)
-                    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-                    if rep > 0:  # rep 0 warms up
-                        times[(name, "cpu")].append(cpu)
-                        times[(name, "wall")].append(wall)
-                    del x
-            mem = {}
+        impls = {"megatron": run_megatron, "dcd": run_dcd}
+        cpu_times = {name: [] for name in impls}
+        wall_times = {name: [] for name in impls}
+        for rep in range(args.reps + 1):
             for name, fn in impls.items():
-                x = base.clone().requires_grad_()
+                x = base.clone().requires_grad_()  # the fresh input is not timed
                 if name == "megatron":
                     x = x.detach().transpose(0, 1).clone().requires_grad_()
                 dist.barrier()
-                mem[name] = _peak_bytes(functools.partial(fn, x))
+                with clocks() as took:
+                    fn(x)
+                if rep > 0:  # rep 0 warms up
+                    cpu_times[name].append(took["cpu"])
+                    wall_times[name].append(took["wall"])
                 del x
-            results[str(dtype).removeprefix("torch.")] = {
-                "time": {f"{name}_{clock}": statistics.median(v) for (name, clock), v in times.items()},
-                "min": {f"{name}_{clock}": min(v) for (name, clock), v in times.items()},
-                "extra": mem,
-                "logits": base.numel() * base.element_size(),
-            }
-        queue.put((rank, results))
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
-    except BaseException as exc:  # surface the failure in the parent
-        import traceback
-
-        queue.put((rank, traceback.format_exc()))
-        raise SystemExit(1) from exc
+        mem = {}
+        for name, fn in impls.items():
+            x = base.clone().requires_grad_()
+            if name == "megatron":
+                x = x.detach().transpose(0, 1).clone().requires_grad_()
+            dist.barrier()
+            mem[name] = peak_bytes(functools.partial(fn, x))
+            del x
+        results[str(dtype).removeprefix("torch.")] = {
+            **summarize(cpu_times, wall_times),
+            "extra": mem,
+            "logits": base.numel() * base.element_size(),
+        }
+    parallel_state.destroy_model_parallel()
+    return results
 
 
 # glibc hands large frees back to the OS, so every big buffer is fresh pages that fault on
@@ -151,29 +116,13 @@ def run(args, allocator: str) -> dict:
         os.environ.pop(k, None)
     os.environ.update(ALLOCATORS[allocator])  # read by glibc when the spawned ranks start
     try:
-        return _spawn(args)
+        return run_ranks(_rank, TP, args, threads=args.threads, timeout=3600, patch=False)
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _spawn(args) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, args, queue)) for r in range(TP)]
-    for p in procs:
-        p.start()
-    got = dict(queue.get(timeout=3600) for _ in range(TP))
-    for p in procs:
-        p.join(timeout=60)
-    for rank, value in got.items():
-        if isinstance(value, str):
-            raise RuntimeError(f"rank {rank} failed:\n{value}")
-    return got[0]
 
 
 SWEEP_CHUNKS = (1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24)
@@ -212,10 +161,6 @@ def sweep_table(sweep: dict) -> str:
     return "\n".join(lines)
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.0f}"
-
-
 def table(results: dict) -> str:
     lines = [
         "| logits, allocator | CPU time (s) megatron CE / DCD | CPU time ratio (of the minima) "
@@ -224,14 +169,14 @@ def table(results: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (allocator, dtype), r in results.items():
-        t, lo, extra, logits = r["time"], r["min"], r["extra"], r["logits"]
+        t, lo, w, extra, logits = r["cpu"], r["cpu_min"], r["wall"], r["extra"], r["logits"]
         peak_m, peak_d = logits + extra["megatron"], logits + extra["dcd"]
         lines.append(
-            f"| {dtype}, {allocator} | {t['megatron_cpu']:.3f} / {t['dcd_cpu']:.3f} "
-            f"| {t['dcd_cpu'] / t['megatron_cpu']:.2f}x ({lo['dcd_cpu'] / lo['megatron_cpu']:.2f}x) "
-            f"| {t['megatron_wall']:.3f} / {t['dcd_wall']:.3f} | {t['dcd_wall'] / t['megatron_wall']:.2f}x "
-            f"| {_mib(peak_m)} / {_mib(peak_d)} | {peak_d / peak_m:.2f}x "
-            f"| {_mib(extra['megatron'])} / {_mib(extra['dcd'])} |"
+            f"| {dtype}, {allocator} | {t['megatron']:.3f} / {t['dcd']:.3f} "
+            f"| {t['dcd'] / t['megatron']:.2f}x ({lo['dcd'] / lo['megatron']:.2f}x) "
+            f"| {w['megatron']:.3f} / {w['dcd']:.3f} | {w['dcd'] / w['megatron']:.2f}x "
+            f"| {mib(peak_m)} / {mib(peak_d)} | {peak_d / peak_m:.2f}x "
+            f"| {mib(extra['megatron'])} / {mib(extra['dcd'])} |"
         )
     return "\n".join(lines)
 
@@ -240,24 +185,13 @@ def verdict(results: dict) -> str:
     """Which rows meet the targets (DCD <= 1.10x megatron CE in CPU time and in peak memory)."""
     lines = ["Against the targets (DCD <= 1.10x megatron's CE):"]
     for (allocator, dtype), r in results.items():
-        t, extra, logits = r["time"], r["extra"], r["logits"]
-        time_ratio = t["dcd_cpu"] / t["megatron_cpu"]
+        t, extra, logits = r["cpu"], r["extra"], r["logits"]
+        time_ratio = t["dcd"] / t["megatron"]
         peak_ratio = (logits + extra["dcd"]) / (logits + extra["megatron"])
         ok = lambda x: "met" if x <= 1.10 else "not met"  # noqa: E731
         lines.append(f"- {dtype}, {allocator}: time {time_ratio:.2f}x ({ok(time_ratio)}), "
                      f"peak memory {peak_ratio:.2f}x ({ok(peak_ratio)})")
     return "\n".join(lines)
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        found = re.search(r"Model name:\s*(.+)", out)
-        cpu = found.group(1).strip() if found else cpu
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return f"{os.cpu_count()} CPU cores (`nproc`), {cpu}, torch {torch.__version__}"
 
 
 def section(args, results: dict, sweep: dict | None, load: tuple) -> str:
@@ -314,14 +248,6 @@ megatron is that buffer's allocation (page faults on CPU with the default alloca
 """
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace the "Loss benchmark" section of ``path`` (or append it), leaving the rest alone."""
-    old = path.read_text() if path.exists() else "# Performance\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seq", type=int, default=4096)
@@ -349,8 +275,7 @@ def main(argv=None) -> int:
         print(sweep_table(sweep))
     load = (load_before, os.getloadavg()[0])
     if args.write:
-        write_section(args.write, section(args, results, sweep, load))
-        print(f"wrote the '{SECTION}' section of {args.write}")
+        write_section(args.write, SECTION, section(args, results, sweep, load))
     return 0
 
 

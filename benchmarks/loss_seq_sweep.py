@@ -25,44 +25,21 @@ and MFU (the three matmuls of the output layer, ``6 N h V`` flops, against ``--p
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import socket
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._harness import (  # noqa: E402
+    H100_BF16_DENSE_TFLOPS, clocks, machine, mib, one_gpu_group, peak_bytes, resolve_sizes, run_ranks, run_watched,
+    summarize, write_section,
+)
+
 SECTION = "## Loss from hidden states: sequence-length sweep"
 IMPLS = ("megatron CE", "DCD full", "DCD chunked", "DCD chunked prefix")
-H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, dense bf16 (NVIDIA datasheet)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cpu_peak_bytes(fn) -> int:
-    """Peak of torch's allocated bytes during ``fn()`` above the start (profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    current = peak = 0
-    for e in events:
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak
 
 
 def make_impls(args, tp_group, tp_rank: int, tp: int, device):
@@ -131,16 +108,11 @@ def measure(args, tp_group, tp_rank: int, tp: int, device, barrier) -> dict:
         for rep in range(args.reps + 1):
             for name, fn in impls.items():
                 barrier()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                wall, cpu = time.perf_counter(), time.process_time()
-                fn(h, w, batch, labels_sb)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+                with clocks(cuda=device.type == "cuda") as took:
+                    fn(h, w, batch, labels_sb)
                 if rep:  # rep 0 warms up
-                    times[name].append(cpu)
-                    walls[name].append(wall)
+                    times[name].append(took["cpu"])
+                    walls[name].append(took["wall"])
         peaks = {}
         for name, fn in impls.items():
             barrier()
@@ -152,11 +124,9 @@ def measure(args, tp_group, tp_rank: int, tp: int, device, barrier) -> dict:
                 torch.cuda.synchronize()
                 peaks[name] = torch.cuda.max_memory_allocated() - base
             else:
-                peaks[name] = _cpu_peak_bytes(lambda: fn(h, w, batch, labels_sb))
+                peaks[name] = peak_bytes(lambda: fn(h, w, batch, labels_sb))
         out[seq] = {
-            "cpu": {n: statistics.median(v) for n, v in times.items()},
-            "cpu_min": {n: min(v) for n, v in times.items()},
-            "wall": {n: statistics.median(v) for n, v in walls.items()},
+            **summarize(times, walls),
             "peak": peaks,
             "logits": seq * b * width * torch.finfo(dtype).bits // 8,
         }
@@ -167,66 +137,35 @@ def measure(args, tp_group, tp_rank: int, tp: int, device, barrier) -> dict:
     return out
 
 
-def _rank(rank, port, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(args.tp))
-    torch.set_num_threads(args.threads)
+def _rank(rank, args) -> dict:
+    """This rank's measurements at TP=args.tp (runs in a spawned gloo rank)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp)
     try:
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo", rank=rank, world_size=args.tp)
-        from megatron.core import parallel_state
-
-        from dcd_megatron.runtime import cpu_compat
-
-        cpu_compat.apply()
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp)
         group = parallel_state.get_tensor_model_parallel_group()
-        result = measure(args, group, rank, args.tp, torch.device("cpu"), dist.barrier)
-        queue.put((rank, result))
+        return measure(args, group, rank, args.tp, torch.device("cpu"), dist.barrier)
+    finally:
         parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
-    except BaseException as exc:
-        import traceback
-
-        queue.put((rank, traceback.format_exc()))
-        raise SystemExit(1) from exc
 
 
 def run_cpu(args) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, args, queue)) for r in range(args.tp)]
-    for p in procs:
-        p.start()
-    got = dict(queue.get(timeout=7200) for _ in range(args.tp))
-    for p in procs:
-        p.join(timeout=60)
-    for rank, value in got.items():
-        if isinstance(value, str):
-            raise RuntimeError(f"rank {rank} failed:\n{value}")
-    return got[0]
+    """CPU mode: args.tp gloo ranks; rank 0's measurements."""
+    return run_ranks(_rank, args.tp, args, threads=args.threads, timeout=7200, patch=True)
 
 
 def run_gpu(args) -> dict:
     """One GPU, TP=1 (a one-rank process group so megatron's parallel state exists)."""
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    torch.cuda.set_device(0)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
-    try:
-        return measure(args, parallel_state.get_tensor_model_parallel_group(), 0, 1, torch.device("cuda"), lambda: None)
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.0f}"
+    with one_gpu_group():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+        try:
+            return measure(args, parallel_state.get_tensor_model_parallel_group(), 0, 1, torch.device("cuda"),
+                           lambda: None)
+        finally:
+            parallel_state.destroy_model_parallel()
 
 
 def table(args, results: dict) -> str:
@@ -241,7 +180,7 @@ def table(args, results: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for seq, r in results.items():
         t, p = r[clock], r["peak"]
-        row = [str(seq)] + [f"{t[n]:.3f}" for n in names] + [_mib(p[n]) for n in names]
+        row = [str(seq)] + [f"{t[n]:.3f}" for n in names] + [mib(p[n]) for n in names]
         if "megatron CE" in names:
             row += [f"{t[n] / t['megatron CE']:.2f}x" for n in others]
             row += [f"{p[n] / max(p['megatron CE'], 1):.2f}x" for n in others]
@@ -278,8 +217,6 @@ def verdict(args, results: dict) -> str:
 
 
 def section(args, results: dict, load: tuple, elapsed: float) -> str:
-    from benchmarks.loss import machine
-
     cmd = (f"python benchmarks/loss_seq_sweep.py --seqs {' '.join(map(str, args.seqs))} --vocab {args.vocab} "
            f"--hidden {args.hidden} --batch {args.batch} --chunk {args.chunk} --reps {args.reps} "
            f"--threads {args.threads} --dtype {args.dtype}")
@@ -308,14 +245,6 @@ Command: `{cmd}` (`make bench` runs it with the defaults and rewrites this secti
 """
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section of ``path`` (or append it), leaving the rest alone."""
-    old = path.read_text() if path.exists() else "# Performance\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
 PRESETS = {
     # one H100: TP=1, a Qwen2.5-7B-like head (V=152064, h=3584), bf16, s up to 32k
     "h100": dict(device="cuda", tp=1, vocab=152064, hidden=3584, dtype="bf16", seqs=[4096, 8192, 16384, 32768],
@@ -341,25 +270,16 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="GPU: for MFU")
     parser.add_argument("--write", type=Path, help="rewrite this section of a markdown file (CPU mode)")
     args = parser.parse_args(argv)
-    if args.preset:
-        for k, v in PRESETS[args.preset].items():
-            setattr(args, k, v)
-    if args.chunk is None:
-        from dcd_megatron.loss import DCDConfig
-
-        args.chunk = DCDConfig().chunk_size
+    resolve_sizes(args, PRESETS)
     if args.device == "cuda":
         args.tp = 1
     if args.vocab % args.tp:
         parser.error(f"--vocab must be divisible by --tp={args.tp}")
-    load_before, start = os.getloadavg()[0], time.perf_counter()
-    results = run_cpu(args) if args.device == "cpu" else run_gpu(args)
-    elapsed = time.perf_counter() - start
+    results, load, elapsed = run_watched(run_cpu if args.device == "cpu" else run_gpu, args)
     print(table(args, results))
     print(verdict(args, results))
     if args.write:
-        write_section(args.write, section(args, results, (load_before, os.getloadavg()[0]), elapsed))
-        print(f"wrote the '{SECTION}' section of {args.write}")
+        write_section(args.write, SECTION, section(args, results, load, elapsed))
     return 0
 
 

@@ -25,29 +25,21 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import re
-import socket
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._harness import (  # noqa: E402
+    H100_BF16_DENSE_TFLOPS, clocks, machine, one_gpu_group, resolve_sizes, run_ranks, run_watched, summarize,
+    write_section,
+)
+
 SECTION = "## Training step: DCD against SFT"
 VARIANTS = ("SFT (megatron)", "DCD chunked", "DCD full")
-H100_BF16_DENSE_TFLOPS = 989.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model_config(args):
@@ -152,83 +144,48 @@ def measure(args, tp: int, rank: int) -> dict:
     for rep in range(args.steps + 1):
         for v in args.variants:
             ddp, optimizer, _ = built[v]
-            if device.type == "cuda":
-                torch.cuda.synchronize()
             torch.distributed.barrier()
-            wall, cpu = time.perf_counter(), time.process_time()
-            ddp.zero_grad_buffer()
-            optimizer.zero_grad()
-            reports = fb(forward_step_func=_forward_step(args, v, tp_group, rep), data_iterator=iter(batches),
-                         model=[ddp], num_microbatches=args.micro, seq_length=args.seq,
-                         micro_batch_size=args.micro_batch)
-            if v != "SFT (megatron)":
-                rescale_grads_for_global_weight_mean([ddp], reports, dp_cp_group=None)
-            optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            with clocks(cuda=device.type == "cuda") as took:
+                ddp.zero_grad_buffer()
+                optimizer.zero_grad()
+                reports = fb(forward_step_func=_forward_step(args, v, tp_group, rep), data_iterator=iter(batches),
+                             model=[ddp], num_microbatches=args.micro, seq_length=args.seq,
+                             micro_batch_size=args.micro_batch)
+                if v != "SFT (megatron)":
+                    rescale_grads_for_global_weight_mean([ddp], reports, dp_cp_group=None)
+                optimizer.step()
             key = "lm loss" if v == "SFT (megatron)" else "ce"
             total = sum(r[key] for r in reports)
             losses[v].append(float(total[0] / total[1]))
             if rep:  # step 0 warms up
-                times[v].append(cpu)
-                walls[v].append(wall)
+                times[v].append(took["cpu"])
+                walls[v].append(took["wall"])
         if rank == 0:
             print(f"step {rep}: " + ", ".join(f"{v} {walls[v][-1] if rep else 0:.2f}s" for v in args.variants), flush=True)
     parallel_state.destroy_model_parallel()
     n_params = built[args.variants[0]][2]
     return {
-        "cpu": {v: statistics.median(x) for v, x in times.items()},
-        "cpu_min": {v: min(x) for v, x in times.items()},
-        "wall": {v: statistics.median(x) for v, x in walls.items()},
+        **summarize(times, walls),
         "loss": losses,
         "params": n_params * tp,  # full model (embedding + head included)
         "padded_vocab": padded_vocab,
     }
 
 
-def _rank(rank, port, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(args.tp))
-    torch.set_num_threads(args.threads)
-    try:
-        from dcd_megatron.runtime import cpu_compat
-
-        cpu_compat.apply()
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=args.tp)
-        queue.put((rank, measure(args, args.tp, rank)))
-        torch.distributed.destroy_process_group()
-    except BaseException as exc:
-        import traceback
-
-        queue.put((rank, traceback.format_exc()))
-        raise SystemExit(1) from exc
+def _rank(rank, args) -> dict:
+    """This rank's step times at TP=args.tp (runs in a spawned gloo rank)."""
+    return measure(args, args.tp, rank)
 
 
 def run_cpu(args) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, args, queue)) for r in range(args.tp)]
-    for p in procs:
-        p.start()
-    got = dict(queue.get(timeout=7200) for _ in range(args.tp))
-    for p in procs:
-        p.join(timeout=60)
-    for rank, value in got.items():
-        if isinstance(value, str):
-            raise RuntimeError(f"rank {rank} failed:\n{value}")
-    return got[0]
+    """CPU mode: args.tp gloo ranks; rank 0's step times."""
+    return run_ranks(_rank, args.tp, args, threads=args.threads, timeout=7200, patch=True)
 
 
 def run_gpu(args) -> dict:
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    torch.cuda.set_device(0)
-    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    try:
+    """One GPU, TP=1."""
+    with one_gpu_group():
         return measure(args, 1, 0)
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def model_flops_per_token(args, params: int, padded_vocab: int) -> float:
@@ -272,8 +229,6 @@ def verdict(args, r: dict) -> str:
 
 
 def section(args, r: dict, load: tuple, elapsed: float) -> str:
-    from benchmarks.loss import machine
-
     cmd = (f"python benchmarks/train_step.py --layers {args.layers} --hidden {args.hidden} --heads {args.heads} "
            f"--groups {args.groups} --vocab {args.vocab} --seq {args.seq} --micro {args.micro} "
            f"--micro-batch {args.micro_batch} --steps {args.steps} --tp {args.tp} --threads {args.threads} "
@@ -297,14 +252,6 @@ Command: `{cmd}` (`make bench` runs it with the defaults and rewrites this secti
 
 {verdict(args, r)}
 """
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section of ``path`` (or append it), leaving the rest alone."""
-    old = path.read_text() if path.exists() else "# Performance\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
 
 
 PRESETS = {
@@ -336,26 +283,17 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="GPU: for MFU")
     parser.add_argument("--write", type=Path, help="rewrite this section of a markdown file")
     args = parser.parse_args(argv)
-    if args.preset:
-        for k, v in PRESETS[args.preset].items():
-            setattr(args, k, v)
-    if args.chunk is None:
-        from dcd_megatron.loss import DCDConfig
-
-        args.chunk = DCDConfig().chunk_size
+    resolve_sizes(args, PRESETS)
     args.use_te = False
     if args.device == "cuda":
         from dcd_megatron.runtime.distributed import has_transformer_engine
 
         args.tp, args.use_te = 1, has_transformer_engine()
-    load_before, start = os.getloadavg()[0], time.perf_counter()
-    r = run_cpu(args) if args.device == "cpu" else run_gpu(args)
-    elapsed = time.perf_counter() - start
+    r, load, elapsed = run_watched(run_cpu if args.device == "cpu" else run_gpu, args)
     print(table(args, r))
     print(verdict(args, r))
     if args.write:
-        write_section(args.write, section(args, r, (load_before, os.getloadavg()[0]), elapsed))
-        print(f"wrote the '{SECTION}' section of {args.write}")
+        write_section(args.write, SECTION, section(args, r, load, elapsed))
     return 0
 
 
