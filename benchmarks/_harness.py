@@ -11,7 +11,6 @@ import contextlib
 import os
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import time
@@ -21,14 +20,9 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from dcd_megatron.runtime.distributed import free_port
+
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, dense bf16 (NVIDIA datasheet): the default for MFU
-
-
-def free_port() -> int:
-    """A free TCP port on localhost, for MASTER_PORT."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank, world_size, port, threads, patch, fn, args, queue):

@@ -10,17 +10,12 @@ from __future__ import annotations
 import os
 import pickle
 import queue as queue_mod
-import socket
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dcd_megatron.runtime.distributed import free_port
 
 
 def _worker(rank, world_size, port, fn, args, out_queue, patch):

@@ -12,7 +12,6 @@ import atexit
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,13 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from dcd_megatron.runtime.distributed import free_port
+
 STARTUP_TIMEOUT_S = 300.0  # generous: only a broken server waits this long, and a loaded CI box is slow to start one
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mlflow_executable() -> list[str]:
@@ -125,7 +120,7 @@ def start_mlflow_server(root: Path, timeout_s: float = STARTUP_TIMEOUT_S) -> Run
     """Start ``mlflow server --workers 1`` on a free loopback port with its state under ``root``; wait for /health."""
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    server = RunningMlflowServer(root, _free_port())
+    server = RunningMlflowServer(root, free_port())
     server.start(timeout_s)
     return server
 

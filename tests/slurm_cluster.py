@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from dcd_megatron.runtime.distributed import free_port
+
 SLURM_PACKAGES = ("slurmctld", "slurmd", "slurm-client")
 SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
 TERMINAL_STATES = frozenset(
@@ -54,12 +56,6 @@ def ensure_slurm_installed(timeout: float = 900) -> str | None:
             return f"`{' '.join(cmd)}` failed (rc={proc.returncode}): {proc.stderr.strip()[-800:]}"
     missing = _missing_binaries()
     return f"apt installed {SLURM_PACKAGES} but {missing} are still missing" if missing else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_line() -> str:

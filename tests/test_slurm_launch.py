@@ -14,9 +14,12 @@ from dcd_megatron.train.checkpoint import checkpoint_dir, find_latest
 from tests.slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
 
 # Not rerun by `make test-latest`: on megatron-core 0.19.2 / torch 2.14.1 one run of the second job
-# never saw the SIGUSR1 that `scancel --signal` sent and trained to the end; SIGUSR1 sent by hand to
-# every process of a 2-rank torchrun job on that stack stops it cleanly, so the cause is not known
-# yet (see the session note). The launch script itself does not depend on the megatron version.
+# (at load average 20-70, beside a full `make test`) never saw the SIGUSR1 that `scancel --signal`
+# sent and trained to the end. It has not happened again: 4 of 4 runs on that stack passed on
+# 2026-11-28 (one at load 2, three beside CPU hogs at load ~5), and SIGUSR1 sent by hand to a
+# torchrun job on it stops it cleanly. Suspected: Slurm's signal RPC timing out under extreme load
+# (scancel returns 0 once slurmctld accepts it). The launch script does not depend on the
+# megatron version; `make test` (0.16) runs this test.
 pytestmark = [pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]

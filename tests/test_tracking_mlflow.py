@@ -10,9 +10,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from dcd_megatron.runtime.distributed import free_port
 from dcd_megatron.tracking import Tracker, TrackingConfig
 from dcd_megatron.tracking.tracker import RUN_ID_FILE
-from tests.mlflow_server import _free_port, mlflow_server_module  # noqa: F401  (pytest fixture)
+from tests.mlflow_server import mlflow_server_module  # noqa: F401  (pytest fixture)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CALL_BOUND_S = 1.0  # a logging call must return within this even when the server is gone
@@ -276,7 +277,7 @@ def test_run_is_created_once_the_server_appears(tmp_path):
 
 def test_unreachable_server_from_the_start_never_blocks(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="dcd_megatron.tracking")
-    tracker = Tracker(TrackingConfig(tracking_uri=f"http://127.0.0.1:{_free_port()}", timeout_s=1), is_logging_rank=True)
+    tracker = Tracker(TrackingConfig(tracking_uri=f"http://127.0.0.1:{free_port()}", timeout_s=1), is_logging_rank=True)
     began = time.monotonic()
     tracker.start({"a": 1}, "a: 1\n", tmp_path / "run")
     assert time.monotonic() - began < 30
@@ -331,7 +332,7 @@ def test_secrets_stay_out_of_params_artifacts_and_output(store_dir, tmp_path, mo
 
     # A server URI with a password in it, unreachable: describe() and the warnings must not show it.
     remote = Tracker(
-        TrackingConfig(tracking_uri=f"http://alice:{uri_password}@127.0.0.1:{_free_port()}", timeout_s=1),
+        TrackingConfig(tracking_uri=f"http://alice:{uri_password}@127.0.0.1:{free_port()}", timeout_s=1),
         is_logging_rank=True,
     )
     remote.start(cfg, config_text, tmp_path / "run-remote")

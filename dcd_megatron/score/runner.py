@@ -58,14 +58,6 @@ def _manifest(cfg: ScoreConfig, teacher_path: Path, teacher_meta: dict, n_rows: 
     }
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _load_input(cfg: ScoreConfig):
     """The input rows as one `datasets.Dataset`, columns exactly as in the files."""
     import datasets
@@ -208,7 +200,7 @@ def score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreResult:
     device = rt.resolve_device(cfg.device)
     with unchanged_master_env():
         if rt.process_info().world_size == 1 and not torch.distributed.is_initialized():
-            os.environ["MASTER_PORT"] = str(_free_port())  # one process: never collide with another job's port
+            os.environ["MASTER_PORT"] = str(rt.free_port())  # one process: never collide with another job's port
         info = rt.init_process_group(device)
     model_parallel = cfg.tp * cfg.pp
     if info.world_size % model_parallel:
