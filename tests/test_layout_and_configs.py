@@ -36,6 +36,9 @@ def test_layout_fills_in_data_parallel():
         (ParallelConfig(cp=2), {"world": 2}, "Transformer Engine"),
         (ParallelConfig(cp=2), {"world": 2, "has_te": True, "seq_length": 6}, r"divisible by 2\*cp"),
         (ParallelConfig(tp=1), {"world": 4, "global_batch_size": 6}, "multiple of"),
+        (ParallelConfig(tp=2, sequence_parallel=True), {"world": 2}, "sequence_parallel needs Transformer Engine"),
+        (ParallelConfig(tp=4, sequence_parallel=True), {"world": 4, "num_query_groups": 4, "has_te": True, "seq_length": 66},
+         "divisible by tp for sequence_parallel"),
     ],
 )
 def test_impossible_layouts_name_the_problem(parallel, kw, needle):

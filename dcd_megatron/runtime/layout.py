@@ -16,7 +16,7 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel size (divides heads and query groups)
     pp: int = 1  # pipeline parallel size (divides layers)
     cp: int = 1  # context parallel size (needs Transformer Engine; seq_length divisible by 2*cp)
-    sequence_parallel: bool = False  # shard activations along the sequence inside TP regions
+    sequence_parallel: bool = False  # shard activations along the sequence inside TP regions (needs TE)
 
     def __post_init__(self):
         for name in ("tp", "pp", "cp"):
@@ -86,6 +86,12 @@ def validate_layout(
                 f"data.seq_length={seq_length} must be divisible by 2*cp={2 * parallel.cp} "
                 "(context parallelism splits each sequence into 2*cp load-balanced chunks)"
             )
+    if parallel.sequence_parallel and not has_te:
+        raise LayoutError(
+            "parallel.sequence_parallel needs Transformer Engine's layers (a GPU with the `gpu` extra "
+            "installed): megatron-core's local layer spec uses torch norms, which have no sequence "
+            "parallelism. Set parallel.sequence_parallel=false here"
+        )
     if parallel.sequence_parallel and seq_length % parallel.tp:
         raise LayoutError(f"data.seq_length={seq_length} must be divisible by tp for sequence_parallel")
     per_step = micro_batch_size * dp
