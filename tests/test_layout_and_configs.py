@@ -13,7 +13,7 @@ from dcd_megatron.runtime.layout import LayoutError, ParallelConfig, validate_la
 
 def _validate(parallel, world=4, **kw):
     args = dict(
-        world_size=world, num_layers=4, num_attention_heads=4, num_query_groups=2, seq_length=64,
+        world_size=world, num_layers=4, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=176, seq_length=64,
         global_batch_size=8, micro_batch_size=2, has_te=False,
     )
     args.update(kw)
@@ -31,7 +31,8 @@ def test_layout_fills_in_data_parallel():
     [
         (ParallelConfig(tp=3), {}, "world size 4 is not divisible"),
         (ParallelConfig(tp=4), {"world": 4, "num_attention_heads": 6}, "must divide model.num_attention_heads"),
-        (ParallelConfig(tp=4), {"world": 4}, "query groups"),
+        (ParallelConfig(tp=4), {"world": 4}, "must divide model.num_query_groups=2"),
+        (ParallelConfig(tp=2), {"world": 2, "ffn_hidden_size": 171}, "must divide model.ffn_hidden_size=171"),
         (ParallelConfig(pp=4), {"world": 4, "num_layers": 6}, "must divide model.num_layers"),
         (ParallelConfig(cp=2), {"world": 2}, "Transformer Engine"),
         (ParallelConfig(cp=2), {"world": 2, "has_te": True, "seq_length": 6}, r"divisible by 2\*cp"),

@@ -229,7 +229,7 @@ def test_impossible_layouts_are_refused_before_loading(setup, tmp_path, capsys):
     argv = ["--teacher", str(setup["teacher"]), "--data", str(setup["traces"]), "--out", str(tmp_path / "a"),
             "--student-tokenizer", str(setup["tok"] / "tokenizer.json"), "--device", "cpu", "--pp", "3"]
     assert main(argv) == 2
-    assert "pp=3 must divide the teacher's 2 layers" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert "--pp=3 must divide the teacher's num_layers=2" in capsys.readouterr().err and not (tmp_path / "a").exists()
     with pytest.raises(ScoreError, match="pp must be >= 1"):
         _score_cfg(setup, tmp_path / "b", pp=0)
     with pytest.raises(ScoreError, match=r"tp\*pp = 1\*2 = 2 must divide the world size 1"):

@@ -44,6 +44,30 @@ class Layout:
         return self.tp * self.pp * self.cp * self.dp
 
 
+def check_model_split(
+    tp: int,
+    pp: int,
+    *,
+    num_layers: int,
+    num_attention_heads: int,
+    num_query_groups: int,
+    ffn_hidden_size: int,
+    tp_name: str = "parallel.tp",
+    pp_name: str = "parallel.pp",
+    whose: str = "model.",
+) -> None:
+    """Raise LayoutError unless TP splits the heads, query groups and FFN evenly and PP the layers.
+
+    megatron-core would otherwise stop with a bare assertion deep in a layer constructor.
+    """
+    for what, size in (("num_attention_heads", num_attention_heads), ("num_query_groups", num_query_groups),
+                       ("ffn_hidden_size", ffn_hidden_size)):
+        if size % tp:
+            raise LayoutError(f"{tp_name}={tp} must divide {whose}{what}={size}; choose a {tp_name} that divides it")
+    if num_layers % pp:
+        raise LayoutError(f"{pp_name}={pp} must divide {whose}num_layers={num_layers}; choose a {pp_name} that divides it")
+
+
 def validate_layout(
     parallel: ParallelConfig,
     *,
@@ -51,6 +75,7 @@ def validate_layout(
     num_layers: int,
     num_attention_heads: int,
     num_query_groups: int,
+    ffn_hidden_size: int,
     seq_length: int,
     global_batch_size: int,
     micro_batch_size: int,
@@ -64,17 +89,10 @@ def validate_layout(
             f"{parallel.cp} = {mp}; launch a multiple of {mp} processes or change the layout"
         )
     dp = world_size // mp
-    if num_attention_heads % parallel.tp:
-        raise LayoutError(
-            f"parallel.tp={parallel.tp} must divide model.num_attention_heads={num_attention_heads}"
-        )
-    if num_query_groups % parallel.tp:
-        raise LayoutError(
-            f"parallel.tp={parallel.tp} must divide the number of query groups ({num_query_groups}); "
-            "lower tp or raise model.num_query_groups"
-        )
-    if num_layers % parallel.pp:
-        raise LayoutError(f"parallel.pp={parallel.pp} must divide model.num_layers={num_layers}")
+    check_model_split(
+        parallel.tp, parallel.pp, num_layers=num_layers, num_attention_heads=num_attention_heads,
+        num_query_groups=num_query_groups, ffn_hidden_size=ffn_hidden_size,
+    )
     if parallel.cp > 1:
         if not has_te:
             raise LayoutError(

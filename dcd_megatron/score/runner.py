@@ -172,7 +172,7 @@ def score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreResult:
     from dcd_megatron.data import BadRowError, load_tokenizer
     from dcd_megatron.model.inference import read_checkpoint_config
     from dcd_megatron.runtime import distributed as rt
-    from dcd_megatron.runtime.layout import Layout
+    from dcd_megatron.runtime.layout import Layout, check_model_split
     from dcd_megatron.score.vocabulary import check_teacher_vocabulary
 
     t0 = time.time()
@@ -188,13 +188,11 @@ def score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreResult:
     max_length = cfg.max_length or max_pos
     if max_length > max_pos:
         raise ScoreError(f"max_length={max_length} exceeds the teacher's max_position_embeddings={max_pos}")
-    if tcfg.model.num_attention_heads % cfg.tp or tcfg.model.query_groups % cfg.tp:
-        raise ScoreError(
-            f"tp={cfg.tp} must divide the teacher's {tcfg.model.num_attention_heads} heads and "
-            f"{tcfg.model.query_groups} query groups"
-        )
-    if tcfg.model.num_layers % cfg.pp:
-        raise ScoreError(f"pp={cfg.pp} must divide the teacher's {tcfg.model.num_layers} layers; choose another --pp")
+    check_model_split(
+        cfg.tp, cfg.pp, num_layers=tcfg.model.num_layers, num_attention_heads=tcfg.model.num_attention_heads,
+        num_query_groups=tcfg.model.query_groups, ffn_hidden_size=tcfg.model.ffn_size,
+        tp_name="--tp", pp_name="--pp", whose="the teacher's ",
+    )
 
     # ---- processes and layout ------------------------------------------------------------
     device = rt.resolve_device(cfg.device)

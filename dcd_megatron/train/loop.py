@@ -114,6 +114,7 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
         num_layers=cfg.model.num_layers,
         num_attention_heads=cfg.model.num_attention_heads,
         num_query_groups=cfg.model.query_groups,
+        ffn_hidden_size=cfg.model.ffn_size,
         seq_length=cfg.data.seq_length,
         global_batch_size=cfg.train.global_batch_size,
         micro_batch_size=cfg.train.micro_batch_size,
