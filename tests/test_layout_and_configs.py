@@ -61,6 +61,8 @@ def test_parallel_config_fields_are_checked():
         ({"hidden_size": 30, "num_attention_heads": 4}, "model.hidden_size"),
         ({"num_query_groups": 3}, "model.num_query_groups"),
         ({"rotary_percent": 0.0}, "model.rotary_percent"),
+        ({"kv_channels": 7}, "RoPE rotates channel pairs: .* = 7 channels must be even"),
+        ({"hidden_size": 64, "rotary_percent": 0.01}, "must be even and >= 2"),
         ({"hidden_dropout": 1.0}, "model.hidden_dropout"),
         ({"fp8": "hybrid"}, "params_dtype=bf16"),
     ],
@@ -68,6 +70,28 @@ def test_parallel_config_fields_are_checked():
 def test_model_config_names_the_field(kw, needle):
     with pytest.raises(ValueError, match=needle):
         ModelConfig(**kw)
+
+
+def test_init_checkpoint_of_another_architecture_is_refused_naming_the_fields(tmp_path):
+    import json
+
+    import yaml
+
+    from dcd_megatron.recipes import tiny_distill_1cpu_fp32_config
+    from dcd_megatron.train.loop import _checked_init_checkpoint
+
+    saved = tiny_distill_1cpu_fp32_config()
+    iter_dir = tmp_path / "run" / "checkpoints" / "iter_0000005"
+    iter_dir.mkdir(parents=True)
+    (iter_dir / "meta.json").write_text(json.dumps({"step": 5, "config": yaml.safe_dump(to_dict(saved))}))
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("iter_0000005")
+    same = apply_overrides(saved, [f"model.init_checkpoint={tmp_path / 'run'}"])
+    assert _checked_init_checkpoint(same) == iter_dir  # a run dir resolves to its latest checkpoint
+    deeper = apply_overrides(same, ["model.num_layers=3", "model.ffn_hidden_size=256"])
+    with pytest.raises(ConfigError, match=r"another architecture \(num_layers: 3 vs 2; ffn_size: 256 vs 192: this config vs the checkpoint"):
+        _checked_init_checkpoint(deeper)
+    with pytest.raises(FileNotFoundError, match="holds no complete dcd-train checkpoint"):
+        _checked_init_checkpoint(apply_overrides(saved, [f"model.init_checkpoint={tmp_path / 'nothing'}"]))
 
 
 def test_vocab_padding_follows_tp():

@@ -158,3 +158,11 @@ def test_topk_kl_term_trains_end_to_end(tmp_path):
     ])
     _assert_ok(proc)
     _assert_learns(out, 16)
+
+
+def test_a_vocab_size_below_the_tokenizer_stops_with_one_line(tmp_path):
+    """Checked before the model is built: megatron would fail with an IndexError in the embedding."""
+    proc = run_train(tmp_path / "run", ["train.steps=1", "model.vocab_size=10"], timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert "model.vocab_size=10 is smaller than the tokenizer's 18 ids" in proc.stdout
+    assert "Traceback" not in proc.stdout

@@ -56,6 +56,13 @@ class ModelConfig:
             raise ValueError("model.make_vocab_size_divisible_by must be >= 1")
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ValueError(f"model.rotary_percent must be in (0, 1], got {self.rotary_percent}")
+        head = self.kv_channels or self.hidden_size // self.num_attention_heads
+        rotated = int(head * self.rotary_percent)
+        if rotated < 2 or rotated % 2:
+            raise ValueError(
+                f"RoPE rotates channel pairs: model.kv_channels x model.rotary_percent = {head} x "
+                f"{self.rotary_percent} = {rotated} channels must be even and >= 2"
+            )
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -78,6 +85,12 @@ class ModelConfig:
             return self.ffn_hidden_size
         size = int(8 * self.hidden_size / 3)
         return 16 * ((size + 15) // 16)
+
+    def shape_differences(self, other: "ModelConfig") -> list[str]:
+        """The fields that fix parameter shapes and differ from `other` (a checkpoint's), as `name: ours vs theirs`."""
+        names = ("num_layers", "hidden_size", "num_attention_heads", "query_groups", "ffn_size", "kv_channels",
+                 "add_qkv_bias", "untie_embeddings_and_output_weights")
+        return [f"{n}: {getattr(self, n)} vs {getattr(other, n)}" for n in names if getattr(self, n) != getattr(other, n)]
 
     def padded_vocab_size(self, vocab_size: int, tp: int) -> int:
         """Pad the vocabulary so every tensor-parallel shard has the same width (megatron's rule)."""

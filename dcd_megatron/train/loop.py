@@ -81,6 +81,7 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
 
     from dcd_megatron.data import (
         MicroBatchIterator,
+        TokenizerError,
         build_caches,
         load_tokenizer,
         load_trace_data,
@@ -108,6 +109,11 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
     _set_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or min(info.world_size, os.cpu_count() or 1))
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type)
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
+    if vocab_size < tokenizer.vocab_size:
+        raise TokenizerError(
+            f"model.vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids "
+            f"({cfg.data.tokenizer}): larger ids would index past the embedding; unset model.vocab_size or raise it"
+        )
     layout = validate_layout(
         cfg.parallel,
         world_size=info.world_size,
@@ -180,9 +186,10 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
         if is_logger:
             print(f"resumed from {resume_from} at step {start_step}", flush=True)
     elif cfg.model.init_checkpoint:
-        ckpt.load_checkpoint(Path(cfg.model.init_checkpoint), chunks, None, None, load_optimizer=False)
+        init_from = _checked_init_checkpoint(cfg)
+        ckpt.load_checkpoint(init_from, chunks, None, None, load_optimizer=False)
         if is_logger:
-            print(f"initialised the student from {cfg.model.init_checkpoint}", flush=True)
+            print(f"initialised the student from {init_from}", flush=True)
 
     if start_step >= cfg.train.steps and is_logger:
         print(f"{resume_from} is already at step {start_step} of train.steps={cfg.train.steps}: "
@@ -333,6 +340,23 @@ def _check_teacher_coverage(cfg: TrainConfig, meta: dict) -> None:
             f"{fraction:.1%} of the kept training rows in {cfg.data.train_path} have `teacher_logprobs`; "
             "add them with `dcd-score`, drop the rows without them, or use loss.method=sft/student_only"
         )
+
+
+def _checked_init_checkpoint(cfg: TrainConfig) -> Path:
+    """The checkpoint directory `model.init_checkpoint` names (a run, its checkpoints/ or an iter dir),
+    refused with the differing fields when its parameter shapes are not `cfg.model`'s."""
+    from dcd_megatron.configs.overrides import ConfigError
+    from dcd_megatron.model.inference import read_checkpoint_config
+
+    path, theirs, _ = read_checkpoint_config(Path(cfg.model.init_checkpoint))
+    differences = cfg.model.shape_differences(theirs.model)
+    if differences:
+        raise ConfigError(
+            f"model.init_checkpoint={cfg.model.init_checkpoint} holds another architecture "
+            f"({'; '.join(differences)}: this config vs the checkpoint); use the model section it was saved "
+            f"with (the config in {path / 'meta.json'}; a dcd-convert output also has it as train.yaml for --config)"
+        )
+    return path
 
 
 class StopSignal:
