@@ -33,7 +33,7 @@ class ModelConfig:
     params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # parameter/activation dtype (the loss is always fp32)
     fp8: Literal["hybrid", "e4m3"] | None = None  # FP8 transformer layers through Transformer Engine (GPU); null = off
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"  # delayed/tensorwise: sm89+, blockwise: Hopper, mxfp8: Blackwell
-    init_checkpoint: str | None = None  # a megatron dist checkpoint to start from (e.g. converted)
+    init_checkpoint: str | None = None  # checkpoint to start from (dcd-convert output, run or iter dir); same architecture
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
