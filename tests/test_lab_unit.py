@@ -14,7 +14,7 @@ from dcd_megatron.lab import task
 from dcd_megatron.lab.arms import ARMS, arm_loss
 from dcd_megatron.lab.config import LabConfig, LabConfigError, NetConfig, tiny_lab_config, trace_tokens
 from dcd_megatron.lab.evaluate import BRANCH_POSITION, token_batch, weights_by_style
-from dcd_megatron.lab.kv_model import KVCachedGPT
+from dcd_megatron.model.kv_decoder import KVCachedGPT
 from dcd_megatron.lab.sampling import sample_and_score
 from dcd_megatron.lab.stats import binomial_se, idle_wall_estimate, list_schedule, summarize, verdict
 from dcd_megatron.loss import DCDConfig

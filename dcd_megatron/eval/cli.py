@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-loader", default=None, metavar="MODULE:FUNCTION",
                    help="function(args) -> EvalModel that loads the model")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the loader's choice)")
+    p.add_argument("--recompute", action="store_true",
+                   help="--checkpoint: decode with megatron's GPTModel recomputing the prefix each token "
+                   "(slow; default: a KV-cached copy of the same weights, checked against it at load)")
     p.add_argument("--grade-timeout", type=int, default=5, help="seconds per math-verify parse/verify")
     p.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=False,
                    help="log the results to MLflow")

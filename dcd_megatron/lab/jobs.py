@@ -96,20 +96,16 @@ _MODELS: dict[str, tuple] = {}
 def load_kv(checkpoint: str):
     """(KVCachedGPT, tokenizer, max |logit diff| vs megatron) for a checkpoint, cached per process."""
     if checkpoint not in _MODELS:
-        import torch
-
-        from dcd_megatron.lab.kv_model import KVCachedGPT
         from dcd_megatron.model.inference import load_trained_model
+        from dcd_megatron.model.kv_decoder import KVCachedGPT, max_logit_difference
 
         loaded, tok = load_trained_model(checkpoint, device="cpu")
         kv = KVCachedGPT.from_loaded(loaded)
-        probe = torch.randint(3, loaded.vocab_size, (4, 48), generator=torch.Generator().manual_seed(0))
-        probe[:, 0] = tok.bos_id
-        diff = float((kv(probe) - loaded.logits(probe)).abs().max())
+        diff, _ = max_logit_difference(kv, loaded, tok.bos_id)
         if not diff <= KV_TOLERANCE:
             raise RuntimeError(
-                f"the lab's KV-cached model disagrees with megatron's GPTModel on {checkpoint} "
-                f"(max |logit diff| {diff:.2e} > {KV_TOLERANCE}): lab/kv_model.py no longer matches the "
+                f"the KV-cached decoder disagrees with megatron's GPTModel on {checkpoint} "
+                f"(max |logit diff| {diff:.2e} > {KV_TOLERANCE}): model/kv_decoder.py no longer matches the "
                 "installed megatron-core's forward; fix it (tests/test_lab_e2e.py shows the check)"
             )
         if len(_MODELS) > 8:
