@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU smoke test: the tiny recipe on one GPU in BF16 (tiny_gpu_bf16) and, where Transformer Engine
 # imports and the GPU has FP8 (compute capability >= 8.9), in FP8 (tiny_gpu_fp8); prints the
-# loss and tokens/s of each from the run's metrics.jsonl, and what it skipped and why.
+# loss and tokens/s of each from the run's metrics.jsonl, and what it skipped and why. Then
+# loads the BF16 run's checkpoint as dcd-eval does and checks the KV-cached decoder against
+# megatron's forward on that device (the Transformer Engine layer spec where TE imports).
 #
 #   scripts/gpu_smoke.sh [key=value ...]      # extra dcd-train overrides for both runs
 #                                             # (steps: DCD_SMOKE_STEPS, not train.steps)
@@ -76,11 +78,47 @@ PY
     summary+=("$label: $line")
 }
 
+check_decoder() {
+    local label=$1 dir=$2 device=$3
+    if [[ ! -f $dir/final_metrics.json ]]; then
+        summary+=("$label: skipped (no finished run in $dir)")
+        return 0
+    fi
+    local line rc=0
+    line=$(timeout --kill-after=15 "$run_timeout" "$DCD_PYTHON" - "$dir" "$device" 2>"$dir.decode.log" <<'PY'
+import sys
+
+from dcd_megatron.eval.student import decoder_for
+from dcd_megatron.model.inference import load_trained_model
+from dcd_megatron.model.kv_decoder import KVCachedGPT, max_logit_difference
+
+loaded, tok = load_trained_model(sys.argv[1], device=sys.argv[2])
+te = any("layer_norm_weight" in k for k in loaded.module.state_dict())
+diff, scale = max_logit_difference(KVCachedGPT.from_loaded(loaded), loaded, tok.bos_id)
+used = isinstance(decoder_for(loaded, tok.bos_id), KVCachedGPT)
+dtype = next(loaded.module.parameters()).dtype
+print(f"KV decoder vs megatron ({'TE' if te else 'local'} spec, {dtype}, {loaded.device}): max |logit diff| "
+      f"{diff:.2e} of max |logit| {scale:.1f}; {'KV cache used' if used else 'NOT used: dcd-eval would recompute'}")
+sys.exit(0 if used else 1)
+PY
+    ) || rc=$?
+    if (( rc != 0 )); then
+        say "$label: FAILED (exit code $rc) ${line}; last lines of $dir.decode.log:"
+        tail -n 15 "$dir.decode.log" >&2
+        summary+=("$label: FAILED (exit code $rc) $line")
+        failed=1
+        return 0
+    fi
+    say "$label: $line"
+    summary+=("$label: $line")
+}
+
 if [[ $cpu_mode == 1 ]]; then
     steps=${DCD_SMOKE_STEPS:-2}
     say "DCD_SMOKE_CPU=1: checking the script on CPU (tiny_cpu, $steps steps); no GPU is used"
     run_recipe cpu tiny_cpu runtime.device=cpu data.seq_length=64 train.global_batch_size=8 \
         train.micro_batch_size=2 train.log_interval=1 optim.warmup_steps=1 "$@"
+    check_decoder decode "$out/cpu" cpu
     summary+=("bf16: skipped (DCD_SMOKE_CPU=1)" "fp8: skipped (DCD_SMOKE_CPU=1)")
 else
     gpu_info=$("$DCD_PYTHON" -c '
@@ -99,6 +137,7 @@ if torch.cuda.is_available() and torch.cuda.device_count() > 0:
     export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 
     run_recipe bf16 tiny_gpu_bf16 "$@"
+    check_decoder decode "$out/bf16" cuda
 
     if ! te_error=$("$DCD_PYTHON" -c 'import transformer_engine.pytorch' 2>&1); then
         reason="transformer_engine does not import ($(echo "$te_error" | tail -n 1))"

@@ -229,3 +229,5 @@ def test_gpu_smoke_cpu_mode_reports_loss_and_tokens_per_s(tmp_path):
     summary = proc.stdout[proc.stdout.index("summary"):]
     assert last in summary and tps in summary, proc.stdout
     assert "bf16: skipped (DCD_SMOKE_CPU=1)" in summary and "fp8: skipped" in summary, summary
+    assert "decode: KV decoder vs megatron (local spec, torch.float32, cpu)" in summary, summary
+    assert "KV cache used" in summary, summary
