@@ -9,7 +9,9 @@ the output-layer weight shard ``[V/tp, h]``), for:
 - ``DCD chunked``: the DCD loss function from the hidden states and the weight,
   ``loss.chunk_size`` tokens at a time (the fused scheme of per-token weights);
 - ``DCD chunked prefix``: the same with ``prefix`` weights (the recompute scheme: one extra
-  matmul per chunk).
+  matmul per chunk);
+- optional (``--impls``), ``DCD full topk`` / ``DCD chunked topk``: ``DCD full`` / ``DCD
+  chunked`` with ``loss.term=topk_kl`` (``--topk`` teacher ids per token, random).
 
 CPU mode (default): TP=2 ranks over gloo, one thread each, CPU seconds (``time.process_time``)
 and peak memory from torch.profiler's memory events (every allocation and free torch makes:
@@ -25,6 +27,7 @@ and MFU (the three matmuls of the output layer, ``6 N h V`` flops, against ``--p
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -40,6 +43,7 @@ from benchmarks._harness import (  # noqa: E402
 
 SECTION = "## Loss from hidden states: sequence-length sweep"
 IMPLS = ("megatron CE", "DCD full", "DCD chunked", "DCD chunked prefix")
+TOPK_IMPLS = ("DCD full topk", "DCD chunked topk")  # only when asked for (--impls)
 
 
 def make_impls(args, tp_group, tp_rank: int, tp: int, device):
@@ -58,16 +62,21 @@ def make_impls(args, tp_group, tp_rank: int, tp: int, device):
     full = make_loss_func(DCDConfig(method="sigmoid", chunk_size=0), tp_group=tp_group)
     chunked = make_loss_func(DCDConfig(method="sigmoid", chunk_size=args.chunk), tp_group=tp_group)
     prefix = make_loss_func(DCDConfig(method="prefix", chunk_size=args.chunk), tp_group=tp_group)
+    full_topk = make_loss_func(DCDConfig(method="sigmoid", term="topk_kl", chunk_size=0), tp_group=tp_group)
+    chunked_topk = make_loss_func(DCDConfig(method="sigmoid", term="topk_kl", chunk_size=args.chunk), tp_group=tp_group)
 
     def megatron_ce(h, w, batch, labels_sb):
         logits = F.linear(to_tp(h), w)  # [s, b, V/tp]
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels_sb).sum()
         return torch.autograd.grad(loss, (h, w))
 
-    def dcd_full(h, w, batch, labels_sb):
-        logits = F.linear(to_tp(h), w).transpose(0, 1)  # [b, s, V/tp], as GPTModel returns it
-        loss, _, _ = full(batch, logits)
-        return torch.autograd.grad(loss, (h, w))
+    def dcd_full(fn):
+        def run(h, w, batch, labels_sb):
+            logits = F.linear(to_tp(h), w).transpose(0, 1)  # [b, s, V/tp], as GPTModel returns it
+            loss, _, _ = fn(batch, logits)
+            return torch.autograd.grad(loss, (h, w))
+
+        return run
 
     def dcd_chunked(fn):
         def run(h, w, batch, labels_sb):
@@ -76,8 +85,9 @@ def make_impls(args, tp_group, tp_rank: int, tp: int, device):
 
         return run
 
-    impls = {"megatron CE": megatron_ce, "DCD full": dcd_full,
-             "DCD chunked": dcd_chunked(chunked), "DCD chunked prefix": dcd_chunked(prefix)}
+    impls = {"megatron CE": megatron_ce, "DCD full": dcd_full(full),
+             "DCD chunked": dcd_chunked(chunked), "DCD chunked prefix": dcd_chunked(prefix),
+             "DCD full topk": dcd_full(full_topk), "DCD chunked topk": dcd_chunked(chunked_topk)}
     return {k: impls[k] for k in args.impls}
 
 
@@ -97,6 +107,11 @@ def measure(args, tp_group, tp_rank: int, tp: int, device, barrier) -> dict:
             "teacher_logprobs": (-torch.rand(b, seq, generator=g) * 3).to(device),
             "segment_ids": torch.zeros(b, seq, dtype=torch.long, device=device),
         }
+        if set(TOPK_IMPLS) & set(impls):  # k distinct ids a token, spread over the shards; teacher mass 0.9
+            first = torch.randint(0, args.vocab, (b, seq, 1), generator=g)
+            ids = (first + torch.arange(args.topk) * (args.vocab // args.topk)) % args.vocab
+            batch["teacher_topk_ids"] = ids.to(device)
+            batch["teacher_topk_logprobs"] = torch.full((b, seq, args.topk), math.log(0.9 / args.topk), device=device)
         labels_sb = labels.t().contiguous()
         hidden = torch.randn(seq, b, args.hidden, generator=g).to(device=device, dtype=dtype)
         weight = (torch.randn(args.vocab, args.hidden, generator=g) * args.hidden**-0.5)
@@ -209,10 +224,12 @@ def verdict(args, results: dict) -> str:
                      f"<= 1.10x: {'met' if x <= 1.10 else 'not met'})")
         lines.append(f"- DCD chunked peak memory {m:.3f}x megatron's CE path (target <= 0.25x: "
                      f"{'met' if m <= 0.25 else 'not met'})")
-    if "DCD chunked prefix" in t:
-        x = t["DCD chunked prefix"] / t["megatron CE"]
-        m = p["DCD chunked prefix"] / p["megatron CE"]
-        lines.append(f"- DCD chunked, `prefix` weights (recompute): time {x:.2f}x, peak {m:.3f}x megatron's CE path")
+    for name, label in (("DCD chunked prefix", "DCD chunked, `prefix` weights (recompute)"),
+                        ("DCD full topk", "DCD full, `term=topk_kl`"),
+                        ("DCD chunked topk", "DCD chunked, `term=topk_kl`")):
+        if name in t:
+            x, m = t[name] / t["megatron CE"], p[name] / p["megatron CE"]
+            lines.append(f"- {label}: time {x:.2f}x, peak {m:.3f}x megatron's CE path")
     return "\n".join(lines)
 
 
@@ -266,7 +283,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads per rank")
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument("--impls", nargs="+", choices=IMPLS + TOPK_IMPLS, default=list(IMPLS))
+    parser.add_argument("--topk", type=int, default=8, help="teacher top-k ids per token (for the topk impls)")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="GPU: for MFU")
     parser.add_argument("--write", type=Path, help="rewrite this section of a markdown file (CPU mode)")
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dcd_megatron.loss import DCDConfig, DCDConfigError, make_loss_func, vocab_parallel_logprobs
-from dcd_megatron.loss.chunked import chunked_logprobs, fused_weighted_nll
+from dcd_megatron.loss.chunked import chunked_logprobs, fused_chunked_loss
 from dcd_megatron.loss.cp_layout import split_for_rank
 from tests.dist import run_ranks
 
@@ -105,9 +105,13 @@ def test_chunked_logprobs_match_vocab_parallel_logprobs(chunk):
 
 def test_fused_scales_with_the_upstream_gradient_and_matches_recompute():
     batch, hidden, weight = make_batch(seed=2)
-    coef = lambda s, rows: -torch.sigmoid(s)  # noqa: E731 - a per-token, s-dependent coefficient
+
+    def chunk_loss(logprobs, rows):  # a per-token, s-dependent coefficient times s
+        coef = -torch.sigmoid(logprobs)
+        return (coef * logprobs).sum(), coef
+
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss, s = fused_weighted_nll(h1, w1, batch["labels"], coef, chunk_size=3)
+    loss, s = fused_chunked_loss(h1, w1, batch["labels"], chunk_loss, chunk_size=3)
     (loss * 3.0).backward()
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     s2 = chunked_logprobs(h2, w2, batch["labels"], chunk_size=7)
@@ -133,7 +137,7 @@ def test_no_grad_evaluation_and_single_chunk():
 def test_config_and_bad_inputs():
     assert DCDConfig().chunked and DCDConfig().chunk_size > 0  # on by default
     assert not DCDConfig(chunk_size=0).chunked
-    assert not DCDConfig(term="topk_kl").chunked  # the top-k KL term needs the full logits
+    assert DCDConfig(term="topk_kl").chunked and not DCDConfig(term="topk_kl", chunk_size=0).chunked
     for bad in (-1, 1.5, True):
         with pytest.raises(DCDConfigError, match="chunk_size"):
             DCDConfig(chunk_size=bad)

@@ -3,26 +3,33 @@
 Instead of the vocabulary-sharded logits ``[b, s, V/tp]`` the loss gets the final hidden
 states ``[b, s, h]`` (already in the tensor-parallel region: what megatron's output layer
 would multiply) and the output-layer weight shard ``[V/tp, h]``. Per chunk of ``chunk_size``
-tokens it computes ``logits = hidden_chunk @ W^T``, the vocab-parallel log-probability of
-the target (one all-gather of two numbers per token over the TP group, as in
-``logprobs.py``), and drops the logits. Extra peak memory: O(chunk x V/tp), not O(s x V/tp).
+tokens it computes ``logits = hidden_chunk @ W^T``, the vocab-parallel log-probabilities of
+``m`` ids per token (the target, and for the top-k KL term also the teacher's top-k ids;
+each logit comes from the shard that owns the id, and one all-gather of ``1 + m`` numbers
+per token over the TP group gives them and the log-sum-exp, as in ``logprobs.py`` and
+``topk_kl.py``), and drops the logits. Extra peak memory: O(chunk x V/tp), not O(s x V/tp).
+The per-token term is a function of those log-probs (``-s_t``, or the top-k KL), so its
+logits gradient is ``sum_j g_j (onehot(i_j) - softmax)`` with ``g_j`` its gradient w.r.t.
+the log-prob of id ``j``: a per-row multiple of the softmax plus a scatter.
 
 Two exact gradient schemes, both ``torch.autograd.Function``s:
 
 - **fused** (per-token weights: ``sft``, ``sigmoid``, ``student_only``, ``tis`` with a fixed
   bias): the weight of token t is a function of ``s_t`` and ``a_t`` alone, so it is known as
-  soon as the chunk's log-probs are. The forward pass then also computes the chunk's logits
-  gradient ``-u_t (onehot - softmax)`` in the logits buffer and turns it at once into the
-  hidden-state and weight gradients (two matmuls), as Liger-Kernel's fused linear
-  cross-entropy does for plain CE. The output-layer work is one forward and two backward
-  matmuls, as in the unchunked path; backward only scales the stored gradients.
+  soon as the chunk's log-probs are, and so is ``g = u_t * d term_t / d logprobs`` (autograd
+  over the chunk's ``[c, m]`` log-probs, the same term function as the full-logits path). The
+  forward pass then also computes the chunk's logits gradient in the logits buffer and turns
+  it at once into the hidden-state and weight gradients (two matmuls), as Liger-Kernel's
+  fused linear cross-entropy does for plain CE. The output-layer work is one forward and two
+  backward matmuls, as in the unchunked path; backward only scales the stored gradients.
 - **recompute** (any weight, e.g. ``prefix``/``sequence``/median bias, which need every
-  token's log-prob first): the forward pass keeps only the per-token log-sum-exp; backward
-  recomputes each chunk's logits (one extra matmul) and forms the gradient from the upstream
-  per-token gradient, with no collective.
+  token's log-prob first): the forward pass keeps only the per-token log-sum-exp and returns
+  the ``[b, s, m]`` log-probs, from which the weights and the term are computed with autograd
+  as on the full logits; backward recomputes each chunk's logits (one extra matmul) and forms
+  the gradient from the upstream ``[c, m]`` gradient, with no collective.
 
 Only loss-masked-in tokens are computed (a masked-out token has weight 0 and no gradient);
-their log-prob is returned as 0. The tensor-parallel input handling (the all-reduce of the
+their log-probs are returned as 0. The tensor-parallel input handling (the all-reduce of the
 hidden-state gradient, or the sequence-parallel gather) is done by the model's output layer
 (``dcd_megatron.model.builder.return_hidden_states``), exactly as megatron's
 ``ColumnParallelLinear`` does, so it is not repeated here.
@@ -36,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from dcd_megatron.loss.logprobs import _combine_shards, _group_rank_size, _ids_grad_into, _local_ids
 from dcd_megatron.loss.report import build_report
 from dcd_megatron.loss.weights import (
     _looks_along_rows,
@@ -43,54 +51,48 @@ from dcd_megatron.loss.weights import (
     normalize_weights,
 )
 
-# coef(student_logprobs of the chunk [c] fp32, index of its rows [c]) -> dL/ds for those rows
-Coefficient = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _group_world(group) -> tuple[int, int]:
-    if group is None or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+# chunk_loss(log-probs of the chunk's ids [c, m] fp32, index of its rows [c])
+#   -> (the chunk's loss, a scalar; d loss / d log-probs [c, m])
+ChunkLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# term(log-probs [n, 1 + k] of (label, the term's k ids), index of the rows [n]) -> per-token term [n]
+GatheredTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _chunk_forward(h: torch.Tensor, weight: torch.Tensor, local: torch.Tensor, owned: torch.Tensor, group, world: int):
     """Logits of one chunk and their vocab-parallel statistics.
 
     Returns ``e`` (fp32 ``exp(logits - row max)``, a buffer the caller may overwrite),
-    the row max, the global log-sum-exp and the global target logit (fp32, ``[c]``).
+    the row max, the global log-sum-exp ``[c]`` and the log-probs of the ids ``[c, m]`` (fp32).
     """
     z = F.linear(h, weight)  # [c, V/tp] in the activation dtype, as megatron's output layer
     x = z if z.dtype == torch.float32 else z.float()
     del z
     row_max = x.amax(dim=-1)
-    picked = x.gather(1, local[:, None]).squeeze(1)
-    target = torch.where(owned, picked, torch.zeros_like(picked))
+    picked = x.gather(1, local).masked_fill_(~owned, 0.0)  # [c, m]: 0 on ids another shard owns
     x.sub_(row_max[:, None]).exp_()
     lse = x.sum(dim=-1).log_().add_(row_max)
-    if world > 1:
-        stats = torch.stack([lse, target])  # one collective: every shard's (lse, target logit)
-        parts = [torch.empty_like(stats) for _ in range(world)]
-        dist.all_gather(parts, stats, group=group)
-        gathered = torch.stack(parts)
-        lse = torch.logsumexp(gathered[:, 0], dim=0)
-        target = gathered[:, 1].sum(dim=0)
-    return x, row_max, lse, target
+    lse, picked = _combine_shards(lse, picked, group, world)  # one collective per chunk
+    return x, row_max, lse, picked - lse[:, None]
 
 
-def _logits_grad_into(e: torch.Tensor, scale: torch.Tensor, g: torch.Tensor, local, owned) -> torch.Tensor:
-    """Turn ``e`` (rows of ``exp(x - m)``) into ``g * (onehot(y) - softmax(x))`` in place.
-
-    ``scale`` is ``exp(m - lse)`` per row, so ``softmax = e * scale``.
-    """
-    e.mul_((scale * -g)[:, None])
-    e.scatter_add_(1, local[:, None], torch.where(owned, g, torch.zeros_like(g))[:, None])
-    return e
+def _grad_buffers(ctx, hidden, weight):
+    """Zeroed gradients of ``hidden`` and (fp32, the accumulator) of ``weight``, None where not needed."""
+    need_h, need_w = ctx.needs_input_grad[:2]
+    grad_h = torch.zeros_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    return grad_h, grad_w
 
 
-def _targets(targets: torch.Tensor, rank: int, shard: int):
-    local = targets.to(torch.long) - rank * shard
-    owned = (local >= 0) & (local < shard)
-    return torch.where(owned, local, torch.zeros_like(local)), owned
+def _add_matmul_grads(gz, h, weight, rows, grad_h, grad_w) -> None:
+    """The chunk's logits gradient ``gz`` [c, V/tp] into the hidden-state rows and the weight gradient."""
+    gz = gz.to(weight.dtype)
+    if grad_h is not None:
+        grad_h[rows] = (gz @ weight).to(grad_h.dtype)
+    if grad_w is not None:
+        if grad_w.dtype == gz.dtype:
+            grad_w.addmm_(gz.t(), h)
+        else:  # fp32 accumulator for low-precision weights
+            grad_w.add_(gz.t() @ h)
 
 
 def _chunks(n: int, size: int):
@@ -99,20 +101,20 @@ def _chunks(n: int, size: int):
 
 
 class _RecomputeLogProbs(torch.autograd.Function):
-    """log p(target) of the rows ``idx`` of ``hidden`` [N, h]; backward recomputes the logits."""
+    """log p(ids) ``[N, m]`` of the rows ``idx`` of ``hidden`` [N, h]; backward recomputes the logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, idx, group, chunk):
-        rank, world = _group_world(group)
-        local, owned = _targets(targets, rank, weight.shape[0])
-        out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    def forward(ctx, hidden, weight, ids, idx, group, chunk):
+        rank, world = _group_rank_size(group)
+        local, owned = _local_ids(ids, rank, weight.shape[0])
+        out = torch.zeros(ids.shape, dtype=torch.float32, device=hidden.device)
         lse_all = torch.empty(idx.numel(), dtype=torch.float32, device=hidden.device)
         for c in _chunks(idx.numel(), chunk):
             rows = idx[c]
-            e, _, lse, target = _chunk_forward(hidden[rows], weight, local[rows], owned[rows], group, world)
+            e, _, lse, logprobs = _chunk_forward(hidden[rows], weight, local[rows], owned[rows], group, world)
             del e
             lse_all[c] = lse
-            out[rows] = target - lse
+            out[rows] = logprobs
         ctx.group, ctx.chunk = group, chunk
         ctx.save_for_backward(hidden, weight, local, owned, idx, lse_all)
         return out
@@ -120,10 +122,7 @@ class _RecomputeLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, local, owned, idx, lse_all = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[:2]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype != torch.float32 else weight.dtype,
-                             device=weight.device) if need_w else None
+        grad_h, grad_w = _grad_buffers(ctx, hidden, weight)
         g_all = grad_out.float()
         for c in _chunks(idx.numel(), ctx.chunk):
             rows = idx[c]
@@ -131,62 +130,47 @@ class _RecomputeLogProbs(torch.autograd.Function):
             x = F.linear(h, weight)
             x = x if x.dtype == torch.float32 else x.float()
             x.sub_(lse_all[c][:, None]).exp_()  # softmax, from the saved global log-sum-exp
-            gz = _logits_grad_into(x, torch.ones_like(lse_all[c]), g_all[rows], local[rows], owned[rows])
-            gz = gz.to(weight.dtype)
-            if need_h:
-                grad_h[rows] = (gz @ weight).to(hidden.dtype)
-            if need_w:
-                if grad_w.dtype == gz.dtype:
-                    grad_w.addmm_(gz.t(), h)
-                else:
-                    grad_w.add_(gz.t() @ h)
-        if need_w and grad_w.dtype != weight.dtype:
+            gz = _ids_grad_into(x, torch.ones_like(lse_all[c]), g_all[rows], local[rows], owned[rows])
+            _add_matmul_grads(gz, h, weight, rows, grad_h, grad_w)
+        if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None
 
 
-class _FusedWeightedLogProbs(torch.autograd.Function):
-    """``loss = sum_t coef_t * s_t`` over the rows ``idx``, coefficients known per chunk.
+class _FusedChunkLoss(torch.autograd.Function):
+    """``loss = sum over chunks of chunk_loss(log-probs of the chunk's ids)`` over the rows ``idx``.
 
-    Returns ``(loss, s)``; ``s`` (fp32 [N], 0 outside ``idx``) carries no gradient. The
-    gradients w.r.t. ``hidden`` and ``weight`` are computed in the forward pass.
+    Returns ``(loss, logprobs)``; ``logprobs`` (fp32 [N, m], 0 outside ``idx``) carries no
+    gradient. The gradients w.r.t. ``hidden`` and ``weight`` are computed in the forward pass
+    from the ``d loss / d log-probs`` that ``chunk_loss`` returns with each chunk's loss.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, idx, group, chunk, coef: Coefficient):
-        rank, world = _group_world(group)
-        local, owned = _targets(targets, rank, weight.shape[0])
-        need_h, need_w = ctx.needs_input_grad[:2]
-        out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    def forward(ctx, hidden, weight, ids, idx, group, chunk, chunk_loss: ChunkLoss):
+        rank, world = _group_rank_size(group)
+        local, owned = _local_ids(ids, rank, weight.shape[0])
+        out = torch.zeros(ids.shape, dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_h, grad_w = _grad_buffers(ctx, hidden, weight)
         for c in _chunks(idx.numel(), chunk):
             rows = idx[c]
             h = hidden[rows]
-            e, row_max, lse, target = _chunk_forward(h, weight, local[rows], owned[rows], group, world)
-            s = target - lse
-            out[rows] = s
-            g = coef(s, rows).to(torch.float32)
-            loss += (g.double() * s.double()).sum()
-            if need_h or need_w:
-                gz = _logits_grad_into(e, (row_max - lse).exp_(), g, local[rows], owned[rows]).to(weight.dtype)
-                if need_h:
-                    grad_h[rows] = (gz @ weight).to(hidden.dtype)
-                if need_w:
-                    if grad_w.dtype == gz.dtype:
-                        grad_w.addmm_(gz.t(), h)
-                    else:  # fp32 accumulator for low-precision weights
-                        grad_w.add_(gz.t() @ h)
+            e, row_max, lse, logprobs = _chunk_forward(h, weight, local[rows], owned[rows], group, world)
+            out[rows] = logprobs
+            value, g = chunk_loss(logprobs, rows)
+            loss += value
+            if grad_h is not None or grad_w is not None:
+                gz = _ids_grad_into(e, (row_max - lse).exp_(), g.to(torch.float32), local[rows], owned[rows])
+                _add_matmul_grads(gz, h, weight, rows, grad_h, grad_w)
             del e
-        if need_w:
+        if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         ctx.grads = (grad_h, grad_w)
         ctx.mark_non_differentiable(out)
         return loss.to(torch.float32), out
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_s):
+    def backward(ctx, grad_loss, grad_logprobs):
         grad_h, grad_w = ctx.grads
         ctx.grads = None
         # the loss is linear in the stored gradients: scale them (no host sync on the scalar)
@@ -197,60 +181,71 @@ class _FusedWeightedLogProbs(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None
 
 
-def _flat_inputs(name: str, hidden, weight, targets, chunk_size: int, mask):
-    """Checked ``(hidden as [tokens, h], indices of the tokens to compute)`` for the public entry points."""
-    if hidden.shape[:-1] != targets.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+def _flat_inputs(name: str, hidden, weight, ids, chunk_size: int, mask):
+    """Checked ``(hidden as [tokens, h], ids as [tokens, m], indices of the tokens to compute)``.
+
+    ``ids`` is ``[...]`` (one id a token) or ``[..., m]`` with ``hidden`` ``[..., h]``.
+    """
+    lead = hidden.shape[:-1]
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or not (
+        ids.shape == lead or (ids.dim() == hidden.dim() and ids.shape[:-1] == lead)
+    ):
         raise ValueError(
-            f"{name}: hidden {tuple(hidden.shape)} must be targets {tuple(targets.shape)} + [h] "
-            f"and weight [V/tp, h], got weight {tuple(weight.shape)}"
+            f"{name}: hidden {tuple(hidden.shape)} must be ids {tuple(ids.shape)} (or ids without their "
+            f"last dimension) + [h] and weight [V/tp, h], got weight {tuple(weight.shape)}"
         )
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name}: ids must be integer token ids, got {ids.dtype}")
     if chunk_size < 1:
         raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
     flat = hidden.reshape(-1, hidden.shape[-1])
     idx = mask.reshape(-1).nonzero().squeeze(1) if mask is not None else torch.arange(flat.shape[0], device=flat.device)
-    return flat, idx
+    return flat, ids.reshape(flat.shape[0], -1), idx
 
 
 def chunked_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    targets: torch.Tensor,
+    ids: torch.Tensor,
     group: dist.ProcessGroup | None = None,
     *,
     chunk_size: int = 1024,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """fp32 log p(target) ``[...]`` from hidden states ``[..., h]`` and the weight shard ``[V/tp, h]``.
+    """fp32 log p(ids), shaped like ``ids``, from hidden states ``[..., h]`` and the weight shard ``[V/tp, h]``.
 
-    Equal to ``vocab_parallel_logprobs(F.linear(hidden, weight), targets, group)`` on the
-    tokens where ``mask`` is true (all by default) and 0 elsewhere, differentiable w.r.t.
-    ``hidden`` and ``weight``, with at most ``chunk_size`` tokens' logits alive at a time
-    (backward recomputes them).
+    ``ids`` is ``[...]`` (e.g. the targets) or ``[..., m]`` (several ids a token, e.g. the
+    label and the teacher's top-k). Equal to ``vocab_parallel_logprobs(F.linear(hidden,
+    weight), ids, group)`` (resp. ``vocab_parallel_gather_logprobs``) on the tokens where
+    ``mask`` is true (all by default) and 0 elsewhere, differentiable w.r.t. ``hidden`` and
+    ``weight``, with at most ``chunk_size`` tokens' logits alive at a time (backward
+    recomputes them).
     """
-    flat, idx = _flat_inputs("chunked_logprobs", hidden, weight, targets, chunk_size, mask)
-    out = _RecomputeLogProbs.apply(flat, weight, targets.reshape(-1), idx, group, int(chunk_size))
-    return out.view(targets.shape)
+    flat, flat_ids, idx = _flat_inputs("chunked_logprobs", hidden, weight, ids, chunk_size, mask)
+    out = _RecomputeLogProbs.apply(flat, weight, flat_ids, idx, group, int(chunk_size))
+    return out.view(ids.shape)
 
 
-def fused_weighted_nll(
+def fused_chunked_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    targets: torch.Tensor,
-    coef: Coefficient,
+    ids: torch.Tensor,
+    chunk_loss: ChunkLoss,
     group: dist.ProcessGroup | None = None,
     *,
     chunk_size: int = 1024,
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum_t coef_t * s_t, s)``: a loss linear in the log-probs with per-chunk coefficients.
+    """``(sum over chunks of chunk_loss, log p(ids))``: a loss known chunk by chunk from the log-probs.
 
-    ``coef(s_chunk, flat_rows)`` returns ``dL/ds`` for a chunk of tokens (detached; it may
-    depend on ``s_chunk``, e.g. ``-u(s_t, a_t)``). ``s`` is the detached fp32 log-prob
-    ``[...]`` (0 where ``mask`` is false). Gradients are computed in the forward pass.
+    ``chunk_loss(logprobs [c, m], flat_rows)`` returns the chunk's loss and its (detached)
+    gradient w.r.t. those log-probs; it may depend on them (e.g. ``-u(s_t, a_t) * s_t``).
+    The returned log-probs are detached fp32, shaped ``ids`` (0 where ``mask`` is false).
+    Gradients w.r.t. ``hidden`` and ``weight`` are computed in the forward pass.
     """
-    flat, idx = _flat_inputs("fused_weighted_nll", hidden, weight, targets, chunk_size, mask)
-    loss, s = _FusedWeightedLogProbs.apply(flat, weight, targets.reshape(-1), idx, group, int(chunk_size), coef)
-    return loss, s.view(targets.shape)
+    flat, flat_ids, idx = _flat_inputs("fused_chunked_loss", hidden, weight, ids, chunk_size, mask)
+    loss, out = _FusedChunkLoss.apply(flat, weight, flat_ids, idx, group, int(chunk_size), chunk_loss)
+    return loss, out.view(ids.shape)
 
 
 def per_token_weights(config) -> bool:
@@ -268,17 +263,36 @@ def _micro_factor(weights: torch.Tensor, valid: torch.Tensor, cp_group) -> torch
     return factor.to(torch.float32)
 
 
+def _gathered_term(fn, batch: Mapping[str, torch.Tensor], shape) -> tuple[torch.Tensor | None, GatheredTerm]:
+    """The loss function's per-token term on gathered log-probs: ``(the ids it reads [b, s, k] or None, term)``.
+
+    The term gets the log-probs of ``(label, ids)`` a row and must equal ``fn.token_term`` on the logits.
+    """
+    from dcd_megatron.loss.loss_func import nll_term
+    from dcd_megatron.loss.topk_kl import TopKKLTerm, topk_kl
+
+    if fn.token_term is nll_term:
+        return None, lambda logprobs, rows: -logprobs[:, 0]
+    if isinstance(fn.token_term, TopKKLTerm):
+        ids, teacher = fn.token_term.checked_inputs(batch, shape)
+        flat_teacher = teacher.reshape(-1, teacher.shape[-1])
+        return ids, lambda logprobs, rows: topk_kl(flat_teacher[rows], logprobs[:, 1:])
+    raise ValueError(
+        "the chunked DCD loss supports the nll and topk_kl terms; set loss.chunk_size=0 for other terms"
+    )
+
+
 def chunked_loss(fn, batch: Mapping[str, torch.Tensor], hidden: torch.Tensor, weight: torch.Tensor):
     """The DCD loss function's result from final hidden states ``[b, s, h]`` and the weight shard.
 
-    ``fn`` is the ``DCDLossFunction`` (config, groups, step); the result is the same
-    ``(loss_sum, num_tokens, report)`` as from the logits, for the ``nll`` term.
+    ``fn`` is the ``DCDLossFunction`` (config, groups, step, token term: ``nll`` or top-k KL);
+    the result is the same ``(loss_sum, num_tokens, report)`` as from the logits. Each chunk
+    gathers the log-probs of ``(label, the term's ids)`` per token: the label's feeds the
+    weights and the report, the term reads them all (``_gathered_term``).
     """
-    from dcd_megatron.loss.loss_func import nll_term, validate_batch
+    from dcd_megatron.loss.loss_func import validate_batch
 
     config = fn.config
-    if fn.token_term is not nll_term:
-        raise ValueError("the chunked DCD loss supports only the nll term; set loss.chunk_size=0 for other terms")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"chunked DCD loss: output_weight must be the [V/tp, h] output-layer weight, got {weight!r}")
     validate_batch(batch, hidden, config)
@@ -288,40 +302,48 @@ def chunked_loss(fn, batch: Mapping[str, torch.Tensor], hidden: torch.Tensor, we
     valid = batch["loss_mask"] > 0
 
     teacher = fn.checked_teacher(labels, teacher, valid, weight.shape[0])
+    term_ids, term = _gathered_term(fn, batch, labels.shape)
 
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).to(torch.long)
+    ids = safe_labels[..., None]
+    if term_ids is not None:
+        ids = torch.cat([ids, term_ids.to(torch.long)], dim=-1)  # [b, s, 1 + k]
     chunk = config.chunk_size or max(1, labels.numel())  # 0: one chunk of every token
     frac = batch.get("response_frac")
-    weighted = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if weighted and per_token_weights(config):
+    fused = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad) and per_token_weights(config)
+    if fused:
         flat_teacher = teacher.reshape(-1) if teacher is not None else None
 
-        def coef(s_chunk: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        def chunk_loss(logprobs: torch.Tensor, rows: torch.Tensor):
             t = flat_teacher[rows][None] if flat_teacher is not None else None
-            ones = torch.ones_like(s_chunk, dtype=torch.bool)[None]
-            return -compute_weights(s_chunk[None], t, ones, config, step=fn.step).weights[0]
+            ones = torch.ones(logprobs.shape[:1], dtype=torch.bool, device=logprobs.device)[None]
+            u = compute_weights(logprobs[None, :, 0], t, ones, config, step=fn.step).weights[0]
+            with torch.enable_grad():  # the term's gradient w.r.t. the chunk's [c, 1 + k] log-probs
+                x = logprobs.detach().requires_grad_()
+                value = (u.double() * term(x, rows).double()).sum()
+                (grad,) = torch.autograd.grad(value, x)
+            return value.detach(), grad
 
-        raw_sum, student = fused_weighted_nll(
-            hidden, weight, safe_labels, coef, fn.tp_group, chunk_size=chunk, mask=valid
+        loss_sum, logprobs = fused_chunked_loss(
+            hidden, weight, ids, chunk_loss, fn.tp_group, chunk_size=chunk, mask=valid
         )
-        result = compute_weights(
-            student, teacher, valid, config, segment_ids=batch.get("segment_ids"), cp_group=fn.cp_group,
-            cp_layout_name=fn.cp_layout, step=fn.step, want_response_frac=frac is None,
-        )
-        loss_sum = raw_sum  # sum_t coef_t * s_t = sum_t u_t * (-s_t)
+    else:  # the recompute scheme (or no gradient): log-probs first, the loss from them with autograd
+        logprobs = chunked_logprobs(hidden, weight, ids, fn.tp_group, chunk_size=chunk, mask=valid)
+    student = logprobs[..., 0]
+    result = compute_weights(
+        student, teacher, valid, config, segment_ids=batch.get("segment_ids"), cp_group=fn.cp_group,
+        cp_layout_name=fn.cp_layout, step=fn.step, want_response_frac=frac is None,
+    )
+    if fused:  # sum_t u_t * term_t, already summed chunk by chunk
         if config.normalize == "micro":  # one factor for every weight: count / sum u over the CP group
             loss_sum = loss_sum * _micro_factor(result.weights, valid, fn.cp_group)
     else:
-        student = chunked_logprobs(hidden, weight, safe_labels, fn.tp_group, chunk_size=chunk, mask=valid)
-        result = compute_weights(
-            student, teacher, valid, config, segment_ids=batch.get("segment_ids"), cp_group=fn.cp_group,
-            cp_layout_name=fn.cp_layout, step=fn.step, want_response_frac=frac is None,
-        )
         weights = result.weights
         if config.normalize == "micro":
             weights = normalize_weights(weights, valid, "micro", group=fn.cp_group)
-        term = -student
-        loss_sum = torch.where(valid, weights * term, torch.zeros_like(term)).sum()
+        flat = logprobs.reshape(-1, ids.shape[-1])
+        per_token = term(flat, torch.arange(flat.shape[0], device=flat.device)).view(labels.shape)
+        loss_sum = torch.where(valid, weights * per_token, torch.zeros_like(per_token)).sum()
     num_tokens = valid.sum().to(torch.int)
     report = build_report(
         loss_sum=loss_sum, student_logprobs=student, result=result, valid=valid,

@@ -68,7 +68,7 @@ class DCDConfig:
     tau_anneal_steps: int = 0  # optimizer steps of the tau anneal (0 = constant tau)
     # memory-bounded loss: the model hands the loss its final hidden states and the loss makes
     # and consumes the logits chunk_size tokens at a time (docs/performance.md); 0 = the full
-    # [b, s, V/tp] logits. term=topk_kl always uses the full logits.
+    # [b, s, V/tp] logits. Both terms (nll, topk_kl) are exact on either path.
     chunk_size: int = 1024
 
     def __post_init__(self) -> None:
@@ -124,7 +124,7 @@ class DCDConfig:
     @property
     def chunked(self) -> bool:
         """Whether the loss is computed from hidden states a chunk of tokens at a time."""
-        return self.chunk_size > 0 and self.term == "nll"
+        return self.chunk_size > 0
 
     def tau_at(self, step: int) -> float:
         """The temperature at optimizer step ``step``: linear from tau to tau_end, then constant."""

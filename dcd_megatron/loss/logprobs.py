@@ -87,6 +87,36 @@ def _shifted_exp_sums(x: torch.Tensor, chunk_elements: int, keep: torch.Tensor |
     return row_max, sums
 
 
+def _local_ids(ids: torch.Tensor, rank: int, shard: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids local to shard rank, 0 where another shard owns them; owned)`` for global ``ids``."""
+    local = ids.to(torch.long) - rank * shard
+    owned = (local >= 0) & (local < shard)
+    return torch.where(owned, local, torch.zeros_like(local)), owned
+
+
+def _combine_shards(lse: torch.Tensor, picked: torch.Tensor, group, world: int):
+    """The global log-sum-exp ``[rows]`` and logits at ids ``[rows, m]`` from every shard's own
+    (``picked`` is 0 on the shards that do not own an id): one all-gather of ``1 + m`` numbers a row."""
+    if world == 1:
+        return lse, picked
+    stats = torch.cat([lse[:, None], picked], dim=1)  # [rows, 1 + m]
+    parts = [torch.empty_like(stats) for _ in range(world)]
+    dist.all_gather(parts, stats, group=group)
+    gathered = torch.stack(parts)  # [world, rows, 1 + m]
+    return torch.logsumexp(gathered[:, :, 0], dim=0), gathered[:, :, 1:].sum(dim=0)
+
+
+def _ids_grad_into(block: torch.Tensor, scale: torch.Tensor, g: torch.Tensor, local, owned) -> torch.Tensor:
+    """Turn ``block`` (rows of ``softmax / scale``) into ``sum_j g_j (onehot(i_j) - softmax)`` in place.
+
+    ``g`` is ``d loss / d log p(i_j)`` ``[rows, m]`` (fp32) for the ids ``local``/``owned`` of
+    ``_local_ids``; an id listed twice in a row gets both of its terms.
+    """
+    block.mul_((scale * -g.sum(dim=1))[:, None])
+    block.scatter_add_(1, local, torch.where(owned, g, torch.zeros_like(g)))
+    return block
+
+
 def _scatter_target(block: torch.Tensor, local: torch.Tensor, owned: torch.Tensor, g: torch.Tensor) -> None:
     """Add the one-hot part ``g * onehot(y)`` of the gradient on the rows whose target is here."""
     block.scatter_add_(1, local[:, None], torch.where(owned, g, torch.zeros_like(g))[:, None])

@@ -18,9 +18,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.distributed as dist
 
-from dcd_megatron.loss.logprobs import _chunk_elements, _fp32_blocks, _group_rank_size, _shifted_exp_sums
+from dcd_megatron.loss.logprobs import (
+    _chunk_elements,
+    _combine_shards,
+    _fp32_blocks,
+    _group_rank_size,
+    _ids_grad_into,
+    _local_ids,
+    _shifted_exp_sums,
+)
 
 _RESIDUAL_FLOOR = 1e-12  # log of a vanishing residual mass stays finite (its weight r is ~0 then)
 
@@ -33,20 +40,11 @@ class _VocabParallelGatherLogProbs(torch.autograd.Function):
         rank, world = _group_rank_size(group)
         shard = logits.shape[-1]
         x = logits.reshape(-1, shard)
-        k = ids.shape[-1]
-        local = ids.reshape(-1, k).to(torch.long) - rank * shard
-        owned = (local >= 0) & (local < shard)
-        local = torch.where(owned, local, torch.zeros_like(local))
+        local, owned = _local_ids(ids.reshape(-1, ids.shape[-1]), rank, shard)
         row_max, sums = _shifted_exp_sums(x, chunk_elements, None)
         lse = sums.log_().add_(row_max)
         picked = torch.where(owned, x.gather(1, local).float(), torch.zeros(local.shape, device=x.device))
-        if world > 1:
-            stats = torch.cat([lse[:, None], picked], dim=1)  # [rows, 1 + k]
-            parts = [torch.empty_like(stats) for _ in range(world)]
-            dist.all_gather(parts, stats, group=group)
-            gathered = torch.stack(parts)  # [world, rows, 1 + k]
-            lse = torch.logsumexp(gathered[:, :, 0], dim=0)
-            picked = gathered[:, :, 1:].sum(dim=0)
+        lse, picked = _combine_shards(lse, picked, group, world)
         ctx.chunk_elements = chunk_elements
         ctx.save_for_backward(logits, local, owned, lse)
         return (picked - lse[:, None]).view(ids.shape)
@@ -57,12 +55,12 @@ class _VocabParallelGatherLogProbs(torch.autograd.Function):
         shard = logits.shape[-1]
         x = logits.reshape(-1, shard)
         g = grad_out.reshape(local.shape).float()
-        total = g.sum(dim=1)  # d/dx_v sum_j g_j s_j = sum_j g_j onehot(i_j)_v - (sum_j g_j) softmax_v
+        # d/dx_v sum_j g_j s_j = sum_j g_j onehot(i_j)_v - (sum_j g_j) softmax_v
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        ones = torch.ones_like(lse)
         for rows, block in _fp32_blocks(grad, ctx.chunk_elements):
             torch.sub(x[rows], lse[rows, None], out=block)
-            block.exp_().mul_(-total[rows, None])
-            block.scatter_add_(1, local[rows], torch.where(owned[rows], g[rows], torch.zeros_like(g[rows])))
+            _ids_grad_into(block.exp_(), ones[rows], g[rows], local[rows], owned[rows])
         return grad.view(logits.shape), None, None, None
 
 
@@ -100,19 +98,26 @@ def topk_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> t
 
 
 class TopKKLTerm:
-    """``TokenTerm`` using the batch's ``teacher_topk_ids`` / ``teacher_topk_logprobs`` ``[b, s, k]``."""
+    """``TokenTerm`` using the batch's ``teacher_topk_ids`` / ``teacher_topk_logprobs`` ``[b, s, k]``.
+
+    The chunked loss (``chunked.py``) reads the same checked inputs (``checked_inputs``) and
+    gathers the student log-probs of the ids from hidden states instead of logits.
+    """
 
     def __init__(self, tp_group=None):
         self.tp_group = tp_group
 
-    def __call__(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor], student_logprobs: torch.Tensor):
+    @staticmethod
+    def checked_inputs(batch: Mapping[str, torch.Tensor], shape) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, teacher log-probs)`` ``[b, s, k]`` for the tokens ``[b, s] = shape``; positions
+        without a teacher top-k (only allowed where the loss mask is 0) get id 0 and log-prob -30."""
         ids, teacher = batch.get("teacher_topk_ids"), batch.get("teacher_topk_logprobs")
         if ids is None or teacher is None:
             raise ValueError(
                 "loss.term=topk_kl needs teacher top-k in the batch: score the traces with "
                 "`dcd-score --top-k K` and set data.topk=K"
             )
-        shape = tuple(logits.shape[:2])
+        shape = tuple(shape)
         if tuple(ids.shape[:2]) != shape or ids.shape != teacher.shape or ids.dim() != 3:
             raise ValueError(
                 f"teacher_topk_ids {tuple(ids.shape)} and teacher_topk_logprobs {tuple(teacher.shape)} "
@@ -128,5 +133,8 @@ class TopKKLTerm:
             )
         safe_ids = torch.where(known[..., None], ids, torch.zeros_like(ids))
         safe_teacher = torch.where(known[..., None], teacher, torch.full_like(teacher, -30.0))
-        student_topk = vocab_parallel_gather_logprobs(logits, safe_ids, self.tp_group)
-        return topk_kl(safe_teacher, student_topk)
+        return safe_ids, safe_teacher
+
+    def __call__(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor], student_logprobs: torch.Tensor):
+        ids, teacher = self.checked_inputs(batch, logits.shape[:2])
+        return topk_kl(teacher, vocab_parallel_gather_logprobs(logits, ids, self.tp_group))
