@@ -1,4 +1,4 @@
-"""The NeMo-Run layer (`recipes/`, `dcd_megatron/launch/`): recipes as NeMo-Run factories, the
+"""The NeMo-Run layer (`dcd_recipes/`, `dcd_megatron/launch/`): recipes as NeMo-Run factories, the
 command line's errors, the Slurm and Docker dry runs (NeMo-Run's own generated sbatch script and
 container spec), the tiny recipe trained end to end through NeMo-Run's LocalExecutor with
 torchrun and 2 ranks, and scripts/gpu_smoke.sh (syntax, shellcheck, and its CPU mode)."""
@@ -64,11 +64,11 @@ def test_every_recipe_is_a_nemo_run_factory_that_builds_the_same_config():
         assert fdl.build(cfg) == fn(), name
     # FP8 is set after construction by the recipe; the NeMo-Run config keeps it
     assert nemo.tiny_gpu_fp8().model.fp8 == "hybrid"
-    import recipes  # the documented entry point re-exports them (lazily)
+    import dcd_recipes  # the documented entry point re-exports them (lazily)
 
-    assert recipes.tiny_cpu is nemo.tiny_cpu and recipes.launch is nemo.launch
+    assert dcd_recipes.tiny_cpu is nemo.tiny_cpu and dcd_recipes.launch is nemo.launch
     with pytest.raises(AttributeError):
-        recipes.no_such_thing  # noqa: B018
+        dcd_recipes.no_such_thing  # noqa: B018
 
 
 def test_recipe_overrides_and_serialization_round_trip():
@@ -170,7 +170,7 @@ def test_tiny_recipe_trains_through_nemo_run_local_executor_with_torchrun(tmp_pa
     steps = 4
     env = dict(os.environ, NEMORUN_HOME=str(tmp_path / "nemo_run_home"), OMP_NUM_THREADS="1",
                MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "recipes.run", "tiny_cpu", "--executor", "local", "--nproc", "2",
+    cmd = [sys.executable, "-m", "dcd_recipes.run", "tiny_cpu", "--executor", "local", "--nproc", "2",
            f"train.output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", *FAST,
            f"train.steps={steps}", f"train.save_interval={steps}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -1,6 +1,6 @@
 """Launching `dcd-train` with NeMo-Run: recipes as NeMo-Run configs, executors, the entrypoint.
 
-The user-facing entry point is the top-level `recipes` package (`python -m recipes.run`);
+The user-facing entry point is the top-level `dcd_recipes` package (`python -m dcd_recipes.run`);
 the code lives here so that it is installed with `dcd_megatron` everywhere the job runs
 (a container or a cluster node imports `dcd_megatron.launch.nemo.train` to start training).
 """

@@ -1,6 +1,6 @@
-"""`python -m recipes.run`: run a recipe on an executor through NeMo-Run.
+"""`python -m dcd_recipes.run`: run a recipe on an executor through NeMo-Run.
 
-    python -m recipes.run RECIPE [key=value ...] [--executor local|slurm|docker] [options] [--dryrun]
+    python -m dcd_recipes.run RECIPE [key=value ...] [--executor local|slurm|docker] [options] [--dryrun]
 
 Overrides are dcd-train's (`train.steps=20`, `tp=2`, ...), checked before anything is launched.
 `--dryrun` prints what would be submitted (the sbatch script, the container spec, the torchrun
@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-PROG = "python -m recipes.run"
+PROG = "python -m dcd_recipes.run"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,7 +11,7 @@
   pyxis, one task per GPU like `slurm/dcd_8node.sh`), `docker_executor` (the project's image).
 - **launch(...)** runs a config on an executor, or returns the generated script (`dryrun=True`).
 
-`python -m recipes.run` is the command line over these (`dcd_megatron/launch/cli.py`).
+`python -m dcd_recipes.run` is the command line over these (`dcd_megatron/launch/cli.py`).
 """
 
 import os
@@ -121,7 +121,7 @@ def local_executor(nproc: int = 1, env_vars: dict[str, str] | None = None) -> ru
     """torchrun on this machine with `nproc` ranks (one per GPU, or CPU ranks under gloo).
 
     `torchrun` is taken from this interpreter's environment (its bin directory goes first on
-    PATH), so `.venv/bin/python -m recipes.run` works without activating the venv.
+    PATH), so `.venv/bin/python -m dcd_recipes.run` works without activating the venv.
     """
     if nproc < 1:
         raise LaunchError(f"--nproc must be >= 1, got {nproc}")

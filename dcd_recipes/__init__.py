@@ -1,10 +1,10 @@
-"""NeMo-Run recipes for dcd-train: `python -m recipes.run RECIPE --executor local|slurm|docker`.
+"""NeMo-Run recipes for dcd-train: `python -m dcd_recipes.run RECIPE --executor local|slurm|docker`.
 
 The recipes are dcd_megatron.recipes' functions registered as NeMo-Run factories; calling one
 returns a `run.Config[TrainConfig]`. From Python:
 
     import nemo_run as run
-    from recipes import tiny_cpu, local_executor, launch
+    from dcd_recipes import tiny_cpu, local_executor, launch
 
     cfg = tiny_cpu()
     cfg.train.steps = 20
@@ -22,7 +22,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # Lazy: importing nemo_run takes seconds, and `python -m recipes.run` imports this package
+    # Lazy: importing nemo_run takes seconds, and `python -m dcd_recipes.run` imports this package
     # before its argument checks run.
     if name in __all__:
         from dcd_megatron.launch import nemo

@@ -1,4 +1,4 @@
-"""`python -m recipes.run RECIPE [key=value ...] [--executor local|slurm|docker] [--dryrun]`."""
+"""`python -m dcd_recipes.run RECIPE [key=value ...] [--executor local|slurm|docker] [--dryrun]`."""
 
 import sys
 
