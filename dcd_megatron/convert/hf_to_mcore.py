@@ -64,7 +64,7 @@ def convert_hf_to_mcore(
     from dcd_megatron.convert.model_io import build_empty_model, single_process_group
     from dcd_megatron.data import load_tokenizer
     from dcd_megatron.runtime.layout import Layout
-    from dcd_megatron.train.checkpoint import META
+    from dcd_megatron.train.checkpoint import META, use_in_process_write_results
 
     hf_dir, out = Path(hf_dir).resolve(), Path(out).resolve()
     if out.exists() and not overwrite:
@@ -116,6 +116,7 @@ def convert_hf_to_mcore(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    use_in_process_write_results()
     dist_checkpointing.save({"model": module.sharded_state_dict()}, str(tmp))
     (tmp / TRAIN_YAML).write_text(config_text)
     meta = {

@@ -104,6 +104,27 @@ def _sharded_state(model_chunks, optimizer, is_loading: bool) -> dict:
     return state
 
 
+def use_in_process_write_results() -> bool:
+    """Give megatron's checkpoint writer a plain in-process results queue (synchronous saves only).
+
+    Unset, megatron-core starts a multiprocessing Manager (a spawned interpreter) for it: the
+    first save then waits about 4 s while that process imports torch to unpickle the results,
+    and exit waits for its shutdown. The Manager exists for async saves, whose writer runs in
+    another process; every save here is synchronous, so the writer and the reader of the queue
+    are this process. Returns False (megatron's default stays) if megatron-core lays this out
+    differently.
+    """
+    import queue
+
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return False
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        filesystem_async._results_queue = queue.Queue()
+    return isinstance(getattr(filesystem_async, "_results_queue", None), queue.Queue)
+
+
 def save_checkpoint(root: Path, step: int, model_chunks, optimizer, scheduler, meta: dict, keep: int) -> Path:
     """Save everything needed to resume exactly at `step`; collective over all ranks."""
     from megatron.core import dist_checkpointing
@@ -121,6 +142,7 @@ def save_checkpoint(root: Path, step: int, model_chunks, optimizer, scheduler, m
             shutil.rmtree(final)
         tmp.mkdir(parents=True)
     dist.barrier()
+    use_in_process_write_results()
     dist_checkpointing.save(_sharded_state(model_chunks, optimizer, is_loading=False), str(tmp))
     rng_dir = tmp / "rng"
     rng_dir.mkdir(exist_ok=True)

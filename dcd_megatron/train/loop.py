@@ -384,7 +384,12 @@ class StopSignal:
         Slurm's `--signal` and `scancel --signal` reach every process of a job step; the Manager
         (spawned at the first save) would die of SIGUSR1 and fail the very checkpoint the signal
         asks for. Ignored signals stay ignored across exec, so the spawned process keeps them off.
+        Not needed (and not started) where the writer gets an in-process queue instead.
         """
+        from dcd_megatron.train.checkpoint import use_in_process_write_results
+
+        if use_in_process_write_results():
+            return
         try:
             from megatron.core.dist_checkpointing.strategies import filesystem_async
         except ImportError:
