@@ -290,7 +290,7 @@ def chunked_loss(fn, batch: Mapping[str, torch.Tensor], hidden: torch.Tensor, we
     gathers the log-probs of ``(label, the term's ids)`` per token: the label's feeds the
     weights and the report, the term reads them all (``_gathered_term``).
     """
-    from dcd_megatron.loss.loss_func import validate_batch
+    from dcd_megatron.loss.loss_func import gate_entropy, validate_batch
 
     config = fn.config
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -310,14 +310,17 @@ def chunked_loss(fn, batch: Mapping[str, torch.Tensor], hidden: torch.Tensor, we
         ids = torch.cat([ids, term_ids.to(torch.long)], dim=-1)  # [b, s, 1 + k]
     chunk = config.chunk_size or max(1, labels.numel())  # 0: one chunk of every token
     frac = batch.get("response_frac")
+    entropy = gate_entropy(batch, config)
     fused = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad) and per_token_weights(config)
     if fused:
         flat_teacher = teacher.reshape(-1) if teacher is not None else None
+        flat_entropy = entropy.reshape(-1) if entropy is not None else None
 
         def chunk_loss(logprobs: torch.Tensor, rows: torch.Tensor):
             t = flat_teacher[rows][None] if flat_teacher is not None else None
+            h = flat_entropy[rows][None] if flat_entropy is not None else None
             ones = torch.ones(logprobs.shape[:1], dtype=torch.bool, device=logprobs.device)[None]
-            u = compute_weights(logprobs[None, :, 0], t, ones, config, step=fn.step).weights[0]
+            u = compute_weights(logprobs[None, :, 0], t, ones, config, step=fn.step, entropy=h).weights[0]
             with torch.enable_grad():  # the term's gradient w.r.t. the chunk's [c, 1 + k] log-probs
                 x = logprobs.detach().requires_grad_()
                 value = (u.double() * term(x, rows).double()).sum()
@@ -332,7 +335,7 @@ def chunked_loss(fn, batch: Mapping[str, torch.Tensor], hidden: torch.Tensor, we
     student = logprobs[..., 0]
     result = compute_weights(
         student, teacher, valid, config, segment_ids=batch.get("segment_ids"), cp_group=fn.cp_group,
-        cp_layout_name=fn.cp_layout, step=fn.step, want_response_frac=frac is None,
+        cp_layout_name=fn.cp_layout, step=fn.step, want_response_frac=frac is None, entropy=entropy,
     )
     if fused:  # sum_t u_t * term_t, already summed chunk by chunk
         if config.normalize == "micro":  # one factor for every weight: count / sum u over the CP group

@@ -4,16 +4,15 @@ Validated at construction: every error names the field and says how to fix it. D
 the reasons for them are in docs/loss.md ("Defaults").
 """
 
-from __future__ import annotations
-
 import dataclasses
 import math
 from typing import Literal
 
-Method = Literal["sft", "sigmoid", "student_only", "tis", "prefix", "sequence"]
-METHODS: tuple[str, ...] = ("sft", "sigmoid", "student_only", "tis", "prefix", "sequence")
+Method = Literal["sft", "sigmoid", "student_only", "tis", "prefix", "sequence", "gated"]
+METHODS: tuple[str, ...] = ("sft", "sigmoid", "student_only", "tis", "prefix", "sequence", "gated")
 # Methods whose weights are a function of the teacher log-probs.
-NEEDS_TEACHER: frozenset[str] = frozenset({"sigmoid", "tis", "prefix", "sequence"})
+NEEDS_TEACHER: frozenset[str] = frozenset({"sigmoid", "tis", "prefix", "sequence", "gated"})
+GATES: tuple[str, ...] = ("token", "entropy")
 NORMALIZE_SCOPES: tuple[str, ...] = ("global", "micro", "none")
 
 
@@ -61,6 +60,11 @@ class DCDConfig:
     # prefix: transform of the clipped mean of l over the prefix (0 = whole prefix, k = last k)
     prefix_transform: Literal["exp", "sigmoid"] = "exp"
     prefix_window: int = 0  # prefix: 0 = the whole prefix, k = the last k response tokens
+    # gated: u = g + (1 - g) * sigmoid((clip(l) - bias) / tau) with the teacher-confidence gate
+    # g = p_teacher(token) ** gate_power ("token") or exp(-gate_power * H_teacher) ("entropy",
+    # H over the teacher's top-k plus a residual bucket: needs data.topk); 0 = plain SFT
+    gate: Literal["token", "entropy"] = "token"
+    gate_power: float = 16.0
     # where the weights are made mean-1: global batch, micro-batch, or not at all
     normalize: Literal["global", "micro", "none"] = "global"
     # tau schedule: linear from tau to tau_end over tau_anneal_steps optimizer steps
@@ -74,7 +78,7 @@ class DCDConfig:
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
         _check_choice("term", self.term, ("nll", "topk_kl"))
-        for name in ("tau", "bias", "clip", "floor", "cap", "alpha", "beta"):
+        for name in ("tau", "bias", "clip", "floor", "cap", "alpha", "beta", "gate_power"):
             _check_finite(name, getattr(self, name))
         if self.tau <= 0:
             _fail("tau", f"must be > 0, got {self.tau}", "use a positive temperature such as 1.0")
@@ -92,6 +96,9 @@ class DCDConfig:
         _check_choice("student_only_form", self.student_only_form, ("sigmoid", "power"))
         if self.beta <= 0:
             _fail("beta", f"must be > 0, got {self.beta}", "use a positive power such as 1.0")
+        _check_choice("gate", self.gate, GATES)
+        if self.gate_power < 0:
+            _fail("gate_power", f"must be >= 0, got {self.gate_power}", "use 0 (plain SFT) or a power such as 16")
         _check_choice("prefix_transform", self.prefix_transform, ("exp", "sigmoid"))
         if isinstance(self.prefix_window, bool) or not isinstance(self.prefix_window, int) or self.prefix_window < 0:
             _fail(
@@ -120,6 +127,11 @@ class DCDConfig:
     def needs_teacher(self) -> bool:
         """Whether this method's weights need teacher log-probs."""
         return self.method in NEEDS_TEACHER
+
+    @property
+    def entropy_gate(self) -> bool:
+        """Whether the weights read the teacher's top-k (the gated method's entropy gate)."""
+        return self.method == "gated" and self.gate == "entropy"
 
     @property
     def chunked(self) -> bool:

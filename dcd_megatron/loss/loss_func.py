@@ -24,6 +24,7 @@ from dcd_megatron.loss.weights import (
     nonfinite_teacher_count,
     normalize_weights,
     raise_for_nonfinite_teacher,
+    teacher_entropy,
 )
 
 # term(logits [b, s, V/tp], batch, student_logprobs [b, s] fp32) -> per-token loss [b, s]
@@ -68,6 +69,25 @@ def validate_batch(batch: Mapping[str, torch.Tensor], logits: torch.Tensor, conf
         if kind == "float" and not t.is_floating_point():
             raise ValueError(f"DCD loss: batch[{key!r}] must be floating point, got {t.dtype}")
     check_teacher(config, batch.get("teacher_logprobs"))
+
+
+def gate_entropy(batch: Mapping[str, torch.Tensor], config: DCDConfig) -> torch.Tensor | None:
+    """The teacher's per-token entropy ``[b, s]`` for the entropy gate (None when not asked for)."""
+    if not config.entropy_gate:
+        return None
+    topk = batch.get("teacher_topk_logprobs")
+    shape = tuple(batch["loss_mask"].shape)
+    if topk is None:
+        raise ValueError("loss.gate=entropy needs teacher top-k in the batch: score the traces with "
+                         "`dcd-score --top-k K` and set data.topk=K, or use loss.gate=token")
+    if topk.dim() != 3 or tuple(topk.shape[:2]) != shape:
+        raise ValueError(f"teacher_topk_logprobs {tuple(topk.shape)} must be [b, s, k] with [b, s] = {shape}")
+    valid = batch["loss_mask"] > 0
+    missing = int((valid & ~torch.isfinite(topk).any(dim=-1)).sum())
+    if missing:
+        raise ValueError(f"loss.gate=entropy: {missing} trained token(s) have no teacher top-k; rescore with "
+                         "`dcd-score --top-k` including the eos, or use loss.gate=token")
+    return teacher_entropy(topk)
 
 
 class DCDLossFunction:
@@ -138,6 +158,7 @@ class DCDLossFunction:
             student, teacher, valid, self.config,
             segment_ids=batch.get("segment_ids"), cp_group=self.cp_group,
             cp_layout_name=self.cp_layout, step=self.step, want_response_frac=frac is None,
+            entropy=gate_entropy(batch, self.config),
         )
         weights = result.weights
         if self.config.normalize == "micro":

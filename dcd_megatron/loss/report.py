@@ -26,6 +26,10 @@ def histogram_edges(device=None) -> torch.Tensor:
     return torch.logspace(HIST_LOW_EXP, HIST_HIGH_EXP, n, dtype=torch.float64, device=device)
 
 
+# Teacher-certain tokens (knowledge): p_teacher(token) >= CERTAIN_P; the rest are forks (choices).
+# A certain token is unlearned while p_student(token) < UNLEARNED_P (the student would likely not
+# write it): its mean weight falling towards 0 is the loss starving knowledge (docs/loss.md).
+CERTAIN_P, UNLEARNED_P = 0.9, 0.5
 REDUCTIONS: dict[str, str] = {"weight_min": "min", "weight_max": "max"}
 # Entries of reduce_reports' result that are lists (for plots), not scalar metrics.
 SERIES_KEYS: tuple[str, ...] = (
@@ -62,10 +66,7 @@ def build_report(
         "weight_at_cap": pair(result.at_cap.sum()),
         "weight_at_floor": pair(result.at_floor.sum()),
     }
-    if result.log_ratio is not None:
-        report["log_ratio"] = pair(result.log_ratio.detach().to(f64).sum())
-    else:
-        report["log_ratio"] = torch.zeros(2, dtype=f64, device=u.device)
+    report.update(_knowledge_entries(u, student_logprobs, result.log_ratio, m))
     zero = torch.zeros((), dtype=f64, device=u.device)
     low = torch.where(m, u, math.inf).min() if u.numel() else zero
     high = torch.where(m, u, -math.inf).max() if u.numel() else zero
@@ -87,6 +88,27 @@ def build_report(
     if global_norm:
         report["global_norm"] = report["weight"].clone()
     return report
+
+
+def _knowledge_entries(u, student_logprobs, log_ratio, m) -> dict[str, torch.Tensor]:
+    """Log-ratio sum and the weight on teacher-certain / fork / certain-but-unlearned tokens."""
+    f64 = torch.float64
+    if log_ratio is None:  # no teacher: the same keys, empty
+        return {k: torch.zeros(2, dtype=f64, device=u.device)
+                for k in ("log_ratio", "certain", "weight_certain", "weight_fork", "weight_unlearned")}
+    s = student_logprobs.detach().to(f64)
+    l = log_ratio.detach().to(f64)
+    certain = m & (s - l >= math.log(CERTAIN_P))
+    fork = m & ~certain
+    unlearned = certain & (s < math.log(UNLEARNED_P))
+    total = torch.where(m, u, 0.0).sum()
+    return {
+        "log_ratio": torch.stack([torch.where(m, l, 0.0).sum(), m.sum().to(f64)]),
+        "certain": torch.stack([certain.sum().to(f64), m.sum().to(f64)]),
+        "weight_certain": torch.stack([torch.where(certain, u, 0.0).sum(), total]),
+        "weight_fork": torch.stack([torch.where(fork, u, 0.0).sum(), total]),
+        "weight_unlearned": torch.stack([torch.where(unlearned, u, 0.0).sum(), unlearned.sum().to(f64)]),
+    }
 
 
 def _local_totals(reports: list[dict[str, torch.Tensor]]):
@@ -163,11 +185,15 @@ def reduce_reports(reports: list[dict[str, torch.Tensor]], dp_cp_group: dist.Pro
     for name, key in (
         ("loss_unnormalized", "loss"), ("ce", "ce"), ("weighted_ce", "weighted_ce"), ("weight_mean", "weight"),
         ("weight_at_cap_frac", "weight_at_cap"), ("weight_at_floor_frac", "weight_at_floor"),
-        ("log_ratio_mean", "log_ratio"),
+        ("log_ratio_mean", "log_ratio"), ("certain_token_frac", "certain"),
+        ("weight_mass_certain", "weight_certain"), ("weight_mass_fork", "weight_fork"),
     ):
         value = mean(key)
         if value is not None:
             out[name] = value
+    unlearned = mean("weight_unlearned")  # relative to the mean weight: 1 = like an average token
+    if unlearned is not None and out.get("weight_mean", 0) > 0:
+        out["weight_certain_unlearned"] = unlearned / out["weight_mean"]
     weight_sum, weight_sq = float(t["weight"][0]), float(t["weight_sq"][0])
     if n > 0:
         mean_w = weight_sum / n

@@ -61,6 +61,28 @@ def _sigmoid_weight(z: torch.Tensor, valid: torch.Tensor, config: DCDConfig, tau
     return torch.sigmoid((z - bias) / tau)
 
 
+def teacher_entropy(topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the teacher's top-k plus one residual bucket, ``[..., k] -> [...]``, fp32.
+
+    Unknown entries (NaN) count as probability 0; the residual bucket holds ``1 - sum p``.
+    """
+    lp = topk_logprobs.detach().to(torch.float32)
+    known = torch.isfinite(lp)
+    p = torch.where(known, lp.exp(), torch.zeros_like(lp))
+    h = -(p * torch.where(known, lp, torch.zeros_like(lp))).sum(-1)
+    r = (1.0 - p.sum(-1)).clamp(min=0.0)
+    return h - torch.where(r > 0, r * r.clamp(min=1e-30).log(), torch.zeros_like(r))
+
+
+def gate_values(gate_in: torch.Tensor, config: DCDConfig) -> torch.Tensor:
+    """The gated method's teacher-confidence gate ``exp(gate_power * gate_in)`` in [0, 1].
+
+    ``gate_in`` is the log-confidence: the teacher log-prob of its token ("token" gate) or
+    minus the teacher's entropy ("entropy" gate); ``gate_power=0`` gives 1 everywhere (SFT).
+    """
+    return torch.exp(config.gate_power * gate_in.clamp(max=0.0))
+
+
 def raw_weights_on_rows(
     s: torch.Tensor,
     l: torch.Tensor | None,
@@ -68,14 +90,22 @@ def raw_weights_on_rows(
     segment_ids: torch.Tensor | None,
     config: DCDConfig,
     tau: float,
+    gate_in: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Unclamped weights of whole rows ``[b, S]`` (the single-process definition of each method)."""
+    """Unclamped weights of whole rows ``[b, S]`` (the single-process definition of each method).
+
+    ``gate_in`` ``[b, S]`` is the gated method's log-confidence (default: the teacher log-prob
+    ``s - l``).
+    """
     c = config.clip
     method = config.method
     if method == "sft":
         return torch.ones_like(s)
     if method == "sigmoid":
         return _sigmoid_weight(l.clamp(-c, c), valid, config, tau)
+    if method == "gated":
+        g = gate_values(s - l if gate_in is None else gate_in, config)
+        return g + (1.0 - g) * _sigmoid_weight(l.clamp(-c, c), valid, config, tau)
     if method == "student_only":
         if config.student_only_form == "power":
             return torch.exp(config.beta * s)  # p ** beta
@@ -99,7 +129,7 @@ def _looks_along_rows(config: DCDConfig) -> bool:
     """Whether a weight depends on other tokens of the micro-batch (needs full rows under CP)."""
     if config.method in ("prefix", "sequence"):
         return True
-    sigmoid_shaped = config.method == "sigmoid" or (
+    sigmoid_shaped = config.method in ("sigmoid", "gated") or (
         config.method == "student_only" and config.student_only_form == "sigmoid"
     )
     return sigmoid_shaped and config.bias_mode == "median"
@@ -116,11 +146,14 @@ def compute_weights(
     cp_layout_name: str | None = None,
     step: int = 0,
     want_response_frac: bool = False,
+    entropy: torch.Tensor | None = None,
 ) -> WeightResult:
     """Raw weights plus diagnostics; inputs must already be validated (see dcd_weights).
 
     Under context parallelism, weights that look along the sequence are evaluated on the
     full rows (one all-gather of per-token numbers over ``cp_group``) and sliced back.
+    ``entropy`` ``[b, s]`` is the teacher's entropy (``teacher_entropy``), read only by the
+    gated method's entropy gate.
     """
     s = student_logprobs.detach().to(torch.float32)
     zeros = torch.zeros_like(s)
@@ -130,20 +163,27 @@ def compute_weights(
         l = torch.where(valid, s - teacher_logprobs.detach().to(torch.float32), zeros)
     tau = config.tau_at(step)
     layout = cp_layout.resolve_layout(cp_group, cp_layout_name)
+    gate_in = None
+    if config.entropy_gate:
+        if entropy is None:
+            raise ValueError("loss.gate=entropy needs the teacher's top-k in the batch: score the traces with "
+                             "`dcd-score --top-k K` and set data.topk=K, or use loss.gate=token")
+        gate_in = torch.where(valid, -entropy.detach().to(torch.float32), zeros)
 
     need_rows = layout is not None and (_looks_along_rows(config) or want_response_frac)
     if need_rows:
-        local = [s, l if l is not None else zeros, valid]
+        local = [s, l if l is not None else zeros, valid, gate_in if gate_in is not None else zeros]
         if segment_ids is not None:
             local.append(segment_ids)
         gathered = cp_layout.gather_full(local, cp_group, layout)
-        s_rows, l_rows, valid_rows = gathered[:3]
-        seg_rows = gathered[3] if segment_ids is not None else None
-        raw_rows = raw_weights_on_rows(s_rows, l_rows if l is not None else None, valid_rows, seg_rows, config, tau)
+        s_rows, l_rows, valid_rows, gate_rows = gathered[:4]
+        seg_rows = gathered[4] if segment_ids is not None else None
+        raw_rows = raw_weights_on_rows(s_rows, l_rows if l is not None else None, valid_rows, seg_rows, config, tau,
+                                       gate_rows if gate_in is not None else None)
         raw = cp_layout.local_part(raw_rows, cp_group, layout)
     else:
         valid_rows, seg_rows = valid, segment_ids
-        raw = raw_weights_on_rows(s, l, valid, segment_ids, config, tau)
+        raw = raw_weights_on_rows(s, l, valid, segment_ids, config, tau, gate_in)
 
     if config.method == "sft":
         at_cap = at_floor = torch.zeros_like(valid)
@@ -182,6 +222,7 @@ def dcd_weights(
     cp_layout: str | None = None,
     dp_group: dist.ProcessGroup | None = None,
     step: int = 0,
+    teacher_topk_logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Raw (un-normalised), detached DCD weights ``u`` ``[b, s]``; 0 where ``loss_mask`` is 0.
 
@@ -190,7 +231,8 @@ def dcd_weights(
     ``cp_layout`` ("load_balanced" by default, or "contiguous") and prefix, document and
     median statistics are exact over the full sequence. ``dp_group`` is accepted so callers
     can pass the same groups everywhere: raw weights are a function of the micro-batch only.
-    ``step`` is the optimizer step for the tau schedule.
+    ``step`` is the optimizer step for the tau schedule. ``teacher_topk_logprobs``
+    ``[b, s, k]`` feeds the gated method's entropy gate (``loss.gate=entropy``).
     """
     del dp_group  # raw weights never look across data-parallel ranks
     validate_token_tensors(
@@ -201,9 +243,10 @@ def dcd_weights(
     check_teacher(config, teacher_logprobs)
     valid = loss_mask > 0
     raise_for_nonfinite_teacher(int(nonfinite_teacher_count(teacher_logprobs, valid)))
+    entropy = teacher_entropy(teacher_topk_logprobs) if teacher_topk_logprobs is not None else None
     return compute_weights(
         student_logprobs, teacher_logprobs, valid, config,
-        segment_ids=segment_ids, cp_group=cp_group, cp_layout_name=cp_layout, step=step,
+        segment_ids=segment_ids, cp_group=cp_group, cp_layout_name=cp_layout, step=step, entropy=entropy,
     ).weights
 
 
