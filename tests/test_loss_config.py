@@ -19,6 +19,10 @@ INVALID = [
     ("beta", -2.0),
     ("prefix_transform", "tanh"),
     ("prefix_window", -1),
+    ("gate", "probability"),
+    ("gate_power", -1.0),
+    ("gate_power", float("nan")),
+    ("gate_power", float("inf")),
     ("normalize", "batch"),
     ("tau_end", 0.0),
     ("tau_anneal_steps", -5),
@@ -58,3 +62,13 @@ def test_defaults_are_valid_and_round_trip_through_overrides():
     assert (changed.method, changed.cap, changed.tau_end, changed.tau_anneal_steps) == ("tis", 3.0, 2.0, 10)
     with pytest.raises(ValueError, match="method"):
         apply_overrides(cfg, ["method=nope"])
+
+
+def test_gate_messages_name_the_fix():
+    with pytest.raises(DCDConfigError, match=r"DCDConfig\.gate_power.*use 0 \(plain SFT\)"):
+        DCDConfig(method="gated", gate_power=-2.0)
+    with pytest.raises(DCDConfigError, match=r"DCDConfig\.gate\b.*token.*entropy"):
+        DCDConfig(method="gated", gate="prob")
+    assert DCDConfig(method="gated", gate="entropy").entropy_gate
+    assert not DCDConfig(method="sigmoid", gate="entropy").entropy_gate  # only the gated method reads it
+    assert DCDConfig(method="gated").needs_teacher

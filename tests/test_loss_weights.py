@@ -17,9 +17,10 @@ from dcd_megatron.loss import (
     rescale_grads_for_global_weight_mean,
     vocab_parallel_logprobs,
 )
+from dcd_megatron.loss import weights as weights_mod
 from dcd_megatron.loss.report import SERIES_KEYS
 
-B, S, V = 3, 12, 29
+B, S, V, K = 3, 12, 29, 4
 
 
 # ----------------------------------------------------------------------------- references
@@ -39,10 +40,19 @@ def _documents(seg_row):
     return docs
 
 
-def reference_weights(s, a, mask, seg, cfg, step=0):
-    """The weights of shared/method.md written out token by token in Python floats."""
+def reference_entropy(topk_row):
+    """Entropy of one token's teacher top-k (NaN = unknown, probability 0) plus the residual bucket."""
+    known = [x for x in topk_row if math.isfinite(x)]
+    h = -sum(math.exp(x) * x for x in known)
+    r = max(1.0 - sum(math.exp(x) for x in known), 0.0)
+    return h - (r * math.log(r) if r > 0 else 0.0)
+
+
+def reference_weights(s, a, mask, seg, cfg, step=0, topk=None):
+    """The weights of docs/loss.md written out token by token in Python floats."""
     s, mask = s.double().tolist(), mask.tolist()
     a = a.double().tolist() if a is not None else None
+    topk = topk.double().tolist() if topk is not None else None
     seg = seg.tolist() if seg is not None else [[0] * len(row) for row in s]
     tau = cfg.tau_at(step)
     c = cfg.clip
@@ -56,7 +66,7 @@ def reference_weights(s, a, mask, seg, cfg, step=0):
                 if not mask[i][t]:
                     continue
                 l_t = row[t] - a[i][t] if a is not None else None
-                if cfg.method in ("sigmoid", "tis"):
+                if cfg.method in ("sigmoid", "tis", "gated"):
                     stats[i][t] = clip(l_t)
                 elif cfg.method == "student_only":
                     stats[i][t] = clip(row[t]) if cfg.student_only_form == "sigmoid" else row[t]
@@ -81,6 +91,10 @@ def reference_weights(s, a, mask, seg, cfg, step=0):
                 m == "prefix" and cfg.prefix_transform == "sigmoid"
             ):
                 u = _sigmoid((z - bias) / tau)
+            elif m == "gated":  # g + (1 - g) * sigmoid, g = exp(gate_power * log-confidence)
+                confidence = a[i][t] if cfg.gate == "token" else -reference_entropy(topk[i][t])
+                g = math.exp(cfg.gate_power * min(confidence, 0.0))
+                u = g + (1.0 - g) * _sigmoid((z - bias) / tau)
             elif m == "student_only":
                 u = math.exp(cfg.beta * z)
             elif m == "tis":
@@ -98,11 +112,24 @@ def make_batch(seed=0, with_segments=True):
     mask = (torch.rand(B, S, generator=g) > 0.25).float()
     mask[:, 0] = 0  # prompt-like start
     teacher = -torch.rand(B, S, generator=g) * 4
-    batch = {"labels": labels, "loss_mask": mask, "teacher_logprobs": teacher}
+    batch = {"labels": labels, "loss_mask": mask, "teacher_logprobs": teacher,
+             "teacher_topk_logprobs": make_topk(seed)}
     if with_segments:
         seg = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3, [7] * 12, [3] * 2 + [4] * 6 + [9] * 4])
         batch["segment_ids"] = seg
     return logits, batch
+
+
+def make_topk(seed, k=K):
+    """Teacher top-k log-probs ``[B, S, k]`` of a random distribution: spread, peaked and one-hot
+    tokens, a partly unknown one, and none on the (masked-out) first position."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    sharpness = torch.rand(B, S, 1, generator=g) * 6
+    topk = torch.log_softmax(torch.randn(B, S, V, generator=g) * sharpness, -1).topk(k, dim=-1).values
+    topk[0, 2] = torch.tensor([0.0] + [-math.inf] * (k - 1))  # one-hot: all the mass on one token
+    topk[1, 3, 2:] = math.nan  # only two entries known
+    topk[:, 0] = math.nan  # masked-out position: no top-k
+    return topk
 
 
 def student_logprobs(logits, labels):
@@ -121,18 +148,28 @@ CONFIGS = [
     DCDConfig(method="prefix", prefix_transform="sigmoid", bias_mode="median", tau=0.5),
     DCDConfig(method="sequence", clip=1.0, cap=3.0),
     DCDConfig(method="sigmoid", tau=0.5, tau_end=4.0, tau_anneal_steps=10),
+    DCDConfig(method="gated", gate_power=4.0, tau=0.5),
+    DCDConfig(method="gated", gate_power=1.0, bias_mode="median", normalize="micro", cap=0.9),
+    DCDConfig(method="gated", gate="entropy", gate_power=2.0, bias=-0.5, floor=0.05),
+    DCDConfig(method="gated", gate="entropy", bias_mode="median", tau=0.7, tau_end=2.0, tau_anneal_steps=10),
 ]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.method}-{c.bias_mode}-{c.prefix_window}-{c.student_only_form}")
+def _config_id(c):
+    return f"{c.method}-{c.bias_mode}-{c.prefix_window}-{c.student_only_form}-{c.gate}"
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_config_id)
 @pytest.mark.parametrize("with_segments", [True, False])
 def test_weights_match_plain_reference(cfg, with_segments):
     logits, batch = make_batch(with_segments=with_segments)
     s = student_logprobs(logits, batch["labels"]).float()
     seg = batch.get("segment_ids")
     step = 5
-    got = dcd_weights(s, batch["teacher_logprobs"], batch["loss_mask"], cfg, segment_ids=seg, step=step)
-    want = reference_weights(s, batch["teacher_logprobs"], batch["loss_mask"], seg, cfg, step=step)
+    topk = batch["teacher_topk_logprobs"]
+    got = dcd_weights(s, batch["teacher_logprobs"], batch["loss_mask"], cfg, segment_ids=seg, step=step,
+                      teacher_topk_logprobs=topk)
+    want = reference_weights(s, batch["teacher_logprobs"], batch["loss_mask"], seg, cfg, step=step, topk=topk)
     assert got.dtype == torch.float32 and not got.requires_grad
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-6)
     assert (got[batch["loss_mask"] == 0] == 0).all()
@@ -218,15 +255,19 @@ def _loss_and_grad(cfg, logits, batch, **kw):
     return loss.detach(), int(n), report, x.grad
 
 
-@pytest.mark.parametrize("cfg", CONFIGS[1:], ids=lambda c: c.method)
+@pytest.mark.parametrize("cfg", CONFIGS[1:], ids=_config_id)
 def test_gradient_is_weighted_sft_with_constant_weights(cfg):
     logits, batch = make_batch(seed=3)
+    # teacher inputs that ask for a gradient get none: the weights are constants
+    batch["teacher_logprobs"].requires_grad_()
+    batch["teacher_topk_logprobs"].requires_grad_()
     loss, n, _, grad = _loss_and_grad(cfg, logits, batch, step=5)
+    assert batch["teacher_logprobs"].grad is None and batch["teacher_topk_logprobs"].grad is None
     # Reference: weights computed once and used as constants in a plain log_softmax loss.
     x = logits.detach().clone().requires_grad_()
     s = torch.log_softmax(x, -1).gather(-1, batch["labels"][..., None]).squeeze(-1)
     w = dcd_weights(s.detach(), batch["teacher_logprobs"], batch["loss_mask"], cfg,
-                    segment_ids=batch["segment_ids"], step=5)
+                    segment_ids=batch["segment_ids"], step=5, teacher_topk_logprobs=batch["teacher_topk_logprobs"])
     if cfg.normalize == "micro":
         w = normalize_weights(w, batch["loss_mask"], "micro")
     ref = (w * batch["loss_mask"] * -s).sum()
@@ -296,7 +337,7 @@ def test_shape_mismatches_are_named():
         dcd_weights(torch.zeros(2, 3), None, torch.ones(2, 4), DCDConfig(method="sft"))
 
 
-@pytest.mark.parametrize("method", ["sigmoid", "tis", "prefix", "sequence"])
+@pytest.mark.parametrize("method", ["sigmoid", "tis", "prefix", "sequence", "gated"])
 def test_missing_teacher_is_a_clear_error(method):
     logits, batch = make_batch()
     del batch["teacher_logprobs"]
@@ -348,7 +389,7 @@ def test_labels_outside_vocab_on_masked_in_tokens_are_an_error():
 
 
 @pytest.mark.parametrize("normalize", ["global", "micro", "none"])
-@pytest.mark.parametrize("method", ["sigmoid", "prefix", "sequence"])
+@pytest.mark.parametrize("method", ["sigmoid", "prefix", "sequence", "gated"])
 def test_all_masked_batch_is_zero_and_finite(method, normalize):
     logits, batch = make_batch()
     batch["loss_mask"] = torch.zeros(B, S)
@@ -494,3 +535,137 @@ def test_loss_function_is_megatron_partial_friendly():
     fn = functools.partial(make_loss_func(DCDConfig()), batch)
     loss, n, report = fn(logits)
     assert loss.dim() == 0 and n.dtype == torch.int and all(v.dtype == torch.float64 for v in report.values())
+
+
+# ----------------------------------------------------------------------------- the gated method
+GATES = ["token", "entropy"]
+
+
+@pytest.mark.parametrize("normalize", ["global", "micro", "none"])
+@pytest.mark.parametrize("gate", GATES)
+def test_gated_with_gate_power_zero_is_sft_exactly(gate, normalize):
+    """g = exp(0) = 1 on every token: u = 1, the same loss, gradient and normalisation as sft."""
+    logits, batch = make_batch(seed=8)
+    sft = _loss_and_grad(DCDConfig(method="sft", normalize=normalize), logits, batch)
+    gated = _loss_and_grad(DCDConfig(method="gated", gate=gate, gate_power=0.0, tau=0.3, normalize=normalize),
+                           logits, batch)
+    assert torch.equal(gated[0], sft[0]) and gated[1] == sft[1]
+    assert torch.equal(gated[3], sft[3])
+    for key in ("weight", "weight_sq", "weighted_ce", "global_norm"):
+        if key in sft[2]:
+            assert torch.equal(gated[2][key], sft[2][key]), key
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_gated_tends_to_sigmoid_as_gate_power_grows(gate):
+    """Where the teacher was unsure (a < 0, H > 0) the gate closes: u -> the sigmoid weight."""
+    logits, batch = make_batch(seed=9)
+    s = student_logprobs(logits, batch["labels"]).float()
+    teacher = -0.05 - torch.rand(B, S, generator=torch.Generator().manual_seed(9)) * 4  # a <= -0.05
+    topk = batch["teacher_topk_logprobs"]
+    entropy = weights_mod.teacher_entropy(topk)
+    mask = batch["loss_mask"] * (entropy > 0.01)  # a (near) one-hot top-k keeps the entropy gate open
+    assert int(mask.sum()) >= 20
+    sigmoid = dcd_weights(s, teacher, mask, DCDConfig(method="sigmoid", tau=0.5, bias=0.3))
+    gaps = []
+    for power in (0.5, 2.0, 8.0, 1e4):
+        cfg = DCDConfig(method="gated", gate=gate, gate_power=power, tau=0.5, bias=0.3)
+        got = dcd_weights(s, teacher, mask, cfg, teacher_topk_logprobs=topk)
+        assert bool((got >= sigmoid - 1e-7).all())  # u = sigmoid + g (1 - sigmoid) >= sigmoid
+        gaps.append(float((got - sigmoid).abs().max()))
+    assert gaps[0] > 0.1 and all(a > b for a, b in zip(gaps, gaps[1:])), gaps
+    assert gaps[-1] < 1e-6, gaps
+
+
+@pytest.mark.parametrize("student_p", [1e-9, 1e-4, 0.01, 0.3, 0.99, 1.0])
+def test_teacher_certain_token_keeps_full_weight(student_p):
+    """A token the teacher was sure of is knowledge: weight ~1 whatever the student's probability,
+    where the sigmoid weight starves it."""
+    s = torch.full((1, 3), math.log(student_p))
+    teacher = torch.tensor([[0.0, math.log(0.999), math.log(0.2)]])  # certain, near-certain, a fork
+    mask = torch.ones(1, 3)
+    cfg = DCDConfig(method="gated", gate_power=16.0, tau=0.5)
+    got = dcd_weights(s, teacher, mask, cfg)
+    assert float(got[0, 0]) == 1.0
+    assert float(got[0, 1]) >= 0.999**16 - 1e-6 > 0.98
+    sig = dcd_weights(s, teacher, mask, DCDConfig(method="sigmoid", tau=0.5))
+    # the fork follows the student's preference: the sigmoid weight, up to the tiny gate 0.2**16
+    assert float(got[0, 2]) == pytest.approx(float(sig[0, 2]), abs=0.2**16 + 1e-7)
+    if student_p < 0.01:
+        assert float(sig[0, 0]) < 0.01  # what the gate protects the certain token from
+
+
+def test_teacher_entropy_of_topk_and_residual():
+    """H over the top-k plus the residual bucket; NaN and -inf entries count as probability 0."""
+    rows = [
+        [0.0, -math.inf, -math.inf],  # one-hot
+        [0.0, math.nan, math.nan],  # one-hot, the rest unknown
+        [math.log(0.5), math.log(0.25), math.nan],  # residual bucket 0.25
+        [math.log(1 / 3)] * 3,  # uniform, no residual
+    ]
+    want = [0.0, 0.0, -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)), math.log(3)]
+    got = weights_mod.teacher_entropy(torch.tensor(rows))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+    for row, h in zip(rows, want):
+        assert reference_entropy(row) == pytest.approx(h, abs=1e-12)
+
+
+@pytest.mark.parametrize("student_p", [1e-6, 0.5])
+def test_entropy_gate_with_one_hot_teacher_gives_gate_one(student_p):
+    """A one-hot teacher top-k has H = 0: g = 1 and u = 1, whatever the student and the sampled
+    token's log-prob; a uniform top-4 gives g = 4**-gate_power."""
+    s = torch.full((1, 2), math.log(student_p))
+    teacher = torch.full((1, 2), -3.0)
+    topk = torch.tensor([[[0.0, -math.inf, -math.inf, -math.inf], [math.log(0.25)] * 4]])
+    cfg = DCDConfig(method="gated", gate="entropy", gate_power=1.5, tau=0.5, bias=1.0)
+    got = dcd_weights(s, teacher, torch.ones(1, 2), cfg, teacher_topk_logprobs=topk)
+    assert float(got[0, 0]) == 1.0
+    g = 4.0**-1.5
+    sig = _sigmoid((max(math.log(student_p) + 3.0, -5.0) - 1.0) / 0.5)  # clip(l) = clip(s - a) at -5
+    assert float(got[0, 1]) == pytest.approx(g + (1 - g) * sig, rel=1e-5)
+
+
+def _one_line_error(excinfo):
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_entropy_gate_without_topk_is_a_one_line_error_naming_the_fix():
+    logits, batch = make_batch()
+    del batch["teacher_topk_logprobs"]
+    cfg = DCDConfig(method="gated", gate="entropy")
+    hidden, weight = torch.randn(B, S, 5), torch.randn(V, 5)
+    for call in (
+        lambda: make_loss_func(cfg)(batch, logits),
+        lambda: make_loss_func(cfg)(batch, hidden, output_weight=weight),  # the chunked path
+        lambda: dcd_weights(torch.zeros(B, S), batch["teacher_logprobs"], batch["loss_mask"], cfg),
+    ):
+        with pytest.raises(ValueError, match="loss.gate=entropy needs teacher top-k") as excinfo:
+            call()
+        message = _one_line_error(excinfo)
+        assert "data.topk" in message and "dcd-score --top-k" in message and "loss.gate=token" in message
+    make_loss_func(DCDConfig(method="gated"))(batch, logits)  # the token gate needs no top-k
+
+
+def test_entropy_gate_with_topk_missing_on_a_trained_token_is_a_one_line_error():
+    logits, batch = make_batch()
+    topk = batch["teacher_topk_logprobs"].clone()
+    i, t = (batch["loss_mask"] > 0).nonzero()[0].tolist()
+    topk[i, t] = math.nan
+    broken = {**batch, "teacher_topk_logprobs": topk}
+    cfg = DCDConfig(method="gated", gate="entropy")
+    hidden, weight = torch.randn(B, S, 5), torch.randn(V, 5)
+    for call in (
+        lambda: make_loss_func(cfg)(broken, logits),
+        lambda: make_loss_func(cfg)(broken, hidden, output_weight=weight),
+        lambda: dcd_weights(torch.zeros(B, S), batch["teacher_logprobs"], batch["loss_mask"], cfg,
+                            teacher_topk_logprobs=topk),
+    ):
+        with pytest.raises(ValueError, match=r"1 trained token\(s\) have no teacher top-k") as excinfo:
+            call()
+        assert "loss.gate=token" in _one_line_error(excinfo)
+    with pytest.raises(ValueError, match=r"must be \[b, s, k\]"):
+        make_loss_func(cfg)({**batch, "teacher_topk_logprobs": topk[:, :-1]}, logits)
+    make_loss_func(DCDConfig(method="gated"))(broken, logits)  # the token gate never reads it

@@ -20,11 +20,11 @@ from dcd_megatron.loss.logprobs import vocab_parallel_logprobs
 from dcd_megatron.loss.report import build_report
 from dcd_megatron.loss.weights import (
     check_teacher,
+    checked_entropy,
     compute_weights,
     nonfinite_teacher_count,
     normalize_weights,
     raise_for_nonfinite_teacher,
-    teacher_entropy,
 )
 
 # term(logits [b, s, V/tp], batch, student_logprobs [b, s] fp32) -> per-token loss [b, s]
@@ -73,21 +73,7 @@ def validate_batch(batch: Mapping[str, torch.Tensor], logits: torch.Tensor, conf
 
 def gate_entropy(batch: Mapping[str, torch.Tensor], config: DCDConfig) -> torch.Tensor | None:
     """The teacher's per-token entropy ``[b, s]`` for the entropy gate (None when not asked for)."""
-    if not config.entropy_gate:
-        return None
-    topk = batch.get("teacher_topk_logprobs")
-    shape = tuple(batch["loss_mask"].shape)
-    if topk is None:
-        raise ValueError("loss.gate=entropy needs teacher top-k in the batch: score the traces with "
-                         "`dcd-score --top-k K` and set data.topk=K, or use loss.gate=token")
-    if topk.dim() != 3 or tuple(topk.shape[:2]) != shape:
-        raise ValueError(f"teacher_topk_logprobs {tuple(topk.shape)} must be [b, s, k] with [b, s] = {shape}")
-    valid = batch["loss_mask"] > 0
-    missing = int((valid & ~torch.isfinite(topk).any(dim=-1)).sum())
-    if missing:
-        raise ValueError(f"loss.gate=entropy: {missing} trained token(s) have no teacher top-k; rescore with "
-                         "`dcd-score --top-k` including the eos, or use loss.gate=token")
-    return teacher_entropy(topk)
+    return checked_entropy(batch.get("teacher_topk_logprobs"), batch["loss_mask"] > 0, config)
 
 
 class DCDLossFunction:

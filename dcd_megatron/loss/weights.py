@@ -74,6 +74,26 @@ def teacher_entropy(topk_logprobs: torch.Tensor) -> torch.Tensor:
     return h - torch.where(r > 0, r * r.clamp(min=1e-30).log(), torch.zeros_like(r))
 
 
+def checked_entropy(
+    topk_logprobs: torch.Tensor | None, valid: torch.Tensor, config: DCDConfig
+) -> torch.Tensor | None:
+    """The teacher's entropy ``[b, s]`` for the entropy gate (None when not asked for), after checking its top-k."""
+    if not config.entropy_gate:
+        return None
+    shape = tuple(valid.shape)
+    if topk_logprobs is None:
+        raise ValueError("loss.gate=entropy needs teacher top-k in the batch: score the traces with "
+                         "`dcd-score --top-k K` and set data.topk=K, or use loss.gate=token")
+    if topk_logprobs.dim() != 3 or tuple(topk_logprobs.shape[:2]) != shape:
+        raise ValueError(f"teacher_topk_logprobs {tuple(topk_logprobs.shape)} must be [b, s, k] with [b, s] = {shape}; "
+                         "pass the teacher's top-k log-probs of every position")
+    missing = int((valid & ~torch.isfinite(topk_logprobs).any(dim=-1)).sum())
+    if missing:
+        raise ValueError(f"loss.gate=entropy: {missing} trained token(s) have no teacher top-k; rescore with "
+                         "`dcd-score --top-k` including the eos, or use loss.gate=token")
+    return teacher_entropy(topk_logprobs)
+
+
 def gate_values(gate_in: torch.Tensor, config: DCDConfig) -> torch.Tensor:
     """The gated method's teacher-confidence gate ``exp(gate_power * gate_in)`` in [0, 1].
 
@@ -163,12 +183,14 @@ def compute_weights(
         l = torch.where(valid, s - teacher_logprobs.detach().to(torch.float32), zeros)
     tau = config.tau_at(step)
     layout = cp_layout.resolve_layout(cp_group, cp_layout_name)
-    gate_in = None
+    gate_in = None  # the gated method's log-confidence: a (exact, not s - l in fp32) or -H
     if config.entropy_gate:
         if entropy is None:
             raise ValueError("loss.gate=entropy needs the teacher's top-k in the batch: score the traces with "
                              "`dcd-score --top-k K` and set data.topk=K, or use loss.gate=token")
         gate_in = torch.where(valid, -entropy.detach().to(torch.float32), zeros)
+    elif config.method == "gated" and teacher_logprobs is not None:
+        gate_in = torch.where(valid, teacher_logprobs.detach().to(torch.float32), zeros)
 
     need_rows = layout is not None and (_looks_along_rows(config) or want_response_frac)
     if need_rows:
@@ -243,7 +265,7 @@ def dcd_weights(
     check_teacher(config, teacher_logprobs)
     valid = loss_mask > 0
     raise_for_nonfinite_teacher(int(nonfinite_teacher_count(teacher_logprobs, valid)))
-    entropy = teacher_entropy(teacher_topk_logprobs) if teacher_topk_logprobs is not None else None
+    entropy = checked_entropy(teacher_topk_logprobs, valid, config)
     return compute_weights(
         student_logprobs, teacher_logprobs, valid, config,
         segment_ids=segment_ids, cp_group=cp_group, cp_layout_name=cp_layout, step=step, entropy=entropy,
