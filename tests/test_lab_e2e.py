@@ -38,15 +38,26 @@ def test_tiny_lab_runs_every_stage_and_logs_to_mlflow(tmp_path):
     cfg = tiny_lab_config(str(out))
     results = json.loads((out / "results.json").read_text())
 
-    # every arm x seed, evaluated on every held-out k
-    runs = {(r["arm"], r["seed"]): r for r in results["records"]}
-    assert set(runs) == {(a, s) for a in cfg.arms for s in cfg.seeds}
+    # every condition x arm x seed, evaluated on every held-out k
+    everything = {(r["condition"], r["arm"], r["seed"]): r for r in results["records"]}
+    assert set(everything) == {(c, a, s) for c in ("trained", "strong") for a in cfg.arms for s in cfg.seeds}
+    runs = {(a, s): r for (c, a, s), r in everything.items() if c == "trained"}
     eval_ks = {str(k) for k in (*cfg.eval.known_k, *cfg.eval.new_k, *cfg.eval.longer_k)}
-    for rec in runs.values():
+    steps = {"trained": cfg.distill.steps, "strong": cfg.strong.distill.steps}
+    for (condition, _, _), rec in everything.items():
         assert set(rec["accuracy"]) == eval_ks
         assert all(0 <= a["correct"] <= a["n"] == sum(a["styles"].values()) for a in rec["accuracy"].values())
-        assert math.isfinite(rec["exposure"]["ex_acc_err_pct"])
-        assert rec["series"]["step"] == list(range(1, cfg.distill.steps + 1))
+        if condition == "trained":
+            assert math.isfinite(rec["exposure"]["ex_acc_err_pct"])
+        else:  # the scripted teacher is no model: no ExAccErr oracle
+            assert rec["exposure"] is None
+        assert rec["series"]["step"] == list(range(1, steps[condition] + 1))
+    # the strong teacher's traces carry its exact log-probs; the oracle arm trains on the prior's style only
+    strong = [json.loads(line) for line in (out / "data" / "traces_strong.jsonl").read_text().splitlines()]
+    assert len(strong) == cfg.strong.count
+    oracle_rows = (out / "data" / "traces_strong-verbose.jsonl").read_text().splitlines()
+    assert 0 < len(oracle_rows) == sum(t["style"] == "verbose" for t in strong)
+    assert results["references"]["strong teacher"]["accuracy"][str(cfg.eval.known_k[0])]["correct"] > 0
 
     # the KV-cached copy reproduces megatron's GPTModel on every trained checkpoint it loaded
     diffs = [r["kv_max_abs_diff"] for r in results["records"]]
@@ -83,8 +94,10 @@ def test_tiny_lab_runs_every_stage_and_logs_to_mlflow(tmp_path):
         for seed in cfg.seeds:
             run = mlruns[f"{arm}-seed{seed}"]
             assert run.data.tags["lab.arm"] == arm and run.data.tags["lab.seed"] == str(seed)
+            assert mlruns[f"strong-{arm}-seed{seed}"].data.tags["lab.condition"] == "strong"
             assert f"eval/acc_k{cfg.eval.known_k[0]}" in run.data.metrics and "ce" in run.data.metrics
 
     text = doc.read_text()
     assert all(f"| {arm} |" in text for arm in cfg.arms)
-    assert len(list((doc.parent / "img").glob("drift-lab-*.png"))) == 4
+    assert len(list((doc.parent / "img").glob("drift-lab-*.png"))) == 8  # four per condition
+    assert "## The decision" in text and "Chosen by this run" in text

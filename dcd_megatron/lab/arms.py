@@ -18,6 +18,7 @@ class Arm:
     description: str
     loss: dict = field(default_factory=dict)
     anneal_fraction: float = 0.0  # > 0: tau goes linearly to loss["tau_end"] over this share of steps
+    only_style: bool = False  # train only on the traces in the prior's style (a filter, not a loss)
 
 
 ARMS: dict[str, Arm] = {
@@ -33,7 +34,20 @@ ARMS: dict[str, Arm] = {
                   {"method": "sigmoid", "tau": 0.5, "tau_end": 2.0}, anneal_fraction=0.5),
     "floor": Arm("sigmoid tau=0.5 with every weight floored at 0.1",
                  {"method": "sigmoid", "tau": 0.5, "floor": 0.1}),
+    "dft": Arm("DFT: the student's own probability of the token (student_only power, beta=1; TRL's dft)",
+               {"method": "student_only", "student_only_form": "power", "beta": 1.0}),
+    "gated": Arm("gated: p_T**16 + (1 - p_T**16) sigmoid(l / 0.5): full weight where the teacher was sure",
+                 {"method": "gated", "gate": "token", "gate_power": 16.0, "tau": 0.5}),
+    "gated_soft": Arm("gated as above with tau=1", {"method": "gated", "gate": "token", "gate_power": 16.0, "tau": 1.0}),
+    "gated_leaky": Arm("gated with gate_power=4, tau=0.5 (a leakier gate)",
+                       {"method": "gated", "gate": "token", "gate_power": 4.0, "tau": 0.5}),
+    "gated_entropy": Arm("gated with the entropy gate exp(-8 H_T) (H over the teacher's top-k + rest), tau=0.5",
+                         {"method": "gated", "gate": "entropy", "gate_power": 8.0, "tau": 0.5}),
+    "oracle": Arm("SFT on the prior's style only (an oracle filter of the traces, not a method)",
+                  {"method": "sft"}, only_style=True),
 }
+# The published lab's arms: today's candidates, the baselines a user would pick instead, references.
+DEFAULT_ARMS: tuple[str, ...] = ("sft", "sigmoid", "dft", "sequence", "gated", "gated_soft", "gated_entropy", "oracle")
 
 
 def arm_loss(name: str, steps: int) -> DCDConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dcd_megatron.lab.arms import ARMS
+from dcd_megatron.lab.arms import ARMS, DEFAULT_ARMS
 from dcd_megatron.lab.task import STYLES
 
 
@@ -92,6 +92,25 @@ class TracesConfig:
 
 
 @dataclass
+class StrongConfig:
+    """The second condition: a scripted strong teacher (lab/scripted.py) and a long distillation run.
+
+    The teacher writes style s with probability `styles[s]` and every determined token right with
+    probability 1 - eps; the run makes several passes over fewer traces, so that a leaky weight has
+    the time to flip the student to the teacher's style.
+    """
+
+    enabled: bool = True
+    styles: dict[str, float] = field(default_factory=lambda: {"verbose": 0.2, "skip2": 0.45, "skip3": 0.35})
+    result_eps: dict[str, float] = field(default_factory=lambda: {"verbose": 0.01, "skip2": 0.03, "skip3": 0.05})
+    copy_eps: float = 0.005
+    k: list[int] = field(default_factory=lambda: [2, 10])
+    count: int = 1200  # traces kept
+    distill: StageConfig = field(default_factory=lambda: StageConfig(
+        steps=500, global_batch_size=8, micro_batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=10))
+
+
+@dataclass
 class StudentConfig:
     """The student: its prior is SFT on a narrow distribution (one style, short problems)."""
 
@@ -132,12 +151,14 @@ class LabConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: StageConfig = field(default_factory=lambda: StageConfig(
         steps=250, global_batch_size=8, micro_batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=10))
-    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    strong: StrongConfig = field(default_factory=StrongConfig)
+    arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: bool = True
     tracking_uri: str | None = None  # None: env MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db
     experiment: str = "dcd-drift-lab"
     data_seed: int = 0
+    topk: int = 4  # teacher top-k per token stored with the traces (the entropy gate reads it); 0 = none
 
     def __post_init__(self):
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -151,6 +172,11 @@ class LabConfig:
             _fail("arms", "must include 'sft' (every comparison is paired against it)", "add sft")
         if len(set(self.arms)) != len(self.arms):
             _fail("arms", f"{self.arms!r} repeats an arm", "list each arm once")
+        if self.topk < 0:
+            _fail("topk", f"must be >= 0, got {self.topk}", "use 0 (none) or e.g. 4")
+        needs_topk = [a for a in self.arms if ARMS[a].loss.get("gate") == "entropy"]
+        if needs_topk and self.topk == 0:
+            _fail("topk", f"is 0 but arm(s) {needs_topk} read the teacher's top-k", "set topk=4 or drop those arms")
         _check_range("teacher.k", self.teacher.k)
         _check_range("traces.k", self.traces.k)
         _check_range("student.prior_k", self.student.prior_k)
@@ -160,6 +186,18 @@ class LabConfig:
                   f"use styles from {list(STYLES)}")
         if self.student.prior_style not in STYLES:
             _fail("student.prior_style", f"{self.student.prior_style!r} is unknown", f"use one of {list(STYLES)}")
+        _check_range("strong.k", self.strong.k)
+        sbad = [s for s in self.strong.styles if s not in STYLES]
+        if sbad or not self.strong.styles or any(w < 0 for w in self.strong.styles.values()) \
+                or sum(self.strong.styles.values()) <= 0:
+            _fail("strong.styles", f"{self.strong.styles!r} needs non-negative weights on known styles, not all 0",
+                  f"use styles from {list(STYLES)}")
+        eps = [*self.strong.result_eps.values(), self.strong.copy_eps]
+        if set(self.strong.result_eps) != set(STYLES) or any(not 0 <= e < 0.5 for e in eps):
+            _fail("strong.result_eps", f"{self.strong.result_eps!r} (copy_eps {self.strong.copy_eps}) needs a rate "
+                  f"in [0, 0.5) for each of {list(STYLES)}", "use e.g. 0.01 to 0.05")
+        if self.strong.count < 1:
+            _fail("strong.count", f"must be >= 1, got {self.strong.count}", "use a positive count")
         if self.traces.temperature <= 0:
             _fail("traces.temperature", f"must be > 0, got {self.traces.temperature}", "use 1.0")
         ev = self.eval
@@ -208,7 +246,9 @@ def tiny_lab_config(out_dir: str) -> LabConfig:
         student=StudentConfig(net=NetConfig(1, 32, 4, 2, 64), prior_rows=100, prior_k=[2, 2], prior_per_seed=False,
                               prior_train=StageConfig(steps=6, global_batch_size=8, micro_batch_size=8, **stage)),
         distill=StageConfig(steps=4, global_batch_size=2, micro_batch_size=2, **stage),
-        arms=["sft", "sigmoid_sharp", "prefix"],
+        strong=StrongConfig(k=[2, 3], count=12, distill=StageConfig(steps=6, global_batch_size=2, micro_batch_size=2,
+                                                                     **stage)),
+        arms=["sft", "gated", "gated_entropy", "oracle"],
         eval=EvalConfig(known_k=[2], new_k=[3], longer_k=[4], problems=8, exposure_k=[3], exposure_prompts=6,
                         exposure_max_len=12, weight_traces_per_style=3, batch_size=16),
         experiment="dcd-drift-lab-test",

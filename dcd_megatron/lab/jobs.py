@@ -39,6 +39,7 @@ class TrainSpec:
     experiment: str = "dcd-drift-lab"
     plot_interval: int = 0
     threads: int = 1
+    topk: int = 0  # teacher top-k entries per token read from the traces (data.topk)
 
 
 def train_config(spec: TrainSpec):
@@ -59,7 +60,8 @@ def train_config(spec: TrainSpec):
         ),
         parallel=ParallelConfig(),
         data=DataConfig(train_path=spec.train_path, tokenizer=spec.tokenizer, chat_template="plain",
-                        seq_length=spec.seq_length, pack=True, num_proc=1, cache_dir=spec.cache_dir),
+                        seq_length=spec.seq_length, pack=True, num_proc=1, cache_dir=spec.cache_dir,
+                        topk=spec.topk),
         loss=spec.loss,
         optim=OptimConfig(lr=st.lr, min_lr=st.min_lr, warmup_steps=st.warmup_steps, weight_decay=0.01, clip_grad=1.0),
         train=LoopConfig(steps=st.steps, global_batch_size=st.global_batch_size, micro_batch_size=st.micro_batch_size,
@@ -154,6 +156,7 @@ class SampleSpec:
     seed: int
     temperature: float
     batch_size: int
+    topk: int = 0  # > 0: keep the teacher's top-k per token too (for the entropy gate)
 
 
 def sample_job(spec: SampleSpec) -> dict:
@@ -168,9 +171,10 @@ def sample_job(spec: SampleSpec) -> dict:
     prompts = [prompt_ids(tok, d) for d in spec.digits]
     longest = max(len(d) for d in spec.digits)
     samples = sample_and_score(model, prompts, eos_id=tok.eos_id, max_new_tokens=trace_tokens(longest),
-                               temperature=spec.temperature, seed=spec.seed, batch_size=spec.batch_size)
+                               temperature=spec.temperature, seed=spec.seed, batch_size=spec.batch_size,
+                               topk=spec.topk)
     kept, dropped, wrong_steps = [], {"no_eos": 0, "not_roundtrip": 0, "wrong": 0}, 0
-    for digits, (ids, lps) in zip(spec.digits, samples, strict=True):
+    for digits, (ids, lps, *top) in zip(spec.digits, samples, strict=True):
         if not ids or ids[-1] != tok.eos_id:
             dropped["no_eos"] += 1
             continue
@@ -183,9 +187,13 @@ def sample_job(spec: SampleSpec) -> dict:
             continue
         if task.first_error(digits, response) is not None:
             wrong_steps += 1  # the answer filter keeps it, as the paper's would
-        kept.append({"prompt": task.make_prompt(digits), "response": response,
-                     "teacher_logprobs": [round(x, 6) for x in lps],
-                     "answer": str(sum(int(c) for c in digits)), "style": task.style_of(response)})
+        row = {"prompt": task.make_prompt(digits), "response": response,
+               "teacher_logprobs": [round(x, 6) for x in lps],
+               "answer": str(sum(int(c) for c in digits)), "style": task.style_of(response)}
+        if top:
+            row["teacher_topk_ids"] = top[0]
+            row["teacher_topk_logprobs"] = [[round(x, 6) for x in v] for v in top[1]]
+        kept.append(row)
     return {"rows": kept, "drawn": len(spec.digits), "dropped": dropped, "kept_with_wrong_step": wrong_steps,
             "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "kv_max_abs_diff": kv_diff}
 
@@ -196,7 +204,7 @@ class DistillSpec:
 
     arm: str
     train: TrainSpec
-    teacher: str
+    teacher: str | None  # the teacher checkpoint, ExAccErr's oracle (None: a scripted teacher, no ExAccErr)
     prior: str
     problems: dict[int, list[str]]
     exposure_digits: list[str]
@@ -204,25 +212,29 @@ class DistillSpec:
     weight_rows: list[dict]
     batch_size: int
     lab_id: str = ""
+    condition: str = "trained"
 
 
 def distill_job(spec: DistillSpec) -> dict:
     """Train the arm, then greedy accuracy by k and style, ExAccErr and weights by style."""
     from dcd_megatron.lab import evaluate as ev
 
-    record: dict = {"arm": spec.arm, "seed": spec.train.seed}
+    record: dict = {"arm": spec.arm, "seed": spec.train.seed, "condition": spec.condition}
     trained = train_job(spec.train)
     record["train_seconds"] = trained["seconds"]
     record["train_cpu_s"] = trained["cpu_s"]
     record["final"] = trained["final"]
     t0, c0 = time.perf_counter(), time.process_time()
     student, tok, diff = load_kv(trained["checkpoint"])
-    teacher, _, _ = load_kv(spec.teacher)
     prior, _, _ = load_kv(spec.prior)
     record["kv_max_abs_diff"] = diff
     record["accuracy"] = ev.greedy_accuracy(student, tok, spec.problems, batch_size=spec.batch_size)
-    record["exposure"] = ev.exposure_bias(student, teacher, tok, spec.exposure_digits, max_len=spec.exposure_max_len,
-                                          seed=spec.train.seed, batch_size=spec.batch_size)
+    record["exposure"] = None
+    if spec.teacher is not None:
+        teacher, _, _ = load_kv(spec.teacher)
+        record["exposure"] = ev.exposure_bias(student, teacher, tok, spec.exposure_digits,
+                                              max_len=spec.exposure_max_len, seed=spec.train.seed,
+                                              batch_size=spec.batch_size)
     loss = spec.train.loss
     record["weights_init"] = ev.weights_by_style(prior, tok, spec.weight_rows, loss, step=0)
     record["weights_final"] = ev.weights_by_style(student, tok, spec.weight_rows, loss, step=spec.train.stage.steps)
@@ -235,7 +247,8 @@ def distill_job(spec: DistillSpec) -> dict:
     return record
 
 
-SERIES_KEYS = ("ce", "loss", "ess", "weight_mean", "log_ratio_mean", "weight_at_floor_frac")
+SERIES_KEYS = ("ce", "loss", "ess", "weight_mean", "log_ratio_mean", "weight_at_floor_frac",
+               "weight_mass_certain", "weight_certain_unlearned")
 
 
 def metric_series(path: Path) -> dict[str, list[float]]:
@@ -262,7 +275,7 @@ def eval_metrics(record: dict) -> dict[str, float]:
         out[f"eval/acc_k{k}"] = acc["correct"] / acc["n"]
         for style, n in acc["styles"].items():
             out[f"eval/style_{style}_k{k}"] = n / acc["n"]
-    for key, value in record["exposure"].items():
+    for key, value in (record["exposure"] or {}).items():
         out[f"eval/exposure_{key}"] = value
     for when in ("init", "final"):
         for style, stats in record[f"weights_{when}"].items():
@@ -285,6 +298,7 @@ def log_evaluation(spec: DistillSpec, record: dict) -> str | None:
     metrics = [Metric(k, v, now, spec.train.stage.steps) for k, v in eval_metrics(record).items()]
     for i in range(0, len(metrics), 500):
         client.log_batch(run_id, metrics=metrics[i : i + 500])
-    for key, value in (("lab.arm", spec.arm), ("lab.seed", str(spec.train.seed)), ("lab.id", spec.lab_id)):
+    for key, value in (("lab.arm", spec.arm), ("lab.seed", str(spec.train.seed)), ("lab.id", spec.lab_id),
+                       ("lab.condition", spec.condition)):
         client.set_tag(run_id, key, value)
     return run_id

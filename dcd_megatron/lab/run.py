@@ -19,13 +19,14 @@ import shutil
 import sys
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from dcd_megatron.lab import data as labdata
-from dcd_megatron.lab import task
-from dcd_megatron.lab.arms import arm_loss
-from dcd_megatron.lab.config import LabConfig, tiny_lab_config
+from dcd_megatron.lab import scripted, task
+from dcd_megatron.lab.arms import ARMS, arm_loss
+from dcd_megatron.lab.config import LabConfig, StageConfig, tiny_lab_config
 from dcd_megatron.lab.stats import idle_wall_estimate
 from dcd_megatron.lab.jobs import (
     DistillSpec,
@@ -100,109 +101,200 @@ def _result(future: Future, what: str):
         raise LabError(f"lab stage {what!r} failed: {exc}") from exc
 
 
-def run_lab(cfg: LabConfig) -> dict:
-    """Run every stage; return the results record (also written to `<out_dir>/results.json`)."""
-    clock = Stopwatch()
-    load_before = os.getloadavg()
-    main_cpu0 = time.process_time()
+@dataclass
+class Condition:
+    """One lab condition: the traces every arm distils from, the run length, and ExAccErr's oracle."""
+
+    name: str
+    traces: list[dict]
+    traces_path: Path
+    stage: StageConfig
+    teacher: str | None  # checkpoint of the teacher (None: the scripted one, no ExAccErr)
+    description: str = ""
+    caches: dict[bool, Path] = field(default_factory=dict)  # only_style -> token cache dir
+    paths: dict[bool, Path] = field(default_factory=dict)  # only_style -> traces file
+
+
+@dataclass
+class LabRun:
+    """What every stage of one lab run shares: the config, paths, tracking and the held-out problems."""
+
+    cfg: LabConfig
+    out: Path
+    tok_path: Path
+    uri: str | None
+    lab_id: str
+    threads: int
+    problems: dict[int, list[str]]
+    exclude: set[str]
+    rng: random.Random
+
+    def spec(self, name, net, stage, path, seed, out_name, **kw) -> TrainSpec:
+        return TrainSpec(name=name, net=net, stage=stage, train_path=str(path), tokenizer=str(self.tok_path),
+                         output_dir=str(self.out / "runs" / out_name), seed=seed, seq_length=self.cfg.seq_length,
+                         tracking_uri=self.uri, experiment=self.cfg.experiment, threads=self.threads, **kw)
+
+
+def start_lab(cfg: LabConfig) -> LabRun:
+    """Check the settings against the output directory, empty it, make the tokenizer and problem sets."""
     out = Path(cfg.out_dir).resolve()
     if cfg.teacher.checkpoint and Path(cfg.teacher.checkpoint).resolve().is_relative_to(out):
         raise LabError(f"teacher.checkpoint={cfg.teacher.checkpoint} lies inside the output directory {out}, "
                        "which every run empties first: copy it elsewhere or pick another --out")
     prepare_out_dir(out)
-    data_dir = out / "data"
     tok_path = task.build_tokenizer(out / "tokenizer")
     uri = resolve_tracking_uri(cfg)
     prepare_tracking_store(uri, cfg.experiment)
-    lab_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    threads = max(1, (os.cpu_count() or 1) // cfg.workers)
-
-    # ---- problem sets: evaluation first, training rows avoid it ------------------------------
     ev = cfg.eval
-    eval_ks = sorted({*ev.known_k, *ev.new_k, *ev.longer_k})
-    problems = labdata.heldout_problems(eval_ks, ev.problems, cfg.data_seed)
-    exclude = {d for ds in problems.values() for d in ds}
-    rng = random.Random(f"train-{cfg.data_seed}")
-    teacher_rows = labdata.exact_rows(
-        labdata.training_digits(cfg.teacher.rows, cfg.teacher.k, exclude, rng), cfg.teacher.styles, rng)
-    teacher_path = labdata.write_jsonl(data_dir / "teacher_train.jsonl", teacher_rows)
-    prior_seeds = list(cfg.seeds) if cfg.student.prior_per_seed else [cfg.seeds[0]]
-    prior_path = labdata.write_jsonl(data_dir / "prior_train.jsonl", labdata.exact_rows(
-        labdata.training_digits(cfg.student.prior_rows, cfg.student.prior_k, exclude, rng),
-        {cfg.student.prior_style: 1.0}, rng))
+    problems = labdata.heldout_problems(sorted({*ev.known_k, *ev.new_k, *ev.longer_k}), ev.problems, cfg.data_seed)
+    return LabRun(cfg=cfg, out=out, tok_path=tok_path, uri=uri,
+                  lab_id=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
+                  threads=max(1, (os.cpu_count() or 1) // cfg.workers), problems=problems,
+                  exclude={d for ds in problems.values() for d in ds}, rng=random.Random(f"train-{cfg.data_seed}"))
 
-    def spec(name, net, stage, path, seed, out_name, **kw) -> TrainSpec:
-        return TrainSpec(name=name, net=net, stage=stage, train_path=str(path), tokenizer=str(tok_path),
-                         output_dir=str(out / "runs" / out_name), seed=seed, seq_length=cfg.seq_length,
-                         tracking_uri=uri, experiment=cfg.experiment, threads=threads, **kw)
 
+def run_lab(cfg: LabConfig) -> dict:
+    """Run every stage; return the results record (also written to `<out_dir>/results.json`)."""
+    clock = Stopwatch()
+    load_before = os.getloadavg()
+    main_cpu0 = time.process_time()
+    lab = start_lab(cfg)
     import multiprocessing as mp
 
     pool = ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn"), initializer=worker_init,
-                               initargs=(threads,))
+                               initargs=(lab.threads,))
     try:
-        # ---- teacher and prior(s), side by side ------------------------------------------------
-        teacher_f = None
-        if cfg.teacher.checkpoint is None:
-            teacher_f = pool.submit(train_job, spec("teacher", cfg.teacher.net, cfg.teacher.train, teacher_path,
-                                                    cfg.data_seed + 1000, "teacher"))
-        prior_fs = {s: pool.submit(train_job, spec(f"prior-seed{s}", cfg.student.net, cfg.student.prior_train,
-                                                   prior_path, s, f"prior-seed{s}"))
-                    for s in prior_seeds}
-        if teacher_f is None:
-            teacher = {"name": "teacher", "checkpoint": cfg.teacher.checkpoint, "seconds": 0.0, "cpu_s": 0.0,
-                       "final": {}, "reused": True}
-            clock.mark(f"teacher reused from {cfg.teacher.checkpoint}")
-        else:
-            teacher = _result(teacher_f, "teacher training")
-            clock.mark("teacher trained")
-
-        # ---- teacher traces ------------------------------------------------------------------
-        traces, sampling = sample_traces(pool, cfg, teacher["checkpoint"], exclude, rng)
-        traces_path = labdata.write_jsonl(data_dir / "traces.jsonl", traces)
-        clock.mark(f"{len(traces)} teacher traces kept")
-        priors = {s: _result(f, f"prior seed {s}") for s, f in prior_fs.items()}
-        clock.mark("priors trained")
-
-        # ---- the token cache of the traces, built once and shared by every arm --------------
-        cache_dir = out / "cache"
-        _build_cache(spec("cache", cfg.student.net, cfg.distill, traces_path, 0, "cache", cache_dir=str(cache_dir)))
-        weight_rows = labdata.style_sample(traces, ev.weight_traces_per_style, cfg.data_seed)
-        exposure_digits = _spread(problems, ev.exposure_k, ev.exposure_prompts)
-
-        # ---- reference models on the held-out problems -----------------------------------------
-        ref_fs = {"teacher": pool.submit(eval_model_job, teacher["checkpoint"], problems, ev.batch_size)}
+        teacher, priors, sampling, conditions = _teachers_priors_traces(pool, lab, clock)
+        ref_fs = {"teacher": pool.submit(eval_model_job, teacher["checkpoint"], lab.problems, cfg.eval.batch_size)}
         for s, p in priors.items():
-            ref_fs[f"prior-seed{s}"] = pool.submit(eval_model_job, p["checkpoint"], problems, ev.batch_size)
-
-        # ---- every arm x seed -----------------------------------------------------------------
-        futures = {}
-        for seed in cfg.seeds:
-            prior = priors[seed if cfg.student.prior_per_seed else prior_seeds[0]]
-            for arm in cfg.arms:
-                train = spec(f"{arm}-seed{seed}", cfg.student.net, cfg.distill, traces_path, seed,
-                             f"{arm}-seed{seed}", loss=arm_loss(arm, cfg.distill.steps),
-                             init_checkpoint=prior["checkpoint"], cache_dir=str(cache_dir),
-                             plot_interval=cfg.distill.steps)
-                futures[(arm, seed)] = pool.submit(distill_job, DistillSpec(
-                    arm=arm, train=train, teacher=teacher["checkpoint"], prior=prior["checkpoint"],
-                    problems=problems, exposure_digits=exposure_digits, exposure_max_len=ev.exposure_max_len,
-                    weight_rows=weight_rows, batch_size=ev.batch_size, lab_id=lab_id))
+            ref_fs[f"prior-seed{s}"] = pool.submit(eval_model_job, p["checkpoint"], lab.problems, cfg.eval.batch_size)
+        futures = _submit_arms(pool, lab, conditions, teacher, priors)
         references = {name: _result(f, f"evaluate {name}") for name, f in ref_fs.items()}
+        if "strong" in conditions:
+            references["strong teacher"] = {"accuracy": scripted.greedy_accuracy(_scripted(cfg), lab.problems),
+                                            "cpu_s": 0.0, "kv_max_abs_diff": 0.0}
         records = []
-        for (arm, seed), f in futures.items():
-            rec = _result(f, f"distill {arm} seed {seed}")
+        for (condition, arm, seed), f in futures.items():
+            rec = _result(f, f"distill {condition} {arm} seed {seed}")
             records.append(rec)
-            print(f"[lab] {arm:>14s} seed {seed}: " + " ".join(
+            print(f"[lab] {condition:>7s} {arm:>12s} seed {seed}: " + " ".join(
                 f"k{k} {a['correct'] / a['n']:.2f}" for k, a in rec["accuracy"].items())
                 + f" | train {rec['train_seconds']:.0f}s eval {rec['eval_seconds']:.0f}s", flush=True)
         clock.mark("all arms distilled and evaluated")
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    cpu = _cpu_record(main_cpu0, teacher, priors, sampling, references, records)
+    results = {
+        "lab_id": lab.lab_id,
+        "config": _plain(cfg),
+        "tracking_uri": lab.uri,
+        "teacher": teacher,
+        "priors": {str(s): p for s, p in priors.items()},
+        "sampling": sampling,
+        "trace_styles": _count(t["style"] for t in conditions["trained"].traces),
+        "conditions": {name: {"description": c.description, "traces": len(c.traces),
+                              "trace_styles": _count(t["style"] for t in c.traces),
+                              "filtered_traces": sum(t["style"] == cfg.student.prior_style for t in c.traces),
+                              "epochs": _epochs(c, cfg.seq_length)}
+                       for name, c in conditions.items()},
+        "references": references,
+        "records": records,
+        "timing": {"stages_s": clock.marks, "total_s": time.perf_counter() - clock.t0,
+                   "load_before": load_before, "load_after": os.getloadavg(), "cpus": os.cpu_count(),
+                   "workers": cfg.workers, "threads_per_worker": lab.threads,
+                   "cpu": cpu, "idle_estimate_s": idle_wall_estimate(cpu, cfg.workers)},
+    }
+    (lab.out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    return results
+
+
+def _teachers_priors_traces(pool, lab: LabRun, clock: Stopwatch):
+    """Train the teacher and the priors side by side, sample the traces, make each condition's caches."""
+    cfg, data_dir = lab.cfg, lab.out / "data"
+    rng = lab.rng
+    teacher_rows = labdata.exact_rows(
+        labdata.training_digits(cfg.teacher.rows, cfg.teacher.k, lab.exclude, rng), cfg.teacher.styles, rng)
+    teacher_path = labdata.write_jsonl(data_dir / "teacher_train.jsonl", teacher_rows)
+    prior_seeds = list(cfg.seeds) if cfg.student.prior_per_seed else [cfg.seeds[0]]
+    prior_path = labdata.write_jsonl(data_dir / "prior_train.jsonl", labdata.exact_rows(
+        labdata.training_digits(cfg.student.prior_rows, cfg.student.prior_k, lab.exclude, rng),
+        {cfg.student.prior_style: 1.0}, rng))
+    teacher_f = None
+    if cfg.teacher.checkpoint is None:
+        teacher_f = pool.submit(train_job, lab.spec("teacher", cfg.teacher.net, cfg.teacher.train, teacher_path,
+                                                    cfg.data_seed + 1000, "teacher"))
+    prior_fs = {s: pool.submit(train_job, lab.spec(f"prior-seed{s}", cfg.student.net, cfg.student.prior_train,
+                                                   prior_path, s, f"prior-seed{s}"))
+                for s in prior_seeds}
+    if teacher_f is None:
+        teacher = {"name": "teacher", "checkpoint": cfg.teacher.checkpoint, "seconds": 0.0, "cpu_s": 0.0,
+                   "final": {}, "reused": True}
+        clock.mark(f"teacher reused from {cfg.teacher.checkpoint}")
+    else:
+        teacher = _result(teacher_f, "teacher training")
+        clock.mark("teacher trained")
+    traces, sampling = sample_traces(pool, cfg, teacher["checkpoint"], lab.exclude, rng)
+    conditions = {"trained": Condition(
+        "trained", traces, labdata.write_jsonl(data_dir / "traces.jsonl", traces), cfg.distill, teacher["checkpoint"],
+        "the lab's trained teacher, sampled at temperature 1; a short run")}
+    clock.mark(f"{len(traces)} teacher traces kept")
+    if cfg.strong.enabled:
+        strong = _strong_traces(cfg, lab.exclude, rng)
+        conditions["strong"] = Condition(
+            "strong", strong, labdata.write_jsonl(data_dir / "traces_strong.jsonl", strong), cfg.strong.distill, None,
+            "a strong (scripted) teacher, always right when greedy; a long run over fewer traces")
+    priors = {s: _result(f, f"prior seed {s}") for s, f in prior_fs.items()}
+    clock.mark("priors trained")
+    for c in conditions.values():
+        _condition_caches(lab, c)
+    return teacher, priors, sampling, conditions
+
+
+def _condition_caches(lab: LabRun, c: Condition) -> None:
+    """The token caches every arm of a condition shares: all traces, and the prior's style only."""
+    cfg = lab.cfg
+    wanted = {ARMS[a].only_style for a in cfg.arms}
+    for only in sorted(wanted):
+        rows = [t for t in c.traces if t["style"] == cfg.student.prior_style] if only else c.traces
+        if not rows:
+            raise LabError(f"condition {c.name}: no trace in the prior's style {cfg.student.prior_style!r} "
+                           "for the oracle arm; draw more traces or drop the arm")
+        name = f"{c.name}{'-' + cfg.student.prior_style if only else ''}"
+        path = c.traces_path if not only else labdata.write_jsonl(c.traces_path.with_name(f"traces_{name}.jsonl"), rows)
+        cache = lab.out / "cache" / name
+        _build_cache(lab.spec("cache", cfg.student.net, c.stage, path, 0, "cache", cache_dir=str(cache), topk=cfg.topk))
+        c.caches[only], c.paths[only] = cache, path
+
+
+def _submit_arms(pool, lab: LabRun, conditions: dict[str, Condition], teacher: dict, priors: dict) -> dict:
+    """One distill-and-evaluate job per condition x seed x arm (longer runs first: a shorter tail)."""
+    cfg, ev = lab.cfg, lab.cfg.eval
+    exposure_digits = _spread(lab.problems, ev.exposure_k, ev.exposure_prompts)
+    prior_seeds = sorted(priors)
+    futures = {}
+    for c in sorted(conditions.values(), key=lambda c: -c.stage.steps):
+        weight_rows = labdata.style_sample(c.traces, ev.weight_traces_per_style, cfg.data_seed)
+        for seed in cfg.seeds:
+            prior = priors[seed if cfg.student.prior_per_seed else prior_seeds[0]]
+            for arm in cfg.arms:
+                run_name = f"{arm}-seed{seed}" if c.name == "trained" else f"{c.name}-{arm}-seed{seed}"
+                only = ARMS[arm].only_style
+                train = lab.spec(run_name, cfg.student.net, c.stage, c.paths[only], seed, run_name,
+                                 loss=arm_loss(arm, c.stage.steps), init_checkpoint=prior["checkpoint"],
+                                 cache_dir=str(c.caches[only]), plot_interval=c.stage.steps, topk=cfg.topk)
+                futures[(c.name, arm, seed)] = pool.submit(distill_job, DistillSpec(
+                    arm=arm, train=train, teacher=c.teacher, prior=prior["checkpoint"], problems=lab.problems,
+                    exposure_digits=exposure_digits, exposure_max_len=ev.exposure_max_len,
+                    weight_rows=weight_rows, batch_size=ev.batch_size, lab_id=lab.lab_id, condition=c.name))
+    return futures
+
+
+def _cpu_record(main_cpu0: float, teacher: dict, priors: dict, sampling: dict, references: dict, records: list) -> dict:
+    """CPU seconds by stage (the idle-machine replay's input)."""
     import resource
 
     children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers, reaped by shutdown
-    cpu = {
+    return {
         "main_s": time.process_time() - main_cpu0,
         "workers_total_s": children.ru_utime + children.ru_stime,
         "worker_init_s": max([p.get("worker_init_cpu_s", 0.0) for p in priors.values()]
@@ -214,23 +306,27 @@ def run_lab(cfg: LabConfig) -> dict:
         + [r["train_cpu_s"] + r["eval_cpu_s"] for r in records],
     }
 
-    results = {
-        "lab_id": lab_id,
-        "config": _plain(cfg),
-        "tracking_uri": uri,
-        "teacher": teacher,
-        "priors": {str(s): p for s, p in priors.items()},
-        "sampling": sampling,
-        "trace_styles": _count(t["style"] for t in traces),
-        "references": references,
-        "records": records,
-        "timing": {"stages_s": clock.marks, "total_s": time.perf_counter() - clock.t0,
-                   "load_before": load_before, "load_after": os.getloadavg(), "cpus": os.cpu_count(),
-                   "workers": cfg.workers, "threads_per_worker": threads,
-                   "cpu": cpu, "idle_estimate_s": idle_wall_estimate(cpu, cfg.workers)},
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
-    return results
+
+def _scripted(cfg: LabConfig) -> scripted.ScriptedTeacher:
+    return scripted.ScriptedTeacher(styles=dict(cfg.strong.styles), result_eps=dict(cfg.strong.result_eps),
+                                    copy_eps=cfg.strong.copy_eps)
+
+
+def _strong_traces(cfg: LabConfig, exclude: set[str], rng: random.Random) -> list[dict]:
+    """`strong.count` kept traces of the scripted teacher (drawn in rounds until enough are right)."""
+    teacher, kept, round_ = _scripted(cfg), [], 0
+    while len(kept) < cfg.strong.count and round_ < 8:
+        digits = labdata.training_digits(2 * (cfg.strong.count - len(kept)) + 8, cfg.strong.k, exclude, rng)
+        rows, _ = scripted.scripted_traces(teacher, digits, seed=cfg.data_seed + round_, topk=cfg.topk)
+        kept += rows
+        round_ += 1
+    return kept[: cfg.strong.count]
+
+
+def _epochs(c: Condition, seq_length: int) -> float:
+    """How many passes over the condition's traces a run makes (packed tokens / trace tokens)."""
+    tokens = sum(len(t["prompt"]) + len(t["response"]) + 2 for t in c.traces)
+    return c.stage.steps * c.stage.global_batch_size * seq_length / max(tokens, 1)
 
 
 def sample_traces(pool, cfg: LabConfig, teacher_ckpt: str, exclude: set[str], rng: random.Random):
@@ -244,7 +340,8 @@ def sample_traces(pool, cfg: LabConfig, teacher_ckpt: str, exclude: set[str], rn
         digits = labdata.training_digits(math.ceil(need / rate) + 8, cfg.traces.k, exclude, rng)
         shards = [digits[i :: cfg.workers] for i in range(cfg.workers)]
         fs = [pool.submit(sample_job, SampleSpec(teacher_ckpt, shard, seed=1000 * stats["rounds"] + i,
-                                                 temperature=cfg.traces.temperature, batch_size=cfg.eval.batch_size))
+                                                 temperature=cfg.traces.temperature, batch_size=cfg.eval.batch_size,
+                                                 topk=cfg.topk))
               for i, shard in enumerate(shards) if shard]
         got, round_cpu = 0, 0.0
         for f in fs:

@@ -66,12 +66,14 @@ def sample_and_score(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
-) -> list[tuple[list[int], list[float]]]:
+    topk: int = 0,
+) -> list[tuple]:
     """Like `sample_with_logprobs`, for a KV-cached decoder that is also a full `ModelFn`.
 
     Samples with `eval.generation.generate` (reproducible per prompt, independent of batching),
     then scores every finished sample in one teacher-forced forward: the log-probs are those of
-    the sampling distribution itself (logits / temperature), as the DCD ratio needs.
+    the sampling distribution itself (logits / temperature), as the DCD ratio needs. With
+    `topk > 0` each result also has the `topk` most likely ids and their log-probs per token.
     """
     from dcd_megatron.eval.generation import generate
 
@@ -92,6 +94,10 @@ def sample_and_score(
         logp = torch.log_softmax(model(tokens).float() / temperature, dim=-1)
         for r, i in enumerate(rows):
             p, n = len(prompts[i]), len(samples[i])
-            picked = logp[r, p - 1 : p - 1 + n].gather(-1, tokens[r, p : p + n].unsqueeze(-1)).squeeze(-1)
+            rows_logp = logp[r, p - 1 : p - 1 + n]
+            picked = rows_logp.gather(-1, tokens[r, p : p + n].unsqueeze(-1)).squeeze(-1)
             out[i] = (samples[i], picked.tolist())
+            if topk > 0:
+                top = rows_logp.topk(topk, dim=-1)
+                out[i] += (top.indices.tolist(), top.values.tolist())
     return out  # type: ignore[return-value]

@@ -95,7 +95,7 @@ def summarize(records: list[dict], arms: list[str], groups: dict[str, list[int]]
         for name, ks in groups.items():
             entry["groups"][name]["verbose_share"] = mean_std(
                 [style_share(runs[s]["accuracy"], ks, "verbose") for s in seeds])
-        entry["exposure"] = mean_std([runs[s]["exposure"]["ex_acc_err_pct"] for s in seeds])
+        entry["exposure"] = mean_std([(runs[s]["exposure"] or {}).get("ex_acc_err_pct", math.nan) for s in seeds])
         entry["final_ce"] = mean_std([runs[s]["final"].get("ce", math.nan) for s in seeds])
         entry["final_ess"] = mean_std([runs[s]["final"].get("ess", math.nan) for s in seeds])
         entry["weights"] = {}
@@ -136,3 +136,38 @@ def idle_wall_estimate(cpu: dict, workers: int) -> float:
             + list_schedule([cpu["teacher_s"], *cpu["priors_s"]], workers)
             + cpu["sampling_s"]
             + list_schedule(cpu["jobs_s"], workers))
+
+
+NOT_CANDIDATES = ("sft", "oracle")  # the reference, and a filter that needs to know the student's style
+
+
+def choose_default(summaries: dict[str, dict], reference: str = "sft") -> dict:
+    """The default by the lab's rule, from each condition's `summarize` output.
+
+    Qualify: not `worse` than the reference on the new group in any condition where the arm ran.
+    Choose: the qualifying arm with the largest mean (over conditions) paired gain on the known
+    group, if that gain is positive; otherwise the reference. Returns the choice, the per-arm
+    table and a sentence saying why.
+    """
+    arms = [a for s in summaries.values() for a in s if a not in NOT_CANDIDATES]
+    arms = list(dict.fromkeys(arms))
+    table = {}
+    for arm in arms:
+        ran = [s[arm]["groups"] for s in summaries.values() if arm in s]
+        gains = [g["known"]["diff_mean"] for g in ran if math.isfinite(g["known"]["diff_mean"])]
+        table[arm] = {
+            "qualifies": len(ran) == len(summaries) and all(g["new"]["verdict"] != "worse" for g in ran),
+            "gain": statistics.fmean(gains) if gains else math.nan,
+        }
+    ranked = sorted((a for a in arms if table[a]["qualifies"] and table[a]["gain"] > 0),
+                    key=lambda a: -table[a]["gain"])
+    if ranked:
+        best = ranked[0]
+        why = (f"It is not worse than SFT on the new lengths in any of the {len(summaries)} conditions and gains "
+               f"{100 * table[best]['gain']:+.1f} points over SFT on the known lengths (mean over conditions), "
+               "the most of those that qualify.")
+    else:
+        best = reference
+        why = ("No method qualifies (each is worse than SFT on the new lengths in some condition, or not ahead "
+               "on the known lengths): SFT-safe settings stay the default.")
+    return {"choice": best, "table": table, "why": why}

@@ -16,6 +16,16 @@ ALPHABET = "0123456789+=,>:"
 SPECIALS = ("<pad>", "<s>", "</s>")
 
 
+def vocabulary() -> list[str]:
+    """The tokenizer's symbols in id order; the end-of-sequence token is `"\\0"` here."""
+    return ["<pad>", "<s>", "\0", *ALPHABET]
+
+
+def token_id(symbol: str) -> int:
+    """The tokenizer id of one character of a trace (`"\\0"`: the end-of-sequence token)."""
+    return vocabulary().index(symbol)
+
+
 def make_prompt(digits: str) -> str:
     return f"{digits}:"
 
