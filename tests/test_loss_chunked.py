@@ -28,7 +28,11 @@ CONFIGS = {
     "prefix_window": DCDConfig(method="prefix", prefix_window=3),
     "sequence": DCDConfig(method="sequence"),
     "sigmoid_median": DCDConfig(method="sigmoid", bias_mode="median"),
+    "gated": DCDConfig(method="gated", gate_power=4.0, tau=0.5),
+    "gated_entropy": DCDConfig(method="gated", gate="entropy", gate_power=2.0, floor=0.05),
+    "gated_median": DCDConfig(method="gated", gate="entropy", bias_mode="median", cap=0.9),
 }
+K = 4  # teacher top-k entries per token (read by the entropy gate)
 
 
 def make_batch(seed=0, b=B, s=S, vocab=V, h=H, dtype=torch.float32):
@@ -45,6 +49,9 @@ def make_batch(seed=0, b=B, s=S, vocab=V, h=H, dtype=torch.float32):
     }
     hidden = torch.randn(b, s, h, generator=g).to(dtype)
     weight = (torch.randn(vocab, h, generator=g) * 0.5).to(dtype)
+    topk = torch.log_softmax(torch.randn(b, s, vocab, generator=g) * 3, -1).topk(K, dim=-1).values
+    topk[:, 0] = float("nan")  # masked-out: no top-k
+    batch["teacher_topk_logprobs"] = topk
     return batch, hidden, weight
 
 
@@ -156,6 +163,9 @@ DIST_CONFIGS = {
     "prefix": DCDConfig(method="prefix", normalize="micro", chunk_size=3),
     "sequence": DCDConfig(method="sequence", normalize="micro", chunk_size=3),
     "sigmoid_bf16": DCDConfig(method="sigmoid", normalize="micro", chunk_size=5),
+    "gated": DCDConfig(method="gated", gate_power=4.0, normalize="micro", chunk_size=3),
+    "gated_entropy_median": DCDConfig(method="gated", gate="entropy", bias_mode="median", chunk_size=3),
+    "gated_bf16": DCDConfig(method="gated", gate="entropy", normalize="micro", chunk_size=5),
 }
 DIST_S = 16  # CP=2, load-balanced: 4 chunks of 4 positions
 

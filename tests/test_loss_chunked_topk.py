@@ -124,6 +124,8 @@ DIST_CONFIGS = {
     "prefix": DCDConfig(method="prefix", term="topk_kl", chunk_size=3),
     "sequence_micro": DCDConfig(method="sequence", term="topk_kl", normalize="micro", chunk_size=5),
     "sigmoid_bf16": DCDConfig(method="sigmoid", term="topk_kl", chunk_size=5),
+    "gated_entropy": DCDConfig(method="gated", gate="entropy", term="topk_kl", chunk_size=4),
+    "gated_micro": DCDConfig(method="gated", term="topk_kl", normalize="micro", chunk_size=3),
 }
 DIST_S = 16
 

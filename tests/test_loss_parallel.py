@@ -27,8 +27,16 @@ CP_CONFIGS = {
     "prefix_window": DCDConfig(method="prefix", prefix_window=3, prefix_transform="sigmoid", bias_mode="median"),
     "sequence": DCDConfig(method="sequence", normalize="micro"),
     "sigmoid_median": DCDConfig(method="sigmoid", bias_mode="median", normalize="micro"),
+    "gated_median": DCDConfig(method="gated", gate_power=2.0, bias_mode="median", normalize="micro"),
+    "gated_entropy_median": DCDConfig(method="gated", gate="entropy", bias_mode="median", tau=0.5),
 }
-GLOBAL_CONFIGS = {"sequence": DCDConfig(method="sequence"), "sigmoid": DCDConfig(tau=0.5)}
+GLOBAL_CONFIGS = {
+    "sequence": DCDConfig(method="sequence"),
+    "sigmoid": DCDConfig(tau=0.5),
+    "gated": DCDConfig(method="gated", gate_power=4.0, tau=0.5),
+    "gated_entropy": DCDConfig(method="gated", gate="entropy", gate_power=2.0),
+}
+TOPK = 3  # teacher top-k entries per token (the entropy gate reads them)
 DP, CP, MICRO, MICRO_ROWS, CP_SEQ, HIDDEN, SMALL_VOCAB = 2, 2, 3, 2, 16, 8, 13
 
 
@@ -71,7 +79,22 @@ def packed_rows(seed, rows, length, vocab):
         "teacher_logprobs": -torch.rand(rows, length, generator=g) * 4,
         "segment_ids": seg,
         "student_logprobs": -torch.rand(rows, length, generator=g) * 4,
+        "teacher_topk_logprobs": _topk(seed, rows, length),
     }
+
+
+def _topk(seed, rows, length):
+    """Teacher top-k log-probs ``[rows, length, TOPK]`` of random distributions, some peaked."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    sharpness = torch.rand(rows, length, 1, generator=g) * 4
+    return torch.log_softmax(torch.randn(rows, length, 11, generator=g) * sharpness, -1).topk(TOPK, -1).values
+
+
+def split(value, cp_rank, layout="load_balanced"):
+    """This CP rank's positions of a ``[b, S]`` or ``[b, S, k]`` tensor."""
+    if value.dim() == 3:
+        return split_for_rank(value.transpose(1, 2), cp_rank, 2, layout).transpose(1, 2)
+    return split_for_rank(value, cp_rank, 2, layout)
 
 
 def global_batches():
@@ -122,6 +145,7 @@ def _peer_part(rank):
         ("sft", DCDConfig(method="sft")),
         ("sigmoid_micro", DCDConfig(tau=1e30, normalize="micro")),
         ("sigmoid_global", DCDConfig(tau=1e30, normalize="global")),
+        ("gated_power0", DCDConfig(method="gated", gate_power=0.0, normalize="micro")),
     ):
         y = shard.clone().requires_grad_()
         loss_sum, n, report = make_loss_func(cfg, tp_group=tp_group)(batch, y)
@@ -139,11 +163,12 @@ def _cp_part(rank, groups):
     data = packed_rows(7, 2, 16, VOCAB)
     out = {}
     for layout in ("load_balanced", "contiguous"):
-        local = {k: split_for_rank(v, cp_rank, 2, layout) for k, v in data.items()}
+        local = {k: split(v, cp_rank, layout) for k, v in data.items()}
         for name, cfg in CP_CONFIGS.items():
             w = dcd_weights(
                 local["student_logprobs"], local["teacher_logprobs"], local["loss_mask"], cfg,
                 segment_ids=local["segment_ids"], cp_group=cp_group, cp_layout=layout,
+                teacher_topk_logprobs=local["teacher_topk_logprobs"],
             )
             if cfg.normalize == "micro":
                 w = normalize_weights(w, local["loss_mask"], "micro", group=cp_group)
@@ -207,7 +232,7 @@ def _global_part(rank):
     initial = {k: v.detach().clone() for k, v in model.lm.state_dict().items()}
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
     mine = [
-        {k: split_for_rank(v, cp_rank, CP) for k, v in batch.items()}
+        {k: split(v, cp_rank) for k, v in batch.items()}
         for batch in global_batches()[dp_rank]
     ]
     out = {"initial": initial}
@@ -274,7 +299,7 @@ def test_vocab_parallel_logprobs_match_full_vocabulary(results, dtype, tp):
     torch.testing.assert_close(grad.double(), full.grad, rtol=0, atol=grad_tol)
 
 
-@pytest.mark.parametrize("name", ["sft", "sigmoid_micro", "sigmoid_global"])
+@pytest.mark.parametrize("name", ["sft", "sigmoid_micro", "sigmoid_global", "gated_power0"])
 def test_peer_check_against_megatron_cross_entropy(results, name):
     for r in results:
         loss, grad = r["peer"][name]
@@ -289,7 +314,7 @@ def test_context_parallel_weights_are_exact(results, layout, name):
     data = packed_rows(7, 2, 16, VOCAB)
     cfg = CP_CONFIGS[name]
     ref = dcd_weights(data["student_logprobs"], data["teacher_logprobs"], data["loss_mask"], cfg,
-                      segment_ids=data["segment_ids"])
+                      segment_ids=data["segment_ids"], teacher_topk_logprobs=data["teacher_topk_logprobs"])
     if cfg.normalize == "micro":
         ref = normalize_weights(ref, data["loss_mask"], "micro")
     for cp_rank in (0, 1):
@@ -318,7 +343,7 @@ def test_global_normalisation_over_dp_cp_and_micro_batches(results, name):
     for batch in batches:
         s = torch.log_softmax(model(batch["tokens"]), -1).gather(-1, batch["labels"][..., None]).squeeze(-1)
         us.append(dcd_weights(s.detach(), batch["teacher_logprobs"], batch["loss_mask"], cfg,
-                              segment_ids=batch["segment_ids"]))
+                              segment_ids=batch["segment_ids"], teacher_topk_logprobs=batch["teacher_topk_logprobs"]))
         terms.append(-s)
         masks.append(batch["loss_mask"])
     u, term, mask = torch.cat(us), torch.cat(terms), torch.cat(masks)

@@ -4,9 +4,11 @@ Four gloo ranks first build the full model (local spec, RMSNorm, SwiGLU, RoPE, G
 compute the reference: the whole global batch in one forward/backward, weights made mean-1
 over it. Then they build the same model sharded TP=2 x PP=2 with those weights, run
 ``forward_backward_func`` over several micro-batches with DDP and
-``rescale_grads_for_global_weight_mean``, and return their gradient shards.
+``rescale_grads_for_global_weight_mean``, and return their gradient shards; once per loss
+config (``prefix`` weights, which look along the sequence, and the per-token ``gated`` weights).
 """
 
+import dataclasses
 import functools
 
 import pytest
@@ -19,7 +21,10 @@ pytestmark = [pytest.mark.megatron, pytest.mark.slow, pytest.mark.timeout(900)]
 
 VOCAB, SEQ, MICRO_ROWS, MICRO = 64, 16, 2, 3
 LAYERS, HIDDEN, HEADS, GROUPS, FFN = 2, 32, 4, 2, 48
-CONFIG = DCDConfig(method="prefix", prefix_transform="sigmoid", tau=0.5)  # normalize="global"
+CONFIGS = {  # normalize="global": the rescale after the step
+    "prefix": DCDConfig(method="prefix", prefix_transform="sigmoid", tau=0.5),
+    "gated": DCDConfig(method="gated", gate_power=4.0, tau=0.5),
+}
 
 
 def micro_batches():
@@ -104,14 +109,13 @@ def _rank_main(rank, world_size):
     torch.manual_seed(1234)
     full = _gpt(_transformer_config(1, 1))
     whole = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-    logits = full(input_ids=whole["tokens"], position_ids=_positions(whole), attention_mask=None)
-    loss_sum, n, _ = make_loss_func(DCDConfig(**{**CONFIG.__dict__, "normalize": "micro"}))(whole, logits)
-    (loss_sum / n).backward()
-    reference = {
-        "state": {k: v.detach().clone() for k, v in full.named_parameters()},
-        "grads": {k: v.grad.clone() for k, v in full.named_parameters()},
-        "loss": float(loss_sum / n),
-    }
+    reference = {"state": {k: v.detach().clone() for k, v in full.named_parameters()}}
+    for name, cfg in CONFIGS.items():
+        full.zero_grad(set_to_none=True)
+        logits = full(input_ids=whole["tokens"], position_ids=_positions(whole), attention_mask=None)
+        loss_sum, n, _ = make_loss_func(dataclasses.replace(cfg, normalize="micro"))(whole, logits)
+        (loss_sum / n).backward()
+        reference[name] = {"grads": {k: v.grad.clone() for k, v in full.named_parameters()}, "loss": float(loss_sum / n)}
     parallel_state.destroy_model_parallel()
 
     # TP=2 x PP=2 through megatron's pipeline schedule.
@@ -126,37 +130,42 @@ def _rank_main(rank, world_size):
         for name, p in model.named_parameters():
             p.copy_(shard(reference["state"][full_name(name, pp_rank)], name, tp_rank, 2))
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
-    loss_fn = make_loss_func(CONFIG, tp_group=parallel_state.get_tensor_model_parallel_group())
-
-    def forward_step(data_iterator, m):
-        batch = next(data_iterator)
-        out = m(input_ids=batch["tokens"], position_ids=_positions(batch), attention_mask=None)
-        return out, functools.partial(loss_fn, batch)
-
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp],
-        num_microbatches=MICRO, seq_length=SEQ, micro_batch_size=MICRO_ROWS,
-    )
     dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    factor = rescale_grads_for_global_weight_mean(
-        [ddp], reports, pp_group=parallel_state.get_pipeline_model_parallel_group(), dp_cp_group=dp_cp
-    )
-    grads = {n.removeprefix("module."): p.main_grad.clone() for n, p in ddp.named_parameters()}
-    result = {
-        "tp_rank": tp_rank, "pp_rank": pp_rank, "factor": factor, "grads": grads,
-        "metrics": reduce_reports(reports, dp_cp),
-    }
+    result = {"tp_rank": tp_rank, "pp_rank": pp_rank}
+    for name, cfg in CONFIGS.items():
+        loss_fn = make_loss_func(cfg, tp_group=parallel_state.get_tensor_model_parallel_group())
+
+        def forward_step(data_iterator, m, loss_fn=loss_fn):
+            batch = next(data_iterator)
+            out = m(input_ids=batch["tokens"], position_ids=_positions(batch), attention_mask=None)
+            return out, functools.partial(loss_fn, batch)
+
+        ddp.zero_grad_buffer()
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp],
+            num_microbatches=MICRO, seq_length=SEQ, micro_batch_size=MICRO_ROWS,
+        )
+        factor = rescale_grads_for_global_weight_mean(
+            [ddp], reports, pp_group=parallel_state.get_pipeline_model_parallel_group(), dp_cp_group=dp_cp
+        )
+        grads = {n.removeprefix("module."): p.main_grad.clone() for n, p in ddp.named_parameters()}
+        result[name] = {"factor": factor, "grads": grads, "metrics": reduce_reports(reports, dp_cp)}
     parallel_state.destroy_model_parallel()
     return {"reference": reference if rank == 0 else None, "sharded": result}
 
 
-def test_tp2_pp2_step_matches_single_process():
-    results = run_ranks(_rank_main, 4, timeout=840)
-    reference = results[0]["reference"]
+@pytest.fixture(scope="module")
+def results():
+    return run_ranks(_rank_main, 4, timeout=840)
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+def test_tp2_pp2_step_matches_single_process(results, config_name):
+    reference = {"state": results[0]["reference"]["state"], **results[0]["reference"][config_name]}
     seen = set()
     for r in results:
-        got = r["sharded"]
-        tp_rank, pp_rank = got["tp_rank"], got["pp_rank"]
+        tp_rank, pp_rank = r["sharded"]["tp_rank"], r["sharded"]["pp_rank"]
+        got = r["sharded"][config_name]
         assert got["factor"] > 1.0  # sigmoid weights are < 1: the rescale did something
         if pp_rank == 1:  # the last stage reports the loss: weighted CE with weights mean-1 globally
             assert got["metrics"]["weighted_ce_normalized"] == pytest.approx(reference["loss"], rel=1e-5)
