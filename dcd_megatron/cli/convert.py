@@ -20,6 +20,7 @@ _LAYOUT_NOTE = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dcd-convert", description=__doc__.split("\n")[0])
+    parser.add_argument("--verbose", action="store_true", help="show megatron-core's own start-up warnings")
     sub = parser.add_subparsers(dest="direction", required=True)
     imp = sub.add_parser("hf-to-mcore", help="a HF Llama/Qwen2 directory -> our checkpoint (for model.init_checkpoint)")
     imp.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + safetensors)")
@@ -40,11 +41,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dcd_megatron.runtime.quiet import quiet_megatron_warnings
+
+    args = parse_args(argv)
+    quiet_megatron_warnings(args.verbose, prog="dcd-convert")
     from dcd_megatron.cli.errors import user_error_types
     from dcd_megatron.convert import ConvertError, convert_hf_to_mcore, convert_mcore_to_hf
     from dcd_megatron.runtime import distributed
 
-    args = parse_args(argv)
     try:
         if args.direction == "hf-to-mcore":
             if args.tp is not None or args.pp is not None:

@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size (divides the teacher's layers)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="show megatron-core's own start-up warnings")
     p.add_argument("overrides", nargs="*", help="data.key=value overrides")
     return p.parse_args(argv)
 
@@ -74,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     from dcd_megatron.runtime import distributed
     from dcd_megatron.score import ScoreError, score
 
+    from dcd_megatron.runtime.quiet import quiet_megatron_warnings
+
     args = parse_args(argv)
+    quiet_megatron_warnings(args.verbose, prog="dcd-score")
     rank = int(os.environ.get("RANK", "0"))
     try:
         cfg = resolve_config(args)

@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--recipe", choices=sorted(RECIPES), help="start from a named recipe")
     source.add_argument("--config", help="start from a YAML config file")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show megatron-core's own start-up warnings (missing Transformer Engine / Apex)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     return parser.parse_args(argv)
 
@@ -48,7 +50,11 @@ def resolve_config(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     from dcd_megatron.cli.errors import user_error_types
 
+    from dcd_megatron.runtime.quiet import quiet_megatron_warnings
+
     args = parse_args(argv)
+    if not args.print_config:
+        quiet_megatron_warnings(args.verbose, prog="dcd-train")
     try:
         cfg = resolve_config(args)
     except user_error_types() + (ValueError,) as exc:

@@ -1,7 +1,5 @@
 """`DataConfig`: where the traces are, how to tokenize them and how to cut them into samples."""
 
-from __future__ import annotations
-
 import os
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-experiment", default="dcd-eval")
     p.add_argument("--mlflow-run-name", default=None)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--verbose", action="store_true", help="show megatron-core's own start-up warnings")
     return p
 
 
@@ -171,6 +172,9 @@ def main(argv: Sequence[str] | None = None, *, model_loader: ModelLoader | None 
     """Run ``dcd-eval``; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from dcd_megatron.runtime.quiet import quiet_megatron_warnings
+
+    quiet_megatron_warnings(args.verbose, prog="dcd-eval")
     _check_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if model_loader is None:

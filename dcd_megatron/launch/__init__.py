@@ -1,8 +1,8 @@
-"""Launching `dcd-train` with NeMo-Run: recipes as NeMo-Run configs, executors, the entrypoint.
+"""Launching with NeMo-Run: the `dcd train` and `dcd pipeline` entrypoints, recipe and executor
+factories (`nemo.py`), and the score -> train -> eval -> export experiment (`pipeline.py`).
 
-The user-facing entry point is the top-level `dcd_recipes` package (`python -m dcd_recipes.run`);
-the code lives here so that it is installed with `dcd_megatron` everywhere the job runs
-(a container or a cluster node imports `dcd_megatron.launch.nemo.train` to start training).
+The user-facing scripts are `recipes/train.py` and `recipes/pipeline.py` at the repository root
+(and `nemo dcd train|pipeline`, through the `nemo_run.cli` entry point); the code lives here so that
+it is installed with `dcd_megatron` everywhere a job runs (a container or a cluster node imports
+`dcd_megatron.launch.nemo.train` to start training).
 """
-
-EXECUTORS = ("local", "slurm", "docker")  # `--executor` choices (defined here: importing nemo_run is slow)

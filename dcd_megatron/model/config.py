@@ -1,7 +1,5 @@
 """The model architecture as a typed config (Llama/Qwen style: RMSNorm, SwiGLU, RoPE, GQA)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Literal
 

@@ -1,7 +1,5 @@
 """The parallel layout (TP x PP x CP x DP) as a typed config, validated before anything starts."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 

@@ -1,7 +1,5 @@
 """`ScoreConfig`: which teacher scores which traces, how, and where the scored dataset goes."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 from typing import Literal
 

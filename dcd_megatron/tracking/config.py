@@ -1,7 +1,5 @@
 """Typed, validated settings for experiment tracking (MLflow) and where its default store lives."""
 
-from __future__ import annotations
-
 import os
 from dataclasses import dataclass
 from pathlib import Path

@@ -1,7 +1,5 @@
 """The whole training job as one typed config: model, layout, data, loss, optimiser, loop, logging."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 from typing import Literal
 

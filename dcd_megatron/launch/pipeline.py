@@ -1,0 +1,214 @@
+"""One NeMo-Run experiment from a teacher and raw traces to a distilled Hugging Face student:
+
+    score (dcd-score) -> train (dcd-train) -> eval (dcd-eval) -> export (dcd-convert mcore-to-hf)
+
+    python recipes/pipeline.py --factory tiny_cpu teacher=CKPT traces=TRACES benchmarks=gsm8k=FILE,math500=FILE \
+        work_dir=runs/pipeline run.executor=local run.executor.ntasks_per_node=2 -y
+
+Four jobs with dependencies in one `run.Experiment` (on Slurm: sbatch --dependency=afterok; on
+the local and Docker executors NeMo-Run runs them one after the other). Score and train get the
+executor as given (torchrun / one task per GPU); eval and export run as one process on one node.
+Every stage resumes or skips when the experiment is rerun with the same work_dir: scoring keeps
+its finished shards, training resumes from its newest checkpoint (train.resume=auto), eval and
+export skip when their stamp names the checkpoint they would read. The layout under work_dir:
+`scored/scored.parquet`, `run/` (checkpoints, metrics), `eval/summary.json`, `hf/`.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import nemo_run as run
+
+from dcd_megatron.data.config import DataConfig
+from dcd_megatron.loss import DCDConfig
+from dcd_megatron.model.config import ModelConfig
+from dcd_megatron.runtime.layout import ParallelConfig
+from dcd_megatron.score.config import ScoreConfig
+from dcd_megatron.tracking import TrackingConfig
+from dcd_megatron.train.config import LoopConfig, OptimConfig, RuntimeConfig
+
+STAGES = ("score", "train", "eval", "export")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def _latest_checkpoint(run_dir: str) -> str:
+    from dcd_megatron.train.checkpoint import find_latest
+
+    latest = find_latest(Path(run_dir) / "checkpoints")
+    if latest is None:
+        print(f"dcd pipeline: error: no complete checkpoint under {run_dir}/checkpoints: "
+              "the train stage did not finish; rerun the experiment", file=sys.stderr)
+        raise SystemExit(2)
+    return str(latest)
+
+
+def _stamp(path: Path, checkpoint: str) -> bool:
+    """True when `path` records that this stage already ran on `checkpoint`."""
+    try:
+        return json.loads(path.read_text())["checkpoint"] == checkpoint
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+# --- the stages (each is a NeMo-Run job: run.Partial of one of these) --------------------------
+
+
+def score_stage(cfg: ScoreConfig) -> None:
+    """dcd-score: the teacher's log-probs for every trace token (resumes from finished shards)."""
+    from dcd_megatron.runtime.quiet import quiet_megatron_warnings
+
+    quiet_megatron_warnings(prog="dcd-score")
+    from dcd_megatron.cli.errors import user_error_types
+    from dcd_megatron.runtime import distributed
+    from dcd_megatron.score import ScoreError, score
+
+    try:
+        result = score(cfg, progress=False)
+    except (ScoreError, *user_error_types()) as exc:
+        print(f"dcd-score: error (rank {_rank()}): {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        distributed.shutdown()
+    if _rank() == 0:
+        print(f"scored dataset: {result.output}")
+
+
+def eval_stage(run_dir: str, out_dir: str, benchmarks: list[str], args: list[str]) -> None:
+    """dcd-eval on the newest checkpoint of `run_dir`; skipped if `out_dir` has its results."""
+    from dcd_megatron.eval.cli import main as dcd_eval
+
+    checkpoint = _latest_checkpoint(run_dir)
+    stamp = Path(out_dir) / "pipeline-stamp.json"
+    if _stamp(stamp, checkpoint) and (Path(out_dir) / "summary.json").is_file():
+        print(f"eval: {out_dir} already has the results of {checkpoint}; skipped")
+        return
+    argv = ["--checkpoint", checkpoint, "--output-dir", out_dir, *args]
+    for benchmark in benchmarks:
+        argv += ["--benchmark", benchmark]
+    code = dcd_eval(argv)
+    if code:
+        raise SystemExit(code)
+    stamp.write_text(json.dumps({"checkpoint": checkpoint}) + "\n")
+
+
+def export_stage(run_dir: str, out_dir: str) -> None:
+    """dcd-convert mcore-to-hf of the newest checkpoint; skipped if `out_dir` is its export."""
+    from dcd_megatron.cli.convert import main as dcd_convert
+
+    checkpoint = _latest_checkpoint(run_dir)
+    stamp = Path(out_dir) / "pipeline-stamp.json"
+    if _stamp(stamp, checkpoint):
+        print(f"export: {out_dir} is already the export of {checkpoint}; skipped")
+        return
+    code = dcd_convert(["mcore-to-hf", "--checkpoint", checkpoint, "--out", out_dir, "--overwrite"])
+    if code:
+        raise SystemExit(code)
+    stamp.write_text(json.dumps({"checkpoint": checkpoint}) + "\n")
+
+
+# --- the experiment ---------------------------------------------------------------------------
+
+
+def _one_process(executor):
+    """The executor for eval/export: one process on one node (no torchrun)."""
+    single = executor.clone()
+    single.ntasks_per_node = 1
+    if isinstance(single, run.SlurmExecutor):
+        single.nodes = 1
+        single.gpus_per_node = 1
+        single.exclusive = None
+        single.mem = None
+        single.time = "01:00:00"
+    else:
+        single.launcher = None
+    return single
+
+
+def add_jobs(exp: run.Experiment, ctx, work_dir: str, score_cfg: run.Config, train_task: run.Partial,
+             benchmarks: list[str], eval_args: list[str]) -> dict[str, str]:
+    """Add the jobs to an open experiment, each depending on the one before; their ids."""
+    executor = ctx.executor
+    single = _one_process(executor)
+    run_dir = train_task.train.output_dir
+    ids = {}
+    ids["score"] = exp.add(run.Partial(score_stage, cfg=score_cfg), executor=executor.clone(), name="score",
+                           tail_logs=not ctx.detach)
+    ids["train"] = exp.add(train_task, executor=executor.clone(), name="train", tail_logs=not ctx.detach,
+                           dependencies=[ids["score"]])
+    if benchmarks:
+        ids["eval"] = exp.add(
+            run.Partial(eval_stage, run_dir=run_dir, out_dir=f"{work_dir}/eval", benchmarks=list(benchmarks),
+                        args=list(eval_args)),
+            executor=single.clone(), name="eval", tail_logs=not ctx.detach, dependencies=[ids["train"]])
+    ids["export"] = exp.add(run.Partial(export_stage, run_dir=run_dir, out_dir=f"{work_dir}/hf"),
+                            executor=single.clone(), name="export", tail_logs=not ctx.detach,
+                            dependencies=[ids["train"]])
+    return ids
+
+
+def pipeline(
+    ctx: run.cli.RunContext,
+    teacher: str,
+    traces: str,
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    data: DataConfig,
+    loss: DCDConfig,
+    optim: OptimConfig,
+    train: LoopConfig,  # noqa: A002  (dcd-train's section name)
+    tracking: TrackingConfig,
+    runtime: RuntimeConfig,
+    work_dir: str = "runs/pipeline",
+    benchmarks: str = "",
+    score_top_k: int = 0,
+    score_temperature: float = 1.0,
+    eval_limit: int = 0,
+    eval_max_new_tokens: int = 512,
+    eval_protocol: str = "greedy",
+) -> None:
+    """Score traces with a teacher, train the student on them, evaluate it, export it to HF.
+
+    teacher: the teacher checkpoint (dcd-convert hf-to-mcore output); traces: the raw traces;
+    the sections are the student's training config (--factory RECIPE, or --yaml train.yaml);
+    benchmarks: dcd-eval's NAME[=SOURCE] entries, comma-separated (empty: no eval job). work_dir holds every output.
+    """
+    from dcd_megatron.launch import nemo
+
+    if isinstance(ctx.executor, run.LocalExecutor):
+        work_dir = str(Path(work_dir).absolute())
+    benchmark_list = [b.strip() for b in benchmarks.split(",") if b.strip()]
+    sections = {"model": model, "parallel": parallel, "data": data, "loss": loss, "optim": optim,
+                "train": train, "tracking": tracking, "runtime": runtime}
+    student = nemo.train_config(**sections)  # the student's config, checked here
+    student.data.train_path = f"{work_dir}/scored/scored.parquet"
+    student.train.output_dir = f"{work_dir}/run"
+    score_cfg = ScoreConfig(teacher=teacher, data_path=traces, out_dir=f"{work_dir}/scored", data=student.data,
+                            top_k=score_top_k, temperature=score_temperature, device=student.runtime.device)
+    train_task = run.Partial(nemo.train, **nemo.sections(student))
+    eval_args = ["--protocol", eval_protocol, "--max-new-tokens", str(eval_max_new_tokens), "--no-progress"]
+    if eval_limit:
+        eval_args += ["--limit", str(eval_limit)]
+    if student.runtime.device == "cpu":
+        eval_args += ["--device", "cpu"]
+    with run.Experiment(ctx.name, executor=ctx.executor, log_level="WARN") as exp:
+        add_jobs(exp, ctx, work_dir, nemo.to_run_config(score_cfg), train_task, benchmark_list, eval_args)
+        result = nemo.run_experiment(exp, dryrun=ctx.dryrun, detach=ctx.detach)
+    print(result if ctx.dryrun else f"{ctx.name}: {result}")
+
+
+def _register():
+    from dcd_megatron.launch import nemo
+
+    entry = run.cli.entrypoint(namespace=nemo.NAMESPACE, run_ctx_cls=nemo.DcdRunContext, type="experiment",
+                               default_executor=nemo.local(),
+                               help="score -> train -> eval -> export as one NeMo-Run experiment")
+    entry(pipeline)
+    nemo.register_recipes(pipeline)
+
+
+_register()
