@@ -130,3 +130,22 @@ def test_all_masked_batch_gives_no_knowledge_metrics():
     batch["loss_mask"] = torch.zeros_like(batch["loss_mask"])
     got = reduce_reports([make_loss_func(TIS)(batch, logits)[2]])
     assert not set(KEYS) & set(got)
+
+
+def test_knowledge_summary_reads_first_and_last_values():
+    from dcd_megatron.loss.report import knowledge_summary
+
+    curves = {
+        "weight_mass_certain": ([1, 5], [0.5, 0.625]),
+        "weight_mass_fork": ([1, 5], [0.5, 0.375]),
+        "weight_certain_unlearned": ([5], [0.25]),
+        "certain_token_frac": ([1, 5], [0.5, 0.4]),
+    }
+    lines = knowledge_summary(curves)
+    assert lines[0] == "knowledge vs forks (teacher-certain token: p_teacher >= 0.9; 40.0% of trained tokens at the last step):"
+    assert lines[1] == "  weight_mass_certain      0.5000 (step 1) -> 0.6250 (step 5)"
+    assert lines[3] == "  weight_certain_unlearned 0.2500 (step 5)"
+    assert "p_student < 0.5" in lines[4] and "falling towards 0 means the loss is starving knowledge" in lines[4]
+    assert len(lines) == 5
+    assert knowledge_summary({}) == [] and knowledge_summary({"certain_token_frac": ([1], [0.5])}) == []
+    assert len(knowledge_summary({"weight_mass_fork": ([1], [0.5])})) == 2  # no unlearned line, no sentence

@@ -85,6 +85,9 @@ def _run_round_trip(uri: str | None, run_dir: Path, tmp_path: Path) -> None:
         tracker.log_metrics(metrics, step)
     assert tracker.should_plot(50)
     tracker.log_weight_plots(50, *_weights_for_plots())
+    curves = {"weight_mass_certain": ([10, 20, 30], [0.5, 0.6, 0.7]), "weight_mass_fork": ([10, 20, 30], [0.5, 0.4, 0.3])}
+    tracker.log_curve_plot(30, "knowledge_weights", "knowledge", curves, reference={"share": ([10, 30], [0.4, 0.4])})
+    tracker.log_curve_plot(50, "knowledge_weights", "knowledge", curves)  # replaces the file: one curve plot
     notes = tmp_path / "notes.txt"
     notes.write_text("hello artifact\n")
     tracker.log_artifact(notes, "extra")
@@ -106,7 +109,8 @@ def _run_round_trip(uri: str | None, run_dir: Path, tmp_path: Path) -> None:
     download = tmp_path / "download"
     download.mkdir()
     plots = sorted(a.path for a in client.list_artifacts(tracker.run_id, "plots"))
-    assert plots == ["plots/weight_by_position_step0000050.png", "plots/weight_hist_step0000050.png"]
+    assert plots == ["plots/knowledge_weights.png", "plots/weight_by_position_step0000050.png",
+                     "plots/weight_hist_step0000050.png"]
     from matplotlib.image import imread
 
     for artifact in plots:

@@ -260,3 +260,40 @@ def test_histogram_plot_trims_empty_end_bins_and_checks_shapes():
         check_binned(edges, counts[:3], "hist_edges", "hist_counts")
     with pytest.raises(ValueError, match="strictly increasing"):
         check_binned(edges[::-1], counts, "hist_edges", "hist_counts")
+
+
+def test_metric_history_keeps_finite_values_and_resumes_from_metrics_jsonl(tmp_path):
+    import json
+
+    from dcd_megatron.tracking import MetricHistory
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": 1, "a": 0.5, "b": 2.0}, {"step": 2, "a": 0.6}, {"step": 3, "a": 0.9},  # 3: a killed run's
+             {"step": 2, "val_loss": 1.0}, {"step": 3, "a": 0.7}]  # a validation record; the resumed step 3
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + "not json\n")
+    history = MetricHistory(["a", "b", "c"])
+    history.load_jsonl(path, up_to_step=2)
+    history.add(3, {"a": 0.8, "b": float("nan"), "c": "text"})
+    assert history.curves() == {"a": ([1, 2, 3], [0.5, 0.6, 0.8]), "b": ([1], [2.0])}
+    assert history.curves(["b"]) == {"b": ([1], [2.0])}
+    resumed = MetricHistory(["a"])
+    resumed.load_jsonl(path, up_to_step=10)
+    assert resumed.curves() == {"a": ([1, 2, 3], [0.5, 0.6, 0.7])}  # the later record of step 3 wins
+    MetricHistory(["a"]).load_jsonl(tmp_path / "missing.jsonl", 5)
+
+
+def test_curve_plot_checks_its_input_and_renders(tmp_path):
+    from matplotlib.image import imread
+
+    from dcd_megatron.tracking.plots import check_curves, render_metric_curves
+
+    with pytest.raises(ValueError, match="one value a step"):
+        check_curves({"a": ([1, 2], [0.5])})
+    with pytest.raises(ValueError, match="curves is empty"):
+        check_curves({})
+    with pytest.raises(ValueError, match=r"curves\['a'\] steps"):
+        check_curves({"a": ([], [])})
+    curves = check_curves({"a": ([1, 2, 3], [0.2, 0.4, 0.5]), "b": ([1, 2, 3], [0.8, 0.6, 0.5])})
+    png = render_metric_curves(tmp_path / "c.png", 3, "title", curves, check_curves({"ref": ([1, 3], [0.3, 0.3])}))
+    image = imread(png)
+    assert image.shape[0] > 100 and image[..., :3].std() > 0.01

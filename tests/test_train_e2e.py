@@ -166,3 +166,49 @@ def test_a_vocab_size_below_the_tokenizer_stops_with_one_line(tmp_path):
     assert proc.returncode == 2, proc.stdout[-3000:]
     assert "model.vocab_size=10 is smaller than the tokenizer's 18 ids" in proc.stdout
     assert "Traceback" not in proc.stdout
+
+
+KNOWLEDGE = ("weight_mass_certain", "weight_mass_fork", "weight_certain_unlearned", "certain_token_frac")
+
+
+def test_gated_run_logs_the_knowledge_metrics_to_mlflow_and_prints_them(tmp_path):
+    """loss.method=gated: the knowledge / fork diagnostics every step in MLflow, their curve plot, the summary."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    proc = run_train(out, ["train.steps=6", "loss.method=gated", "loss.gate_power=16", "loss.tau=0.5",
+                           "tracking.plot_interval=3"])
+    _assert_ok(proc)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs(client.get_experiment_by_name("dcd-demo").experiment_id)
+    assert run.data.params["loss.method"] == "gated" and run.data.params["loss.gate_power"] == "16.0"
+    history = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)} for k in KNOWLEDGE}
+    for key, values in history.items():
+        assert sorted(values) == list(range(1, 7)), key
+    for step in range(1, 7):
+        assert 0 < history["certain_token_frac"][step] < 1  # the demo teacher is sure of some tokens, not all
+        assert history["weight_mass_certain"][step] + history["weight_mass_fork"][step] == pytest.approx(1.0)
+        # the gate gives teacher-certain tokens more of the weight than their share of the tokens
+        assert history["weight_mass_certain"][step] > history["certain_token_frac"][step]
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/knowledge_weights.png" in plots, plots
+
+    text = proc.stdout
+    assert "knowledge vs forks (teacher-certain token: p_teacher >= 0.9" in text
+    for key in KNOWLEDGE[:3]:
+        first, last = history[key][1], history[key][6]
+        assert f"  {key:<25}{first:.4f} (step 1) -> {last:.4f} (step 6)" in text, text[-3000:]
+    assert "falling towards 0 means the loss is starving knowledge" in text
+
+
+def test_validation_loss_uses_the_tau_of_the_current_step(tmp_path):
+    """tau anneals 0.05 -> 1e9 over 2 steps: validated after step 2, every sigmoid weight is 1/2."""
+    out = tmp_path / "run"
+    proc = run_train(out, ["train.steps=2", "train.eval_interval=2", "loss.method=sigmoid", "loss.tau=0.05",
+                           "loss.tau_end=1e9", "loss.tau_anneal_steps=2"])
+    _assert_ok(proc)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (val,) = [r for r in records if "val_ce" in r]
+    assert val["step"] == 2
+    # at step 0's tau (0.05) the weights would spread far from 1/2
+    assert val["val_weighted_ce"] == pytest.approx(0.5 * val["val_ce"], rel=1e-6)

@@ -30,6 +30,9 @@ def histogram_edges(device=None) -> torch.Tensor:
 # A certain token is unlearned while p_student(token) < UNLEARNED_P (the student would likely not
 # write it): its mean weight falling towards 0 is the loss starving knowledge (docs/loss.md).
 CERTAIN_P, UNLEARNED_P = 0.9, 0.5
+# The knowledge / fork metrics of reduce_reports (plotted over steps, summarised at the end of a
+# run); certain_token_frac is the level weight_mass_certain has under plain SFT.
+KNOWLEDGE_KEYS: tuple[str, ...] = ("weight_mass_certain", "weight_mass_fork", "weight_certain_unlearned")
 REDUCTIONS: dict[str, str] = {"weight_min": "min", "weight_max": "max"}
 # Entries of reduce_reports' result that are lists (for plots), not scalar metrics.
 SERIES_KEYS: tuple[str, ...] = (
@@ -233,3 +236,23 @@ def reduce_reports(reports: list[dict[str, torch.Tensor]], dp_cp_group: dist.Pro
     out["weight_by_position_count"] = counts.tolist()
     out["weight_by_position_edges"] = torch.linspace(0, 1, POSITION_BINS + 1, dtype=torch.float64).tolist()
     return out
+
+
+def knowledge_summary(curves: dict) -> list[str]:
+    """Console lines for the end of a run: first -> last value of each knowledge metric, and how to read them."""
+    shown = [k for k in KNOWLEDGE_KEYS if curves.get(k) and curves[k][0]]
+    if not shown:
+        return []
+    frac = curves.get("certain_token_frac")
+    share = f"; {frac[1][-1]:.1%} of trained tokens at the last step" if frac and frac[0] else ""
+    lines = [f"knowledge vs forks (teacher-certain token: p_teacher >= {CERTAIN_P}{share}):"]
+    for key in shown:
+        steps, values = curves[key]
+        first = f"{values[0]:.4f} (step {steps[0]})"
+        lines.append(f"  {key:<25}{first} -> {values[-1]:.4f} (step {steps[-1]})" if len(steps) > 1
+                     else f"  {key:<25}{first}")
+    if "weight_certain_unlearned" in shown:
+        lines.append(f"  weight_certain_unlearned is the mean weight (1 = an average token) of teacher-certain tokens "
+                     f"the student still gets wrong (p_student < {UNLEARNED_P}): falling towards 0 means the loss "
+                     "is starving knowledge the student must learn.")
+    return lines

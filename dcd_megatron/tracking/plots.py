@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,5 +79,40 @@ def render_weight_by_position(path: Path, step: int, edges: np.ndarray, mean_wei
     ax.set_title(f"Mean DCD weight by position in response, step {step}")
     ax.set_xlabel("position in response (fraction of its length)")
     ax.set_ylabel("mean weight")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def check_curves(curves: Mapping[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{name: (steps, values)}`` as float arrays of equal, non-zero length, or a ValueError naming the curve."""
+    if not curves:
+        raise ValueError("curves is empty: pass {metric name: (steps, values)} with at least one curve")
+    out = {}
+    for name, pair in curves.items():
+        steps, values = (as_float_array(x, f"curves[{name!r}] {part}") for x, part in zip(pair, ("steps", "values")))
+        if steps.size != values.size:
+            raise ValueError(f"curves[{name!r}] has {steps.size} steps but {values.size} values: pass one value a step")
+        out[name] = (steps, values)
+    return out
+
+
+def render_metric_curves(
+    path: Path, step: int, title: str, curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    reference: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None, ylabel: str = "value",
+) -> Path:
+    """Metrics against the optimizer step, one line each; ``reference`` curves are drawn dashed."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    ax = fig.add_subplot()
+    for name, (steps, values) in curves.items():
+        ax.plot(steps, values, marker="o" if steps.size < 30 else None, markersize=3, label=name)
+    for name, (steps, values) in (reference or {}).items():
+        ax.plot(steps, values, linestyle="--", color="gray", linewidth=0.9, label=name)
+    ax.set_ylim(bottom=0.0)
+    ax.set_title(f"{title}, up to step {step}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)

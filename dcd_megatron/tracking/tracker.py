@@ -33,6 +33,8 @@ from dcd_megatron.tracking.params import (
 from dcd_megatron.tracking.plots import (
     as_float_array,
     check_binned,
+    check_curves,
+    render_metric_curves,
     render_weight_by_position,
     render_weight_histogram,
 )
@@ -269,6 +271,25 @@ class Tracker:
             folder.rmdir()
 
         self._worker.submit(f"weight plots (step {step})", task)
+
+    def log_curve_plot(self, step: int, name: str, title: str, curves, reference=None, ylabel: str = "value") -> None:
+        """Render metrics over steps (``{metric: (steps, values)}``, ``reference`` dashed) as ``plots/<name>.png``.
+
+        One file per ``name``, replaced at every call: its latest version holds the whole curve.
+        """
+        if not self._accepting():
+            return
+        lines, dashed = check_curves(curves), check_curves(reference) if reference else {}
+
+        def task() -> None:
+            run_id = self._ensure_run()
+            folder = Path(self._tmp.name) / f"curves-{name}-{step}"
+            png = render_metric_curves(folder / f"{name}.png", step, title, lines, dashed, ylabel)
+            self._client.log_artifact(run_id, str(png), "plots")
+            png.unlink(missing_ok=True)
+            folder.rmdir()
+
+        self._worker.submit(f"{name} plot (step {step})", task)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file; text files are uploaded redacted (the file on disk is left alone)."""

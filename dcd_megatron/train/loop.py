@@ -13,12 +13,13 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from dcd_megatron.configs import to_dict
+from dcd_megatron.loss.report import KNOWLEDGE_KEYS, knowledge_summary
 from dcd_megatron.train.config import TrainConfig
 
 log = logging.getLogger("dcd_megatron.train")
@@ -33,6 +34,8 @@ class TrainResult:
     output_dir: Path
     checkpoint: Path | None
     run_description: str
+    # {metric: (steps, values)} of the knowledge / fork diagnostics (dcd_megatron.loss.report.KNOWLEDGE_KEYS)
+    history: dict = field(default_factory=dict)
 
 
 def _set_threads(cfg: TrainConfig, local_world: int) -> None:
@@ -92,7 +95,7 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
     from dcd_megatron.model.fp8 import check_fp8, current_capability
     from dcd_megatron.runtime import distributed as rt
     from dcd_megatron.runtime.layout import LayoutError, validate_layout
-    from dcd_megatron.tracking import ProgressPrinter, Tracker
+    from dcd_megatron.tracking import MetricHistory, ProgressPrinter, Tracker
     from dcd_megatron.train import checkpoint as ckpt
     from dcd_megatron.train.optim import build_optimizer, build_scheduler
     from dcd_megatron.train.step import make_forward_step
@@ -237,6 +240,9 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
               f"{len(train_samples)} training samples; {tracker.describe()}", flush=True)
     printer = ProgressPrinter(cfg.train.steps, cfg.train.log_interval, start_step=start_step)
     metrics_file = output_dir / "metrics.jsonl"
+    history = MetricHistory(HISTORY_KEYS)
+    if is_logger and start_step > 0:
+        history.load_jsonl(metrics_file, start_step)  # the curves go on from the steps before the resume
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
     last_metrics: dict = {}
     last_ckpt = resume_from
@@ -273,21 +279,15 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
                 tracker.log_metrics(scalars, step=done)
                 with open(metrics_file, "a") as fh:
                     fh.write(json.dumps({"step": done, **scalars}) + "\n")
+                history.add(done, scalars)
                 if done % cfg.train.log_interval == 0 or done == cfg.train.steps:
                     printer.print(done, metrics)
                 if cfg.tracking.plot_interval and (done % cfg.tracking.plot_interval == 0 or done == cfg.train.steps):
-                    if "weight_hist_counts" in metrics:
-                        tracker.log_weight_plots(
-                            done,
-                            metrics["weight_hist_edges"],
-                            metrics["weight_hist_counts"],
-                            metrics["weight_by_position_edges"],
-                            metrics["weight_by_position"],
-                        )
+                    _log_plots(tracker, done, metrics, history)
             if cfg.train.eval_interval and valid_samples is not None and (
                 done % cfg.train.eval_interval == 0 or done == cfg.train.steps
             ):
-                val = evaluate(run_step, chunks, valid_samples, cfg, layout, g, num_microbatches)
+                val = evaluate(run_step, chunks, valid_samples, cfg, layout, g, num_microbatches, step=done)
                 if is_logger:
                     tracker.log_metrics(val, step=done)
                     with open(metrics_file, "a") as fh:
@@ -318,13 +318,40 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
             (output_dir / "final_metrics.json").write_text(json.dumps(final, indent=1))
         tracker.finish(status)
         stop_signal.restore()
+    if is_logger:
+        for line in knowledge_summary(history.curves()):
+            print(line, flush=True)
     return TrainResult(
         step=final_step,
         metrics=last_metrics,
         output_dir=output_dir,
         checkpoint=last_ckpt,
         run_description=tracker.describe(),
+        history=history.curves(),
     )
+
+
+# Metrics whose history a run keeps (curve plot, end-of-run summary): the knowledge / fork
+# diagnostics and certain_token_frac, the level weight_mass_certain has under plain SFT.
+HISTORY_KEYS = (*KNOWLEDGE_KEYS, "certain_token_frac")
+
+
+def _log_plots(tracker, done: int, metrics: dict, history) -> None:
+    """The weight histogram and by-position plots of this step, and the knowledge / fork curves so far."""
+    if "weight_hist_counts" in metrics:
+        tracker.log_weight_plots(
+            done,
+            metrics["weight_hist_edges"],
+            metrics["weight_hist_counts"],
+            metrics["weight_by_position_edges"],
+            metrics["weight_by_position"],
+        )
+    curves = history.curves(KNOWLEDGE_KEYS)
+    if curves:
+        tracker.log_curve_plot(
+            done, "knowledge_weights", "Weight on teacher-certain tokens (knowledge) vs forks", curves,
+            reference=history.curves(["certain_token_frac"]), ylabel="weight share / relative weight",
+        )
 
 
 def _check_teacher_coverage(cfg: TrainConfig, meta: dict) -> None:
@@ -435,8 +462,9 @@ def _save(ckpt, root, step, chunks, optimizer, scheduler, train_iter, cfg, confi
     return path
 
 
-def evaluate(run_step, chunks, valid_samples, cfg, layout, g, num_microbatches) -> dict:
-    """Validation loss on held-out traces (forward only, fixed order)."""
+def evaluate(run_step, chunks, valid_samples, cfg, layout, g, num_microbatches, step: int) -> dict:
+    """Validation loss on held-out traces (forward only, fixed order), with the loss as at ``step``
+    (the optimizer steps done: a tau schedule's current temperature)."""
     from dcd_megatron.data.batches import ValidationIterator
     from dcd_megatron.loss import reduce_reports
 
@@ -451,7 +479,7 @@ def evaluate(run_step, chunks, valid_samples, cfg, layout, g, num_microbatches) 
         chunk.eval()
     try:
         with torch.no_grad():
-            reports = run_step(iter(valid_iter), 0, n_micro, forward_only=True)
+            reports = run_step(iter(valid_iter), step, n_micro, forward_only=True)
     finally:
         for chunk in chunks:
             chunk.train()
