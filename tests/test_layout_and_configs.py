@@ -168,3 +168,35 @@ def test_every_recipe_builds_a_valid_config():
         cfg = fn()
         assert isinstance(cfg, TrainConfig), name
         assert from_dict(TrainConfig, to_dict(cfg)) == cfg, name
+
+
+@pytest.mark.parametrize("overrides, reader", [
+    (["loss.method=gated", "loss.gate=entropy"], "loss.gate=entropy"),
+    (["loss.term=topk_kl"], "loss.term=topk_kl"),
+])
+def test_teacher_top_k_readers_need_data_topk(overrides, reader):
+    """Refused at config time (one line naming the fix), not at the first batch."""
+    from dcd_megatron.recipes import tiny_distill_1cpu_fp32_config
+
+    cfg = tiny_distill_1cpu_fp32_config()
+    with pytest.raises(ValueError, match=rf"^{reader} reads the teacher's top-k, but data.topk=0 keeps none: set data.topk=K") as err:
+        apply_overrides(cfg, overrides)
+    assert "\n" not in str(err.value)
+    assert apply_overrides(cfg, [*overrides, "data.topk=4"]).data.topk == 4
+    assert apply_overrides(cfg, ["loss.gate=entropy"]).loss.gate == "entropy"  # sigmoid never reads the gate
+
+
+def test_dcd_train_exits_2_with_one_line_when_the_entropy_gate_has_no_topk():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "dcd_megatron.cli.train", "--recipe", "tiny_cpu", "loss.method=gated", "loss.gate=entropy"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line or "Traceback" in line]
+    assert errors == [
+        "dcd-train: error: loss.gate=entropy reads the teacher's top-k, but data.topk=0 keeps none: set data.topk=K "
+        "(traces scored with `dcd-score --top-k K`), or use loss.term=nll / loss.gate=token"
+    ], proc.stderr

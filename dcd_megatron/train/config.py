@@ -110,6 +110,13 @@ class TrainConfig:
                 f"data.seq_length={self.data.seq_length} exceeds "
                 f"model.max_position_embeddings={self.model.max_position_embeddings}"
             )
+        readers = [name for name, reads in (("loss.term=topk_kl", self.loss.term == "topk_kl"),
+                                            ("loss.gate=entropy", self.loss.entropy_gate)) if reads]
+        if readers and self.data.topk < 1:
+            raise ValueError(
+                f"{' and '.join(readers)} reads the teacher's top-k, but data.topk=0 keeps none: set data.topk=K "
+                "(traces scored with `dcd-score --top-k K`), or use loss.term=nll / loss.gate=token"
+            )
 
 
 # Short override keys accepted on the command line (`tp=2 pp=2`).
