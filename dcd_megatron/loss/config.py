@@ -62,8 +62,9 @@ class DCDConfig:
     prefix_window: int = 0  # prefix: 0 = the whole prefix, k = the last k response tokens
     # gated: u = g + (1 - g) * sigmoid((clip(l) - bias) / tau) with the teacher-confidence gate
     # g = p_teacher(token) ** gate_power ("token") or exp(-gate_power * H_teacher) ("entropy",
-    # H over the teacher's top-k plus a residual bucket: needs data.topk); 0 = plain SFT
+    # H over the teacher's top-k plus a residual bucket: needs data.topk)
     gate: Literal["token", "entropy"] = "token"
+    # gated: the gate's sharpness; 0 = plain SFT, larger keeps full weight only where the teacher was sure
     gate_power: float = 16.0
     # where the weights are made mean-1: global batch, micro-batch, or not at all
     normalize: Literal["global", "micro", "none"] = "global"
