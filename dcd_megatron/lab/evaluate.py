@@ -88,6 +88,17 @@ def token_batch(tok, rows: list[dict]):
     return ids, a, mask, branch
 
 
+def topk_batch(rows: list[dict], mask: torch.Tensor) -> torch.Tensor:
+    """The rows' teacher top-k log-probs aligned like `token_batch`'s teacher log-probs: [b, t-1, k]
+    (NaN off the response)."""
+    k = len(rows[0]["teacher_topk_logprobs"][0])
+    out = torch.full((*mask.shape, k), math.nan)
+    for i, row in enumerate(rows):
+        cols = mask[i].nonzero().squeeze(-1)
+        out[i, cols] = torch.tensor(row["teacher_topk_logprobs"][: len(cols)], dtype=torch.float32)
+    return out
+
+
 def digits_of_row(row: dict) -> str:
     return row["prompt"].rstrip(":")
 
@@ -108,9 +119,10 @@ def weights_by_style(model, tok, rows: list[dict], loss: DCDConfig, *, step: int
     if not rows:
         return {}
     ids, a, mask, branch = token_batch(tok, rows)
+    topk = topk_batch(rows, mask) if loss.entropy_gate else None
     with torch.no_grad():
         s = student_logprobs(model, ids)
-        w = dcd_weights(s, a if loss.needs_teacher else None, mask, loss, step=step)
+        w = dcd_weights(s, a if loss.needs_teacher else None, mask, loss, step=step, teacher_topk_logprobs=topk)
     valid = mask > 0
     overall = float(w[valid].mean())
     scale = 1.0 / overall if overall > 0 else math.nan

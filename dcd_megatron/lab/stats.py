@@ -168,6 +168,9 @@ def choose_default(summaries: dict[str, dict], reference: str = "sft") -> dict:
                "the most of those that qualify.")
     else:
         best = reference
-        why = ("No method qualifies (each is worse than SFT on the new lengths in some condition, or not ahead "
-               "on the known lengths): SFT-safe settings stay the default.")
+        qualified = [a for a in arms if table[a]["qualifies"]]
+        why = ("No method qualifies: each is worse than SFT on the new lengths in some condition"
+               if not qualified else
+               f"{', '.join(qualified)} never lose(s) to SFT on the new lengths but none is ahead on the known ones")
+        why += ": SFT-safe settings stay the default."
     return {"choice": best, "table": table, "why": why}
