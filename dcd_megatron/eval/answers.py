@@ -1,6 +1,6 @@
 """Final-answer extraction from model output and equivalence grading with ``math-verify``.
 
-Conventions (shared/method.md): the answer is the content of the last ``\\boxed{...}`` (or
+Conventions (docs/evaluation.md): the answer is the content of the last ``\\boxed{...}`` (or
 ``\\fbox{...}``); for GSM8K it is the final number. Grading never raises: ``math_verify``
 (``parse`` + ``verify``, under a time limit) decides, with a normalised string comparison as
 a fallback and a fast path.

@@ -36,7 +36,7 @@ def _check_finite(field: str, value) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class DCDConfig:
-    """Per-token weight family of shared/method.md; see docs/loss.md for each formula."""
+    """Per-token weight family of the method; docs/loss.md has the method and each formula."""
 
     # the per-token weight (see docs/loss.md for each formula)
     method: Method = "sigmoid"

@@ -1,4 +1,4 @@
-"""The per-token weight family of shared/method.md, as detached ``[b, s]`` tensors.
+"""The per-token weight family of the method (docs/loss.md), as detached ``[b, s]`` tensors.
 
 Layout: every per-token tensor here is ``[b, s]`` (batch first, as megatron's GPTModel
 returns logits when ``labels=None``); with context parallelism ``s`` is this CP rank's part.
