@@ -38,3 +38,19 @@ def test_dockerfiles_pass_hadolint():
     proc = subprocess.run([linter("hadolint"), "--failure-threshold", "warning", *dockerfiles], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_no_file_points_outside_the_repository():
+    """Users have the repository only: no file may cite the team's notes folder (a relative `shared/` path)."""
+    import re
+
+    pattern = re.compile(r"(?<![\w/.-])shared/")  # an absolute cluster path such as /shared/containers is fine
+    me = Path(__file__).resolve().relative_to(REPO).as_posix()
+    hits = []
+    for path in repo_files("*"):
+        if path == me or not path.endswith((".py", ".md", ".toml", ".yaml", ".yml", ".sh", ".txt", ".cfg")):
+            continue
+        for number, line in enumerate((REPO / path).read_text(errors="replace").splitlines(), start=1):
+            if pattern.search(line):
+                hits.append(f"{path}:{number}: {line.strip()}")
+    assert not hits, "cite docs/ instead:\n" + "\n".join(hits)
