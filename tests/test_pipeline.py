@@ -1,6 +1,7 @@
 """The pipeline experiment (`recipes/pipeline.py`): score -> train -> eval -> export as one NeMo-Run
 experiment, run for real on the local executor with tiny models (twice: the rerun skips or resumes
-every stage), and as a Slurm dry run (four sbatch scripts, eval and export on one task)."""
+every stage), and as Slurm and Docker dry runs (four sbatch scripts, eval and export on one task;
+four container specs, torchrun only for score and train)."""
 
 import json
 import os
@@ -60,6 +61,25 @@ def test_slurm_dry_run_prints_four_dependent_jobs(tiny, tmp_path):
         assert "#SBATCH --nodes=1" in scripts[name] and "#SBATCH --ntasks-per-node=1" in scripts[name], name
         assert "#SBATCH --exclusive" not in scripts[name], name
     assert all("#SBATCH --account=acct" in text for text in scripts.values())
+
+
+def test_docker_dry_run_puts_every_job_in_the_image(tiny, tmp_path):
+    import yaml
+
+    proc = run_pipeline(tmp_path, *pipeline_args(tiny, Path("/workspace/runs/pipe")), "run.executor=docker",
+                        "run.executor.container_image=registry.example.com/dcd-megatron:test",
+                        "run.executor.ntasks_per_node=2", "--dryrun", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    specs = {}
+    for chunk in proc.stdout.split("# --- ")[1:]:
+        name, _, text = chunk.partition(" ---\n")
+        specs[name] = yaml.safe_load(text[text.index("_target_"):])
+    assert list(specs) == ["score", "train", "eval", "export"], list(specs)
+    for name, spec in specs.items():
+        assert spec["executor"]["container_image"] == "registry.example.com/dcd-megatron:test", name
+        command = " ".join(spec["containers"][0]["command"])
+        assert "nemo_run.core.runners.fdl_runner" in command, (name, command)
+        assert command.startswith("torchrun ") == (name in ("score", "train")), (name, command)
 
 
 @pytest.mark.slow
