@@ -94,12 +94,31 @@ def init_process_group(device: torch.device, timeout_minutes: int = 30) -> Proce
     return info
 
 
+def destroy_subgroups() -> int:
+    """Destroy every process group but the default one; returns how many.
+
+    megatron-core's ``destroy_model_parallel`` only forgets its groups: torch keeps them (and
+    each gloo group's threads) alive, so a process that trains again and again (the drift lab's
+    workers) gained ~50 threads a run and slowed down with them.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    if not torch.distributed.is_initialized():
+        return 0
+    default = c10d._get_default_group()
+    groups = [pg for pg in list(c10d._world.pg_map) if pg is not default]
+    for pg in groups:
+        torch.distributed.destroy_process_group(pg)
+    return len(groups)
+
+
 def init_model_parallel(layout: Layout, seed: int) -> None:
     """megatron-core's parallel groups for the layout, and its model-parallel RNG streams."""
     from megatron.core import parallel_state, tensor_parallel
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+        destroy_subgroups()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
