@@ -360,3 +360,37 @@ def test_secrets_stay_out_of_params_artifacts_and_output(store_dir, tmp_path, mo
             assert secret not in value, (key, secret)
         for text in texts + outputs:
             assert secret not in text, secret
+
+
+class CountingClient(FlakyClient):
+    """Counts the metric requests (log_batch calls that carry metrics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.metric_calls = 0
+
+    def log_batch(self, run_id, metrics=(), params=()):
+        self.metric_calls += bool(metrics)
+        super().log_batch(run_id, metrics=metrics, params=params)
+
+
+@pytest.mark.parametrize("interval, min_calls, max_calls", [(60.0, 1, 2), (0.0, 10, 30)])
+def test_step_metrics_are_sent_many_steps_a_request_at_most_every_flush_interval(tmp_path, interval, min_calls,
+                                                                                   max_calls):
+    fake = CountingClient()
+    tracker = Tracker(TrackingConfig(tracking_uri="http://fake", metrics_flush_s=interval), is_logging_rank=True,
+                      client_factory=lambda uri: fake)
+    tracker.start({"a": 1}, "a: 1\n", tmp_path / "run")
+    for step in range(1, 31):
+        tracker.log_metrics({"loss": float(step), "ce": 1.0}, step)
+        time.sleep(0.005)  # a training step: the worker keeps up, so interval 0 sends step by step
+    if interval:  # the first step went out alone; the rest wait for the interval (or finish)
+        assert fake.metric_calls <= 1
+    assert tracker.finish() is True  # finish sends what is buffered: nothing is lost
+    assert sorted({s for _, s, _ in fake.metrics}) == list(range(1, 31)) and len(fake.metrics) == 60
+    assert min_calls <= fake.metric_calls <= max_calls
+
+
+def test_metrics_flush_interval_is_validated():
+    with pytest.raises(ValueError, match="metrics_flush_s"):
+        TrackingConfig(metrics_flush_s=-1)

@@ -132,6 +132,7 @@ class Tracker:
         self._metrics: deque[list] = deque(maxlen=self.config.max_pending)
         self._metrics_lock = threading.Lock()
         self._metrics_task_queued = False
+        self._last_metrics_send = -math.inf
         self._warn_lock = threading.Lock()
         self._failures = 0
         self._skipped = 0
@@ -243,7 +244,7 @@ class Tracker:
                 self._dropped_metrics += 1
                 self._warn("MLflow is behind: dropped the oldest queued step of metrics")
             self._metrics.append(entries)
-        self._queue_metrics_flush()
+        self._queue_metrics_flush(force=False)
 
     def should_plot(self, step: int) -> bool:
         """True on the steps where the trainer should compute and log the weight plots."""
@@ -466,11 +467,15 @@ class Tracker:
             raise RunUnavailable("the MLflow run is not created yet (store unreachable); call skipped")
         return self.run_id
 
-    def _queue_metrics_flush(self) -> None:
+    def _queue_metrics_flush(self, force: bool = True) -> None:
+        """Queue one send of every buffered step; unforced, at most every ``metrics_flush_s``."""
         with self._metrics_lock:
             if self._metrics_task_queued or not self._metrics:
                 return
+            if not force and time.monotonic() - self._last_metrics_send < self.config.metrics_flush_s:
+                return
             self._metrics_task_queued = True
+            self._last_metrics_send = time.monotonic()
         self._worker.submit("metrics", self._send_metrics)
 
     def _send_metrics(self) -> None:
