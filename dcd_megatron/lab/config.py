@@ -105,9 +105,9 @@ class StrongConfig:
     result_eps: dict[str, float] = field(default_factory=lambda: {"verbose": 0.01, "skip2": 0.03, "skip3": 0.05})
     copy_eps: float = 0.005
     k: list[int] = field(default_factory=lambda: [2, 10])
-    count: int = 1200  # traces kept
+    count: int = 1000  # traces kept
     distill: StageConfig = field(default_factory=lambda: StageConfig(
-        steps=400, global_batch_size=8, micro_batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=10))
+        steps=250, global_batch_size=8, micro_batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=10))
 
 
 @dataclass
