@@ -144,3 +144,12 @@ def test_entropy_of_scripted_topk_separates_forks_from_knowledge():
     h = teacher_entropy(torch.tensor(lps)).tolist()
     forks = [3, 5]
     assert min(h[i] for i in forks) > 0.4 and max(h[i] for i in range(len(h)) if i not in forks) < 0.3
+
+
+def test_arms_that_need_the_top_k_are_shown_but_never_the_default():
+    summaries = {c: {"sft": _groups(0, "reference", 0, "reference"),
+                     "needs_k": _groups(0.40, "better", 0.1, "better"),
+                     "plain": _groups(0.20, "better", 0.0, "tie")} for c in ("trained", "strong")}
+    out = choose_default(summaries, needs_topk=frozenset({"needs_k"}))
+    assert out["choice"] == "plain" and out["table"]["needs_k"]["eligible"] is False
+    assert out["table"]["needs_k"]["qualifies"] is True

@@ -239,7 +239,9 @@ def tiny_lab_config(out_dir: str) -> LabConfig:
         seeds=[1, 2],
         workers=2,
         seq_length=64,
+        # mostly verbose: the tiny teacher keeps few traces, and the oracle arm needs some in the prior's style
         teacher=TeacherConfig(net=NetConfig(2, 32, 4, 2, 64), rows=400, k=[2, 4],
+                              styles={"verbose": 0.8, "skip2": 0.1, "skip3": 0.1},
                               train=StageConfig(steps=60, global_batch_size=8, micro_batch_size=8,
                                                 lr=1e-2, min_lr=1e-3, warmup_steps=5)),
         traces=TracesConfig(k=[2, 3], count=16),

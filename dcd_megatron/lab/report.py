@@ -112,7 +112,8 @@ def _header(results: dict) -> list[str]:
 
 def _decision(summaries: dict, arms_of: dict) -> list[str]:
     """The default-choosing rule applied to this run's paired differences."""
-    choice = choose_default(summaries)
+    needs_topk = frozenset(a for a, arm in ARMS.items() if arm.loss.get("gate") == "entropy")
+    choice = choose_default(summaries, needs_topk=needs_topk)
     names = list(summaries)
     lines = [
         "## The decision: which loss is the default",
@@ -120,7 +121,9 @@ def _decision(summaries: dict, arms_of: dict) -> list[str]:
         "Rule (docs/loss.md, \"Defaults\"): among the methods that are not `worse` than SFT on the new lengths "
         "in any condition, the one with the largest mean gain over SFT on the known lengths (mean of the "
         "conditions' paired Δ known); it must be ahead of SFT there, else SFT-safe settings stay the default. "
-        "`oracle` is a reference, not a candidate (it needs to know which traces are in the student's style).",
+        "`oracle` is a reference, not a candidate (it needs to know which traces are in the student's style); "
+        "arms that read the teacher's top-k (`gated_entropy`) are shown but not candidates: a default must run "
+        "on any traces with per-token teacher log-probs.",
         "",
         "| arm | " + " | ".join(f"{n}: Δ known | {n}: Δ new" for n in names) + " | qualifies | mean Δ known |",
         "| --- |" + " --- | --- |" * len(names) + " --- | --- |",
@@ -133,8 +136,8 @@ def _decision(summaries: dict, arms_of: dict) -> list[str]:
                 st = g.get(grp)
                 cells.append("n/a" if st is None else
                              f"{_signed(st['diff_mean'], st['diff_std'])} ({st['wins']}/{st['pairs']}) {st['verdict']}")
-        lines.append(f"| {arm} | " + " | ".join(cells)
-                     + f" | {'yes' if row['qualifies'] else 'no'} | {100 * row['gain']:+.1f} |")
+        qualifies = ("yes" if row["qualifies"] else "no") + ("" if row.get("eligible", True) else " (needs top-k)")
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {qualifies} | {100 * row['gain']:+.1f} |")
     lines += ["", f"**Chosen by this run: `{choice['choice']}`.** {choice['why']}", ""]
     return lines
 

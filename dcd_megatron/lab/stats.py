@@ -141,9 +141,11 @@ def idle_wall_estimate(cpu: dict, workers: int) -> float:
 NOT_CANDIDATES = ("sft", "oracle")  # the reference, and a filter that needs to know the student's style
 
 
-def choose_default(summaries: dict[str, dict], reference: str = "sft") -> dict:
+def choose_default(summaries: dict[str, dict], reference: str = "sft", needs_topk: frozenset[str] = frozenset()) -> dict:
     """The default by the lab's rule, from each condition's `summarize` output.
 
+    Candidates: every arm but the reference, the oracle filter and those in `needs_topk` (a
+    default must run on any traces with per-token teacher log-probs; such arms are still shown).
     Qualify: not `worse` than the reference on the new group in any condition where the arm ran.
     Choose: the qualifying arm with the largest mean (over conditions) paired gain on the known
     group, if that gain is positive; otherwise the reference. Returns the choice, the per-arm
@@ -159,7 +161,9 @@ def choose_default(summaries: dict[str, dict], reference: str = "sft") -> dict:
             "qualifies": len(ran) == len(summaries) and all(g["new"]["verdict"] != "worse" for g in ran),
             "gain": statistics.fmean(gains) if gains else math.nan,
         }
-    ranked = sorted((a for a in arms if table[a]["qualifies"] and table[a]["gain"] > 0),
+    for arm in needs_topk & table.keys():
+        table[arm]["eligible"] = False
+    ranked = sorted((a for a in arms if table[a]["qualifies"] and table[a].get("eligible", True) and table[a]["gain"] > 0),
                     key=lambda a: -table[a]["gain"])
     if ranked:
         best = ranked[0]
@@ -168,7 +172,7 @@ def choose_default(summaries: dict[str, dict], reference: str = "sft") -> dict:
                "the most of those that qualify.")
     else:
         best = reference
-        qualified = [a for a in arms if table[a]["qualifies"]]
+        qualified = [a for a in arms if table[a]["qualifies"] and table[a].get("eligible", True)]
         why = ("No method qualifies: each is worse than SFT on the new lengths in some condition"
                if not qualified else
                f"{', '.join(qualified)} never lose(s) to SFT on the new lengths but none is ahead on the known ones")
