@@ -38,10 +38,7 @@ def _rank(rank, args) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
 
-    from dcd_megatron.loss import DCDConfig, logprobs, make_loss_func
-
-    if args.chunk_elements:
-        logprobs.DEFAULT_CHUNK_ELEMENTS = args.chunk_elements
+    from dcd_megatron.loss import DCDConfig, make_loss_func
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
     group = parallel_state.get_tensor_model_parallel_group()
@@ -53,7 +50,7 @@ def _rank(rank, args) -> dict:
         "loss_mask": torch.ones(args.batch, args.seq),
         "teacher_logprobs": -torch.rand(args.batch, args.seq, generator=g) * 3,
     }
-    dcd = make_loss_func(DCDConfig(method="sigmoid"), tp_group=group)
+    dcd = make_loss_func(DCDConfig(method="sigmoid"), tp_group=group, chunk_elements=args.chunk_elements or None)
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         # megatron's layout is [s, b, V/tp], ours [b, s, V/tp]; the same bytes
@@ -256,7 +253,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--allocator", choices=[*ALLOCATORS, "both"], default="both")
-    parser.add_argument("--chunk-elements", type=int, default=0, help="override DEFAULT_CHUNK_ELEMENTS (0 = keep)")
+    parser.add_argument("--chunk-elements", type=int, default=0, help="the DCD loss's vocab_parallel_logprobs block size (0 = the default for the device)")
     parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                         help="also time vocab_parallel_logprobs per block size")
     parser.add_argument("--write", type=Path, help="rewrite the loss section of this markdown file")

@@ -77,12 +77,12 @@ def _sft_loss(batch, output_tensor):
     return loss, n, {"lm loss": torch.stack([loss.detach().double(), n.double()])}
 
 
-def _build(args, variant, tconfig, padded_vocab, device, on_cpu):
+def _build(args, variant, tconfig, padded_vocab, device, facts):
     from megatron.core import tensor_parallel
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from dcd_megatron.model.builder import build_gpt_model, return_hidden_states
-    from dcd_megatron.train.config import OptimConfig
+    from dcd_megatron.configs.train import OptimConfig
     from dcd_megatron.train.optim import build_optimizer
 
     torch.manual_seed(1234)
@@ -94,7 +94,7 @@ def _build(args, variant, tconfig, padded_vocab, device, on_cpu):
     if variant == "DCD chunked":
         return_hidden_states(model)
     ddp = DistributedDataParallel(tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-    optimizer = build_optimizer(OptimConfig(), [ddp], params_dtype=args.dtype, on_cpu=on_cpu)
+    optimizer = build_optimizer(OptimConfig(), [ddp], params_dtype=args.dtype, facts=facts)
     n_params = sum(p.numel() for p in model.parameters())
     return ddp, optimizer, n_params
 
@@ -125,17 +125,18 @@ def measure(args, tp: int, rank: int) -> dict:
 
     from dcd_megatron.loss import rescale_grads_for_global_weight_mean
     from dcd_megatron.model.builder import transformer_config
+    from dcd_megatron.runtime.distributed import runtime_facts
     from dcd_megatron.runtime.layout import Layout
 
     device = torch.device(args.device)
-    on_cpu = device.type == "cpu"
+    facts = runtime_facts(device, use_te=args.use_te)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     mcfg = _model_config(args)
-    tconfig = transformer_config(mcfg, Layout(tp, 1, 1, 1), sequence_parallel=False, on_cpu=on_cpu)
+    tconfig = transformer_config(mcfg, Layout(tp, 1, 1, 1), sequence_parallel=False, facts=facts)
     tconfig.finalize_model_grads_func = finalize_model_grads
     padded_vocab = mcfg.padded_vocab_size(args.vocab, tp)
-    built = {v: _build(args, v, tconfig, padded_vocab, device, on_cpu) for v in args.variants}
+    built = {v: _build(args, v, tconfig, padded_vocab, device, facts) for v in args.variants}
     batches = _batches(args, device)
     fb = get_forward_backward_func()
     times = {v: [] for v in args.variants}

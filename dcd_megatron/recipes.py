@@ -1,5 +1,8 @@
 """Recipes: plain functions returning a complete TrainConfig, named for what they are.
 
+A recipe may change sections in place; the config is validated as a whole where it is used
+(`TrainConfig.validate`: after the overrides, and when the job starts).
+
 Names follow `<model>_<task>_<n>gpu_<gpu>_<dtype>_config` (Megatron-Bridge's convention); the
 short names in RECIPES are what `dcd-train --recipe` and the NeMo-Run CLI accept.
 """
@@ -8,12 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dcd_megatron.configs.train import LoopConfig, OptimConfig, RuntimeConfig, TrainConfig
 from dcd_megatron.data.config import DataConfig
-from dcd_megatron.loss import DCDConfig
+from dcd_megatron.loss.config import DCDConfig
 from dcd_megatron.model.config import ModelConfig
 from dcd_megatron.runtime.layout import ParallelConfig
-from dcd_megatron.tracking import TrackingConfig
-from dcd_megatron.train.config import LoopConfig, OptimConfig, RuntimeConfig, TrainConfig
+from dcd_megatron.tracking.config import TrackingConfig
 
 DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
 
@@ -84,7 +87,6 @@ def tiny_distill_1gpu_fp8_config(output_dir: str = "runs/tiny_gpu_fp8") -> Train
     cfg = tiny_distill_1gpu_bf16_config(output_dir)
     cfg.model.fp8 = "hybrid"
     cfg.model.fp8_recipe = "tensorwise"
-    cfg.model.__post_init__()
     return cfg
 
 
@@ -150,7 +152,6 @@ def qwen25_1p5b_distill_64gpu_h100_fp8_config(**kw) -> TrainConfig:
     cfg = qwen25_1p5b_distill_64gpu_h100_bf16_config(**kw)
     cfg.model.fp8 = "hybrid"
     cfg.model.fp8_recipe = "tensorwise"
-    cfg.model.__post_init__()
     if cfg.train.output_dir.endswith("_dcd"):
         cfg.train.output_dir += "_fp8"
     return cfg

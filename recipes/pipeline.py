@@ -8,7 +8,7 @@ The same command is `nemo dcd pipeline ...`. See docs/launch.md, section "NeMo-R
 
 import nemo_run as run
 
-from dcd_megatron.launch.nemo import pipeline
+from dcd_megatron.launch.pipeline import pipeline
 
 if __name__ == "__main__":
     run.cli.main(pipeline)

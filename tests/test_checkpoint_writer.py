@@ -19,7 +19,7 @@ def test_a_save_starts_no_manager_process_and_round_trips(tmp_path):
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from dcd_megatron.convert.model_io import single_process_group
-    from dcd_megatron.train.checkpoint import use_in_process_write_results
+    from dcd_megatron.checkpoint import use_in_process_write_results
 
     single_process_group(torch.device("cpu"))
     before = set(multiprocessing.active_children())

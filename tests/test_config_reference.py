@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from dcd_megatron.configs.reference import END, START, reference_markdown, reference_rows, with_reference
-from dcd_megatron.train.config import TrainConfig
+from dcd_megatron.configs.train import TrainConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

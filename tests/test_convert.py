@@ -116,7 +116,7 @@ def test_unsupported_hf_configs_are_refused_by_name(change, words):
 def test_imported_checkpoint_matches_transformers_logits(models, name):
     from dcd_megatron.configs import load_config
     from dcd_megatron.model.inference import load_trained_model
-    from dcd_megatron.train.config import TrainConfig
+    from dcd_megatron.configs.train import TrainConfig
 
     entry = models[name]
     hf_cfg = json.loads((entry["hf"] / "config.json").read_text())

@@ -78,7 +78,7 @@ def test_init_checkpoint_of_another_architecture_is_refused_naming_the_fields(tm
     import yaml
 
     from dcd_megatron.recipes import tiny_distill_1cpu_fp32_config
-    from dcd_megatron.train.loop import _checked_init_checkpoint
+    from dcd_megatron.train.setup import _checked_init_checkpoint
 
     saved = tiny_distill_1cpu_fp32_config()
     iter_dir = tmp_path / "run" / "checkpoints" / "iter_0000005"
@@ -128,7 +128,7 @@ def test_fp8_accepted_where_it_runs():
 
 def test_overrides_round_trip_and_errors(tmp_path):
     from dcd_megatron.recipes import tiny_distill_1cpu_fp32_config
-    from dcd_megatron.train.config import ALIASES, TrainConfig
+    from dcd_megatron.configs.train import ALIASES, TrainConfig
 
     cfg = tiny_distill_1cpu_fp32_config()
     new = apply_overrides(cfg, ["tp=2", "loss.tau=0.5", "train.steps=7", "model.fp8=null"], aliases=ALIASES)
@@ -162,7 +162,7 @@ def test_train_config_checks_cross_section_limits():
 
 def test_every_recipe_builds_a_valid_config():
     from dcd_megatron.recipes import RECIPES
-    from dcd_megatron.train.config import TrainConfig
+    from dcd_megatron.configs.train import TrainConfig
 
     for name, fn in RECIPES.items():
         cfg = fn()

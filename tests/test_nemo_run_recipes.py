@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dcd_megatron.recipes import RECIPES
-from dcd_megatron.train.checkpoint import checkpoint_dir, find_latest
+from dcd_megatron.checkpoint import checkpoint_dir, find_latest
 from tests.train_helpers import FAST, metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,8 +36,8 @@ def test_every_recipe_is_a_factory_for_the_config_and_for_each_entrypoint():
     import fiddle as fdl
     import nemo_run as run
 
-    from dcd_megatron.launch import nemo
-    from dcd_megatron.train.config import TrainConfig
+    from dcd_megatron.configs.train import TrainConfig
+    from dcd_megatron.launch import nemo, pipeline
 
     assert set(nemo.RECIPE_FACTORIES) == set(RECIPES)  # generated from the one registry
     for name, fn in RECIPES.items():
@@ -47,7 +47,7 @@ def test_every_recipe_is_a_factory_for_the_config_and_for_each_entrypoint():
         cfg = factory()
         assert isinstance(cfg, run.Config) and isinstance(cfg.train, run.Config), name
         assert fdl.build(cfg) == fn(), name
-        for entrypoint in (nemo.train, nemo.pipeline):  # `--factory NAME` for both entrypoints
+        for entrypoint in (nemo.train, pipeline.pipeline):  # `--factory NAME` for both entrypoints
             partial = run.cli.resolve_factory(entrypoint, name)()
             assert nemo.train_config(**{k: fdl.build(getattr(partial, k)) for k in nemo.SECTIONS}) == fn(), name
     assert nemo.tiny_gpu_fp8().model.fp8 == "hybrid"  # set after construction by the recipe; kept

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, os, torch
 from torch.distributed import distributed_c10d as c10d
-from dcd_megatron.model.inference import ensure_single_process_group
+from dcd_megatron.runtime.distributed import ensure_single_process_group
 from dcd_megatron.runtime.distributed import init_model_parallel
 from dcd_megatron.runtime.layout import Layout
 ensure_single_process_group(torch.device("cpu"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dcd_megatron.train.checkpoint import checkpoint_dir, find_latest
+from dcd_megatron.checkpoint import checkpoint_dir, find_latest
 from tests.slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
 
 # Not rerun by `make test-latest`: on megatron-core 0.19.2 / torch 2.14.1 one run of the second job

@@ -74,7 +74,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
 
 
 def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path):
-    from dcd_megatron.train.checkpoint import find_latest
+    from dcd_megatron.checkpoint import find_latest
 
     out = tmp_path / "killed"
     proc = start_train(out, ["train.steps=30", "train.save_interval=4"])

@@ -48,7 +48,7 @@ def resolve_config(args: argparse.Namespace):
     from dcd_megatron.configs.overrides import ConfigError
     from dcd_megatron.recipes import RECIPES
     from dcd_megatron.score import ScoreConfig
-    from dcd_megatron.train.config import TrainConfig
+    from dcd_megatron.configs.train import TrainConfig
 
     bad = [o for o in args.overrides if not o.startswith("data.")]
     if bad:

@@ -40,7 +40,7 @@ def resolve_config(args: argparse.Namespace):
     """The TrainConfig from a recipe, a YAML file or the defaults, with overrides applied."""
     from dcd_megatron.configs import apply_overrides, load_config
     from dcd_megatron.recipes import RECIPES
-    from dcd_megatron.train.config import ALIASES, TrainConfig
+    from dcd_megatron.configs.train import ALIASES, TrainConfig
 
     if args.recipe:
         return apply_overrides(RECIPES[args.recipe](), args.overrides, aliases=ALIASES)

@@ -1,7 +1,7 @@
 """Build nested config dataclasses from dicts, YAML files and dotted ``key=value`` overrides.
 
-Every config class validates itself in ``__post_init__``; this module only moves values in
-and out, converting YAML scalars to the field's declared type and naming the offending key
+Every config class validates itself (``validate``, run by ``__post_init__``), so a config built
+here is checked once its overrides are in; this module only moves values in and out, converting YAML scalars to the field's declared type and naming the offending key
 when a value does not fit.
 """
 

@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     import argparse
     from pathlib import Path
 
-    from dcd_megatron.train.config import TrainConfig
+    from dcd_megatron.configs.train import TrainConfig
 
     parser = argparse.ArgumentParser(description="Print (or write into a file's marked block) the config reference.")
     parser.add_argument("--write", help="a markdown file with the config-reference markers, e.g. README.md")

@@ -41,51 +41,15 @@ class ImportResult:
 def default_train_config(model, tokenizer: Path, out: Path):
     """A TrainConfig that starts from the converted weights; data paths are the user's to set."""
     from dcd_megatron.data.config import DataConfig
-    from dcd_megatron.train.config import TrainConfig
+    from dcd_megatron.configs.train import TrainConfig
 
     model.init_checkpoint = str(out)
     data = DataConfig(tokenizer=str(tokenizer), seq_length=min(2048, model.max_position_embeddings))
     return TrainConfig(model=model, data=data)
 
 
-def convert_hf_to_mcore(
-    hf_dir: str | Path,
-    out: str | Path,
-    *,
-    tokenizer: str | Path | None = None,
-    dtype: str | None = None,
-    make_vocab_size_divisible_by: int = 128,
-    overwrite: bool = False,
-) -> ImportResult:
-    """Convert `hf_dir` into our checkpoint format at `out` (written atomically)."""
-    from megatron.core import dist_checkpointing
-
-    from dcd_megatron.configs import to_dict
-    from dcd_megatron.convert.model_io import build_empty_model, single_process_group
-    from dcd_megatron.data import load_tokenizer
-    from dcd_megatron.runtime.layout import Layout
-    from dcd_megatron.train.checkpoint import META, use_in_process_write_results
-
-    hf_dir, out = Path(hf_dir).resolve(), Path(out).resolve()
-    if out.exists() and not overwrite:
-        raise ConvertError(f"{out} already exists; pass --overwrite or choose another --out")
-    hf_cfg = read_config(hf_dir)
-    model = model_config_from_hf(hf_cfg, dtype=dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
-    tok_path = Path(tokenizer).resolve() if tokenizer else find_tokenizer(hf_dir)
-    if tok_path is None:
-        raise ConvertError(f"{hf_dir} has no tokenizer.json or *.model; pass --tokenizer PATH (the student's tokenizer)")
-    tok = load_tokenizer(tok_path)
-    if tok.vocab_size > model.vocab_size:
-        raise ConvertError(
-            f"the tokenizer {tok_path} has {tok.vocab_size} tokens but the model only {model.vocab_size} "
-            "embedding rows; pass the tokenizer that belongs to this model (--tokenizer)"
-        )
-    weights = HFWeights(hf_dir)
-
-    device = torch.device("cpu")
-    single_process_group(device)
-    padded = model.padded_vocab_size(model.vocab_size, 1)
-    module = build_empty_model(model, padded_vocab=padded, layout=Layout(1, 1, 1, 1), device=device)
+def _fill_parameters(module, model, weights, padded: int) -> dict:
+    """Copy every HF tensor into `module`'s parameters; refuse shapes or tensors that do not match."""
     params = dict(module.named_parameters())
     filled: set[str] = set()
     with torch.no_grad():
@@ -109,6 +73,48 @@ def convert_hf_to_mcore(
     unused = weights.unused()
     if unused:
         raise ConvertError(f"the HF checkpoint has tensors this architecture does not use: {unused[:5]} ...")
+    return params
+
+
+def convert_hf_to_mcore(
+    hf_dir: str | Path,
+    out: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    dtype: str | None = None,
+    make_vocab_size_divisible_by: int = 128,
+    overwrite: bool = False,
+) -> ImportResult:
+    """Convert `hf_dir` into our checkpoint format at `out` (written atomically)."""
+    from megatron.core import dist_checkpointing
+
+    from dcd_megatron.checkpoint import META, use_in_process_write_results
+    from dcd_megatron.configs import to_dict
+    from dcd_megatron.convert.model_io import build_empty_model, single_process_group
+    from dcd_megatron.data import load_tokenizer
+    from dcd_megatron.runtime.layout import Layout
+
+    hf_dir, out = Path(hf_dir).resolve(), Path(out).resolve()
+    if out.exists() and not overwrite:
+        raise ConvertError(f"{out} already exists; pass --overwrite or choose another --out")
+    hf_cfg = read_config(hf_dir)
+    model = model_config_from_hf(hf_cfg, dtype=dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    tok_path = Path(tokenizer).resolve() if tokenizer else find_tokenizer(hf_dir)
+    if tok_path is None:
+        raise ConvertError(f"{hf_dir} has no tokenizer.json or *.model; pass --tokenizer PATH (the student's tokenizer)")
+    tok = load_tokenizer(tok_path)
+    if tok.vocab_size > model.vocab_size:
+        raise ConvertError(
+            f"the tokenizer {tok_path} has {tok.vocab_size} tokens but the model only {model.vocab_size} "
+            "embedding rows; pass the tokenizer that belongs to this model (--tokenizer)"
+        )
+    weights = HFWeights(hf_dir)
+
+    device = torch.device("cpu")
+    single_process_group(device)
+    padded = model.padded_vocab_size(model.vocab_size, 1)
+    module = build_empty_model(model, padded_vocab=padded, layout=Layout(1, 1, 1, 1), device=device)
+    params = _fill_parameters(module, model, weights, padded)
 
     cfg = default_train_config(model, tok_path, out)
     config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)

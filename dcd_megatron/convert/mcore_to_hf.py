@@ -36,7 +36,7 @@ class ExportResult:
 
 def find_hf_template(cfg, meta: dict, explicit: str | Path | None) -> tuple[dict | None, Path | None, str | None]:
     """(template config.json, source HF dir, a description) for the export."""
-    from dcd_megatron.train.checkpoint import META
+    from dcd_megatron.checkpoint import META
 
     if explicit:
         return read_config(Path(explicit)), Path(explicit), f"--hf-template {explicit}"
@@ -61,7 +61,7 @@ def convert_mcore_to_hf(
     """Export `checkpoint` (run dir, checkpoints/ or iter dir) as a HF model at `out`."""
     from dcd_megatron.convert.model_io import load_megatron_model, single_process_group
     from dcd_megatron.data import load_tokenizer
-    from dcd_megatron.model.inference import read_checkpoint_config
+    from dcd_megatron.checkpoint import read_checkpoint_config
     from dcd_megatron.runtime.layout import Layout
 
     out = Path(out).resolve()

@@ -37,7 +37,7 @@ def unchanged_master_env() -> Iterator[None]:
 
 def single_process_group(device: torch.device) -> None:
     """A one-rank process group and TP=1 parallel state (unless one exists), env left as it was."""
-    from dcd_megatron.model.inference import ensure_single_process_group
+    from dcd_megatron.runtime.distributed import ensure_single_process_group
 
     with unchanged_master_env():
         ensure_single_process_group(device)
@@ -48,8 +48,9 @@ def build_empty_model(model: ModelConfig, *, padded_vocab: int, layout: Layout, 
     from megatron.core import parallel_state as ps
 
     from dcd_megatron.model.builder import build_gpt_model, transformer_config
+    from dcd_megatron.runtime.distributed import runtime_facts
 
-    tconfig = transformer_config(model, layout, sequence_parallel=False, on_cpu=device.type == "cpu")
+    tconfig = transformer_config(model, layout, sequence_parallel=False, facts=runtime_facts(device, use_te=use_te))
     tconfig.perform_initialization = False
     module = build_gpt_model(
         model,
@@ -77,7 +78,7 @@ def load_megatron_model(checkpoint: str | Path, *, layout: Layout, device: torch
     from megatron.core import dist_checkpointing
 
     from dcd_megatron.data import load_tokenizer
-    from dcd_megatron.model.inference import read_checkpoint_config
+    from dcd_megatron.checkpoint import read_checkpoint_config
 
     path, cfg, meta = read_checkpoint_config(Path(checkpoint))
     vocab = cfg.model.vocab_size or load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type).vocab_size

@@ -14,11 +14,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-INT_KEYS = ("tokens", "labels", "position_ids", "segment_ids", "teacher_topk_ids")
-FLOAT_KEYS = ("loss_mask", "teacher_logprobs", "response_frac", "teacher_topk_logprobs")
+from dcd_megatron.loss.contract import FLOAT_KEYS, INT_KEYS, DCDBatch
 
 
-def to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def to_torch(batch: dict[str, np.ndarray]) -> DCDBatch:
     """Numpy ``[b, s]`` arrays to torch: int64 ids/positions/segments, float32 mask/log-probs/frac."""
     out = {}
     for key, value in batch.items():
@@ -44,7 +43,7 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name}={value!r}: needs a positive integer")
 
 
-class MicroBatchIterator(Iterator[dict[str, torch.Tensor]]):
+class MicroBatchIterator(Iterator[DCDBatch]):
     """Endless training micro-batches ``[micro_batch_size, seq_length]`` for one DP rank."""
 
     def __init__(
@@ -118,7 +117,7 @@ class MicroBatchIterator(Iterator[dict[str, torch.Tensor]]):
         self.consumed_samples += self.step_samples
         return indices
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def __next__(self) -> DCDBatch:
         return to_torch(_get_batch(self.samples, self.next_indices()))
 
     def __iter__(self) -> MicroBatchIterator:
@@ -151,7 +150,7 @@ class ValidationIterator:
         idx[idx >= len(self.samples)] = -1
         return idx
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[DCDBatch]:
         for j in range(self.num_microbatches):
             idx = self.indices(j)
             if (idx < 0).any() and not hasattr(self.samples, "batch"):

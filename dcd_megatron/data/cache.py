@@ -29,6 +29,7 @@ from dcd_megatron.data.encoding import RowEncoder, output_features
 from dcd_megatron.data.loading import DataLoadError, Source, load_sources, resolve_sources
 from dcd_megatron.data.tokenizer import Tokenizer
 from dcd_megatron.data.validation import BadRowError, SkipCounts
+from dcd_megatron.loss.contract import TOPK_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ ARRAY_NAMES = (
     "tokens", "loss_mask", "teacher_logprobs", "doc_offsets",
     "response_start", "response_tokens", "doc_rows",
 )
-TOPK_ARRAY_NAMES = ("teacher_topk_ids", "teacher_topk_logprobs")  # only when data.topk > 0
+TOPK_ARRAY_NAMES = TOPK_KEYS  # the batch keys of the teacher's top-k; only when data.topk > 0
 MIN_ROWS_PER_WORKER = 256  # below this, worker start-up costs more than it saves (auto num_proc only)
 _SCAN_BATCH = 4096
 
@@ -199,19 +200,8 @@ def _write_arrays(sources: list[Source], mapped: list, cfg: DataConfig, out: Pat
             n_docs += int((lengths > 0).sum())
     if n_docs == 0:
         return {"docs": 0}
-    fmt = np.lib.format
-    tokens = fmt.open_memmap(out / "tokens.npy", mode="w+", dtype=np.int32, shape=(n_tokens,))
-    loss_mask = fmt.open_memmap(out / "loss_mask.npy", mode="w+", dtype=np.uint8, shape=(n_tokens,))
-    teacher = fmt.open_memmap(out / "teacher_logprobs.npy", mode="w+", dtype=np.float32, shape=(n_tokens,))
-    k = cfg.topk
-    top_ids = top_lp = None
-    if k:
-        top_ids = fmt.open_memmap(out / "teacher_topk_ids.npy", mode="w+", dtype=np.int32, shape=(n_tokens, k))
-        top_lp = fmt.open_memmap(out / "teacher_topk_logprobs.npy", mode="w+", dtype=np.float32, shape=(n_tokens, k))
-    doc_lengths: list[np.ndarray] = []
-    resp_start: list[np.ndarray] = []
-    resp_tokens: list[np.ndarray] = []
-    doc_rows: list[np.ndarray] = []
+    arrays = _open_token_arrays(out, n_tokens, cfg.topk)
+    docs = {"lengths": [], "response_start": [], "response_tokens": [], "rows": []}
     stats = Counter()
     counts: dict[str, Counter] = {name: Counter() for name in cfg.count_fields}
     cursor = 0
@@ -222,63 +212,95 @@ def _write_arrays(sources: list[Source], mapped: list, cfg: DataConfig, out: Pat
             ids = batch.column("input_ids").combine_chunks()
             lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
             kept = lengths > 0
-            flat = ids.flatten().to_numpy(zero_copy_only=False)
-            n = len(flat)
-            tokens[cursor : cursor + n] = flat
-            rs = batch.column("response_start").to_numpy(zero_copy_only=False).astype(np.int64)
-            ntr = batch.column("n_trained").to_numpy(zero_copy_only=False).astype(np.int64)
-            local = np.arange(n, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-            tok_rs, tok_ntr = np.repeat(rs, lengths), np.repeat(ntr, lengths)
-            loss_mask[cursor : cursor + n] = (local >= tok_rs) & (local < tok_rs + tok_ntr)
-            has_teacher = batch.column("has_teacher").to_numpy(zero_copy_only=False)
-            block = np.full(n, np.nan, dtype=np.float32)
-            if has_teacher.any():
-                values = batch.column("teacher").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-                block[np.repeat(has_teacher, lengths)] = values
-            teacher[cursor : cursor + n] = block
-            if k:
-                has_topk = batch.column("topk_ids").combine_chunks()
-                flat_ids = has_topk.flatten().to_numpy(zero_copy_only=False)
-                flat_lp = batch.column("topk_logprobs").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-                with_topk = np.repeat(pc.list_value_length(has_topk).to_numpy(zero_copy_only=False) > 0, lengths)
-                ids_block = np.full((n, k), -1, dtype=np.int32)
-                lp_block = np.full((n, k), np.nan, dtype=np.float32)
-                ids_block[with_topk] = flat_ids.reshape(-1, k)
-                lp_block[with_topk] = flat_lp.reshape(-1, k)
-                top_ids[cursor : cursor + n] = ids_block
-                top_lp[cursor : cursor + n] = lp_block
-            cursor += n
-            doc_lengths.append(lengths[kept])
-            resp_start.append(rs[kept])
-            resp_tokens.append(ntr[kept])
+            cursor += _write_token_block(arrays, cursor, batch, ids, lengths, cfg.topk)
+            docs["lengths"].append(lengths[kept])
+            docs["response_start"].append(batch.column("response_start").to_numpy(zero_copy_only=False)[kept])
+            docs["response_tokens"].append(batch.column("n_trained").to_numpy(zero_copy_only=False)[kept])
             local_rows = row_in_source + np.flatnonzero(kept)
             if src.row_numbers is not None:  # rows were dropped at load: use original row numbers
                 local_rows = src.row_numbers[local_rows] - 1
-            doc_rows.append(row_base + local_rows)
-            trunc = batch.column("truncated_tokens").to_numpy(zero_copy_only=False)
-            stats["truncated"] += int((trunc > 0).sum())
-            stats["truncated_tokens"] += int(trunc.sum())
-            stats["with_teacher"] += int(has_teacher[kept].sum())
-            stats["with_topk"] += int(batch.column("has_topk").to_numpy(zero_copy_only=False)[kept].sum())
-            stats["eos_untrained"] += int(batch.column("eos_untrained").to_numpy(zero_copy_only=False)[kept].sum())
-            for name in cfg.count_fields:
-                values = batch.column(f"meta::{name}").to_pylist()
-                counts[name].update(v for v, k in zip(values, kept) if k and v != "")
+            docs["rows"].append(row_base + local_rows)
+            _count_batch(stats, counts, cfg.count_fields, batch, kept)
             row_in_source += batch.num_rows
         row_base += row_in_source if src.row_numbers is None else int(src.row_numbers.max(initial=0))
     assert cursor == n_tokens
-    for arr in (tokens, loss_mask, teacher, top_ids, top_lp):
-        if arr is not None:
-            arr.flush()
-    del tokens, loss_mask, teacher, top_ids, top_lp
-    lengths_all = np.concatenate(doc_lengths)
+    for arr in arrays.values():
+        arr.flush()
+    del arrays
+    return _write_document_index(out, docs, stats, counts, n_tokens)
+
+
+def _open_token_arrays(out: Path, n_tokens: int, k: int) -> dict[str, np.ndarray]:
+    """The per-token .npy files, memory-mapped for writing (the top-k ones only when ``k``)."""
+    fmt = np.lib.format
+    arrays = {
+        "tokens": fmt.open_memmap(out / "tokens.npy", mode="w+", dtype=np.int32, shape=(n_tokens,)),
+        "loss_mask": fmt.open_memmap(out / "loss_mask.npy", mode="w+", dtype=np.uint8, shape=(n_tokens,)),
+        "teacher_logprobs": fmt.open_memmap(out / "teacher_logprobs.npy", mode="w+", dtype=np.float32, shape=(n_tokens,)),
+    }
+    if k:
+        ids_name, lp_name = TOPK_ARRAY_NAMES
+        arrays[ids_name] = fmt.open_memmap(out / f"{ids_name}.npy", mode="w+", dtype=np.int32, shape=(n_tokens, k))
+        arrays[lp_name] = fmt.open_memmap(out / f"{lp_name}.npy", mode="w+", dtype=np.float32, shape=(n_tokens, k))
+    return arrays
+
+
+def _write_token_block(arrays: dict, cursor: int, batch, ids, lengths: np.ndarray, k: int) -> int:
+    """One scanned batch's tokens, loss mask, teacher log-probs (and top-k) at ``cursor``; returns their count."""
+    import pyarrow.compute as pc
+
+    flat = ids.flatten().to_numpy(zero_copy_only=False)
+    n = len(flat)
+    arrays["tokens"][cursor : cursor + n] = flat
+    rs = batch.column("response_start").to_numpy(zero_copy_only=False).astype(np.int64)
+    ntr = batch.column("n_trained").to_numpy(zero_copy_only=False).astype(np.int64)
+    local = np.arange(n, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    tok_rs, tok_ntr = np.repeat(rs, lengths), np.repeat(ntr, lengths)
+    arrays["loss_mask"][cursor : cursor + n] = (local >= tok_rs) & (local < tok_rs + tok_ntr)
+    has_teacher = batch.column("has_teacher").to_numpy(zero_copy_only=False)
+    block = np.full(n, np.nan, dtype=np.float32)
+    if has_teacher.any():
+        values = batch.column("teacher").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        block[np.repeat(has_teacher, lengths)] = values
+    arrays["teacher_logprobs"][cursor : cursor + n] = block
+    if k:
+        has_topk = batch.column("topk_ids").combine_chunks()
+        flat_ids = has_topk.flatten().to_numpy(zero_copy_only=False)
+        flat_lp = batch.column("topk_logprobs").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        with_topk = np.repeat(pc.list_value_length(has_topk).to_numpy(zero_copy_only=False) > 0, lengths)
+        ids_block = np.full((n, k), -1, dtype=np.int32)
+        lp_block = np.full((n, k), np.nan, dtype=np.float32)
+        ids_block[with_topk] = flat_ids.reshape(-1, k)
+        lp_block[with_topk] = flat_lp.reshape(-1, k)
+        ids_name, lp_name = TOPK_ARRAY_NAMES
+        arrays[ids_name][cursor : cursor + n] = ids_block
+        arrays[lp_name][cursor : cursor + n] = lp_block
+    return n
+
+
+def _count_batch(stats: Counter, counts: dict[str, Counter], names, batch, kept: np.ndarray) -> None:
+    """Truncation, teacher coverage and ``count_fields`` tallies of one scanned batch's kept documents."""
+    trunc = batch.column("truncated_tokens").to_numpy(zero_copy_only=False)
+    stats["truncated"] += int((trunc > 0).sum())
+    stats["truncated_tokens"] += int(trunc.sum())
+    stats["with_teacher"] += int(batch.column("has_teacher").to_numpy(zero_copy_only=False)[kept].sum())
+    stats["with_topk"] += int(batch.column("has_topk").to_numpy(zero_copy_only=False)[kept].sum())
+    stats["eos_untrained"] += int(batch.column("eos_untrained").to_numpy(zero_copy_only=False)[kept].sum())
+    for name in names:
+        values = batch.column(f"meta::{name}").to_pylist()
+        counts[name].update(v for v, k in zip(values, kept) if k and v != "")
+
+
+def _write_document_index(out: Path, docs: dict, stats: Counter, counts: dict, n_tokens: int) -> dict:
+    """The per-document .npy files (offsets, response spans, source rows) and the cache's summary."""
+    lengths_all = np.concatenate(docs["lengths"])
     offsets = np.zeros(len(lengths_all) + 1, dtype=np.int64)
     np.cumsum(lengths_all, out=offsets[1:])
     np.save(out / "doc_offsets.npy", offsets)
-    np.save(out / "response_start.npy", np.concatenate(resp_start).astype(np.int32))
-    rtok = np.concatenate(resp_tokens).astype(np.int32)
+    np.save(out / "response_start.npy", np.concatenate(docs["response_start"]).astype(np.int32))
+    rtok = np.concatenate(docs["response_tokens"]).astype(np.int32)
     np.save(out / "response_tokens.npy", rtok)
-    np.save(out / "doc_rows.npy", np.concatenate(doc_rows).astype(np.int64))
+    np.save(out / "doc_rows.npy", np.concatenate(docs["rows"]).astype(np.int64))
     return {
         "docs": int(len(lengths_all)),
         "tokens": int(n_tokens),
@@ -309,6 +331,44 @@ def token_cache_path(path: str, cfg: DataConfig, tokenizer: Tokenizer, root: Pat
     root = Path(root) if root else cfg.resolved_cache_dir()
     spec, fp, _ = _source_spec_and_fingerprint(path, cfg, root)
     return root / f"{spec.short_name}-{cache_key(cfg, tokenizer, fp)[:16]}"
+
+
+def _cache_meta(key, spec, sources, n_rows: int, skips, written: dict, tokenizer, cfg: DataConfig, seconds: float) -> dict:
+    """The cache's meta.json (written last: its presence marks the cache complete)."""
+    return {
+        "format": CACHE_FORMAT,
+        "key": key,
+        "source": {"kind": spec.kind, "location": spec.location, "files": [s.name for s in sources]},
+        "rows": n_rows,
+        "kept": written["docs"],
+        "skipped": skips.as_dict(),
+        "skipped_examples": dict(sorted(skips.examples.items())),
+        **{k: v for k, v in written.items() if k != "docs"},
+        "tokenizer": {"kind": tokenizer.kind, "path": str(tokenizer.path), "fingerprint": tokenizer.fingerprint,
+                      "model_hash": tokenizer.model_hash, "vocab_size": tokenizer.vocab_size,
+                      "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id, "pad_id": tokenizer.pad_id},
+        "config": _key_config(cfg, tokenizer),
+        "build_seconds": round(seconds, 3),
+    }
+
+
+def _publish(tmp: Path, final: Path, root: Path) -> bool:
+    """Rename the finished ``tmp`` to ``final``; False when another builder's complete cache won the race."""
+    if final.exists() and not TokenCache.is_complete(final):
+        # not written by this code (renames are atomic), e.g. a partial copy: never trust it
+        stale = root / f".stale-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+        log.warning("replaced incomplete token cache directory %s", final)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not TokenCache.is_complete(final):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another builder won the race
+        log.info("token cache %s was built concurrently; using it", final)
+        return False
+    return True
 
 
 def build_token_cache(path: str, cfg: DataConfig, tokenizer: Tokenizer, root: Path | None = None) -> Path:
@@ -347,38 +407,12 @@ def build_token_cache(path: str, cfg: DataConfig, tokenizer: Tokenizer, root: Pa
             )
         del mapped
         shutil.rmtree(work)
-        meta = {
-            "format": CACHE_FORMAT,
-            "key": key,
-            "source": {"kind": spec.kind, "location": spec.location, "files": [s.name for s in sources]},
-            "rows": n_rows,
-            "kept": written["docs"],
-            "skipped": skips.as_dict(),
-            "skipped_examples": dict(sorted(skips.examples.items())),
-            **{k: v for k, v in written.items() if k != "docs"},
-            "tokenizer": {"kind": tokenizer.kind, "path": str(tokenizer.path), "fingerprint": tokenizer.fingerprint,
-                          "model_hash": tokenizer.model_hash, "vocab_size": tokenizer.vocab_size,
-                          "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id, "pad_id": tokenizer.pad_id},
-            "config": _key_config(cfg, tokenizer),
-            "build_seconds": round(time.time() - t0, 3),
-        }
+        meta = _cache_meta(key, spec, sources, n_rows, skips, written, tokenizer, cfg, time.time() - t0)
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists() and not TokenCache.is_complete(final):
-            # not written by this code (renames are atomic), e.g. a partial copy: never trust it
-            stale = root / f".stale-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(final, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-            log.warning("replaced incomplete token cache directory %s", final)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not TokenCache.is_complete(final):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another builder won the race
-            log.info("token cache %s was built concurrently; using it", final)
+        if not _publish(tmp, final, root):
             return final
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -47,6 +47,10 @@ class DataConfig:
     count_fields: list[str] = field(default_factory=lambda: ["style"])  # metadata columns whose values are counted in the cache metadata
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """The checks run at construction; call again after changing fields in place."""
         if not isinstance(self.seq_length, int) or self.seq_length < 2:
             raise DataConfigError(
                 f"data.seq_length={self.seq_length!r}: needs an integer >= 2 (tokens per sample)"

@@ -2,19 +2,18 @@
 
 The sequence is cut into ``2 * cp_size`` equal chunks; CP rank ``r`` keeps chunks ``r`` and
 ``2 * cp_size - 1 - r`` (so every rank gets the same share of causal-attention work), the same
-layout as megatron's ``get_batch_on_this_cp_rank``.
+layout as megatron's ``get_batch_on_this_cp_rank``. The layout itself is
+``dcd_megatron.loss.cp_layout``'s (the loss gathers and slices per-token rows with it).
 """
 
 from __future__ import annotations
 
 import torch
 
+from dcd_megatron.loss.cp_layout import merge_parts, split_for_rank
+
 # Tensors whose sequence dimension is not 1: the [b, 1, s, s] attention mask splits its rows.
 SEQ_DIMS = {"attention_mask": 2}
-
-
-def _chunk_ids(cp_rank: int, cp_size: int) -> tuple[int, int]:
-    return cp_rank, 2 * cp_size - 1 - cp_rank
 
 
 def _check(cp_rank: int, cp_size: int) -> None:
@@ -33,9 +32,7 @@ def split_tensor_for_context_parallel(x: torch.Tensor, cp_rank: int, cp_size: in
             f"sequence length {s} is not divisible by 2 x cp_size = {2 * cp_size}; "
             "choose data.seq_length as a multiple of 2 x context parallel size"
         )
-    chunks = x.chunk(2 * cp_size, dim=seq_dim)
-    a, b = _chunk_ids(cp_rank, cp_size)
-    return torch.cat([chunks[a], chunks[b]], dim=seq_dim)
+    return split_for_rank(x, cp_rank, cp_size, "load_balanced", dim=seq_dim)
 
 
 def split_for_context_parallel(batch: dict, cp_rank: int, cp_size: int) -> dict:
@@ -66,10 +63,5 @@ def merge_context_parallel(parts: list[dict], cp_size: int | None = None) -> dic
         if not (isinstance(value, torch.Tensor) and value.dim() > dim):
             out[key] = value
             continue
-        chunks: list[torch.Tensor | None] = [None] * (2 * cp_size)
-        for r, part in enumerate(parts):
-            first, second = part[key].chunk(2, dim=dim)
-            a, b = _chunk_ids(r, cp_size)
-            chunks[a], chunks[b] = first, second
-        out[key] = torch.cat(chunks, dim=dim)
+        out[key] = merge_parts([part[key] for part in parts], cp_size, "load_balanced", dim=dim)
     return out

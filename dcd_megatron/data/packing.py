@@ -14,11 +14,6 @@ import numpy as np
 
 from dcd_megatron.data.cache import TokenCache
 
-SAMPLE_KEYS = (
-    "tokens", "labels", "loss_mask", "teacher_logprobs", "segment_ids", "position_ids", "response_frac",
-)
-
-
 class PackingError(ValueError):
     """Documents and ``seq_length`` do not fit together."""
 

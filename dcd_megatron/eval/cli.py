@@ -1,9 +1,10 @@
 """``dcd-eval``: evaluate a student on math benchmarks; results tables as JSON, optionally MLflow.
 
-Until checkpoint loading is wired in, the model comes from a ``model_loader(args) ->
-EvalModel`` hook: passed to ``main`` by code, or named on the command line as
-``--model-loader package.module:function`` (e.g. ``dcd_megatron.eval.fake:constant_answer_loader``
-for a smoke run).
+The model is a dcd-train checkpoint (``--checkpoint RUN_DIR``: a run's output_dir, its
+checkpoints/ or one iter folder; decoded with a KV cache, ``--recompute`` for megatron's own
+forward), or comes from a ``model_loader(args) -> EvalModel`` hook: passed to ``main`` by code,
+or named as ``--model-loader package.module:function`` (e.g.
+``dcd_megatron.eval.fake:constant_answer_loader`` for a smoke run).
 """
 
 from __future__ import annotations

@@ -52,10 +52,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def digits_of(prompt: str) -> str:
     """The digit string of a task prompt (`35272:` -> `35272`)."""
     return prompt.rstrip(":")

@@ -48,7 +48,7 @@ def train_config(spec: TrainSpec):
     from dcd_megatron.model.config import ModelConfig
     from dcd_megatron.runtime.layout import ParallelConfig
     from dcd_megatron.tracking import TrackingConfig
-    from dcd_megatron.train.config import LoopConfig, OptimConfig, RuntimeConfig, TrainConfig
+    from dcd_megatron.configs.train import LoopConfig, OptimConfig, RuntimeConfig, TrainConfig
 
     net, st = spec.net, spec.stage
     return TrainConfig(
@@ -85,9 +85,9 @@ def worker_init(threads: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    torch.set_num_threads(threads)
-    from dcd_megatron.model.inference import ensure_single_process_group
+    from dcd_megatron.runtime.distributed import ensure_single_process_group, set_threads
 
+    set_threads(threads)
     ensure_single_process_group(torch.device("cpu"))
     _INIT_CPU_S = time.process_time()
 

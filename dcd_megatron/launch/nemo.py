@@ -32,13 +32,13 @@ from fiddle._src.experimental import dataclasses as fdl_dc  # what NeMo-Run itse
 from nemo_run.cli.cli_parser import type_parser
 from nemo_run.config import get_type_namespace
 
+from dcd_megatron.configs.train import LoopConfig, OptimConfig, RuntimeConfig, TrainConfig
 from dcd_megatron.data.config import DataConfig
 from dcd_megatron.loss import DCDConfig
 from dcd_megatron.model.config import ModelConfig
 from dcd_megatron.recipes import RECIPES
 from dcd_megatron.runtime.layout import ParallelConfig
 from dcd_megatron.tracking import TrackingConfig
-from dcd_megatron.train.config import LoopConfig, OptimConfig, RuntimeConfig, TrainConfig
 
 # NeMo-Run 0.11's parser knows typing.Union (Optional[int]) but not PEP 604's `int | None`
 # (types.UnionType), which our config dataclasses use: register its own union parser for it.
@@ -448,7 +448,3 @@ train = run.cli.entrypoint(namespace=NAMESPACE, run_ctx_cls=DcdRunContext, defau
                            help="Train a student with the DCD loss: --factory RECIPE, "
                            "then section.key=value overrides (train.steps=20) and run.executor=...")(train)
 register_recipes(train)
-
-from dcd_megatron.launch import pipeline as _pipeline  # noqa: E402  (registers `dcd pipeline`)
-
-pipeline = _pipeline.pipeline

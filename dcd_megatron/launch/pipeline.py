@@ -21,13 +21,14 @@ from pathlib import Path
 
 import nemo_run as run
 
+from dcd_megatron.configs.train import LoopConfig, OptimConfig, RuntimeConfig
 from dcd_megatron.data.config import DataConfig
+from dcd_megatron.launch import nemo
 from dcd_megatron.loss import DCDConfig
 from dcd_megatron.model.config import ModelConfig
 from dcd_megatron.runtime.layout import ParallelConfig
 from dcd_megatron.score.config import ScoreConfig
 from dcd_megatron.tracking import TrackingConfig
-from dcd_megatron.train.config import LoopConfig, OptimConfig, RuntimeConfig
 
 STAGES = ("score", "train", "eval", "export")
 
@@ -37,7 +38,7 @@ def _rank() -> int:
 
 
 def _latest_checkpoint(run_dir: str) -> str:
-    from dcd_megatron.train.checkpoint import find_latest
+    from dcd_megatron.checkpoint import find_latest
 
     latest = find_latest(Path(run_dir) / "checkpoints")
     if latest is None:
@@ -177,8 +178,6 @@ def pipeline(
     the sections are the student's training config (--factory RECIPE, or --yaml train.yaml);
     benchmarks: dcd-eval's NAME[=SOURCE] entries, comma-separated (empty: no eval job). work_dir holds every output.
     """
-    from dcd_megatron.launch import nemo
-
     if isinstance(ctx.executor, run.LocalExecutor):
         work_dir = str(Path(work_dir).absolute())
     benchmark_list = [b.strip() for b in benchmarks.split(",") if b.strip()]
@@ -202,8 +201,6 @@ def pipeline(
 
 
 def _register():
-    from dcd_megatron.launch import nemo
-
     entry = run.cli.entrypoint(namespace=nemo.NAMESPACE, run_ctx_cls=nemo.DcdRunContext, type="experiment",
                                default_executor=nemo.local(),
                                help="score -> train -> eval -> export as one NeMo-Run experiment")

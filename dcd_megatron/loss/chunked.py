@@ -43,19 +43,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from dcd_megatron.loss.config import DCDConfig
+from dcd_megatron.loss.contract import GatheredTerm, OnLogProbs, TokenTerm, checked_teacher, gate_entropy, validate_batch
 from dcd_megatron.loss.logprobs import _combine_shards, _group_rank_size, _ids_grad_into, _local_ids
 from dcd_megatron.loss.report import build_report
-from dcd_megatron.loss.weights import (
-    _looks_along_rows,
-    compute_weights,
-    normalize_weights,
-)
+from dcd_megatron.loss.weights import _looks_along_rows, compute_weights, mean_one_factor, normalize_weights, weight_totals
 
 # chunk_loss(log-probs of the chunk's ids [c, m] fp32, index of its rows [c])
 #   -> (the chunk's loss, a scalar; d loss / d log-probs [c, m])
 ChunkLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-# term(log-probs [n, 1 + k] of (label, the term's k ids), index of the rows [n]) -> per-token term [n]
-GatheredTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _chunk_forward(h: torch.Tensor, weight: torch.Tensor, local: torch.Tensor, owned: torch.Tensor, group, world: int):
@@ -253,46 +249,35 @@ def per_token_weights(config) -> bool:
     return not _looks_along_rows(config)
 
 
-def _micro_factor(weights: torch.Tensor, valid: torch.Tensor, cp_group) -> torch.Tensor:
-    """The factor ``normalize_weights(..., "micro")`` multiplies every weight by (1 when all are 0)."""
-    totals = torch.stack([torch.where(valid, weights, 0.0).sum().double(), valid.sum().double()])
-    if cp_group is not None and dist.is_initialized() and dist.get_world_size(cp_group) > 1:
-        dist.all_reduce(totals, group=cp_group)
-    weight_sum, count = totals[0], totals[1]
-    factor = torch.where(weight_sum > 0, count / weight_sum.clamp(min=torch.finfo(torch.float64).tiny), 1.0)
-    return factor.to(torch.float32)
+def _gathered_term(term: TokenTerm, batch: Mapping[str, torch.Tensor], shape) -> tuple[torch.Tensor | None, OnLogProbs]:
+    """``(the ids the term reads [b, s, k] or None, the term from the log-probs of (label, ids) a row)``."""
+    if not isinstance(term, GatheredTerm):
+        raise ValueError(
+            "the chunked DCD loss supports the nll and topk_kl terms (terms with `gathered`, "
+            "dcd_megatron.loss.contract.GatheredTerm); set loss.chunk_size=0 for other terms"
+        )
+    return term.gathered(batch, shape)
 
 
-def _gathered_term(fn, batch: Mapping[str, torch.Tensor], shape) -> tuple[torch.Tensor | None, GatheredTerm]:
-    """The loss function's per-token term on gathered log-probs: ``(the ids it reads [b, s, k] or None, term)``.
-
-    The term gets the log-probs of ``(label, ids)`` a row and must equal ``fn.token_term`` on the logits.
-    """
-    from dcd_megatron.loss.loss_func import nll_term
-    from dcd_megatron.loss.topk_kl import TopKKLTerm, topk_kl
-
-    if fn.token_term is nll_term:
-        return None, lambda logprobs, rows: -logprobs[:, 0]
-    if isinstance(fn.token_term, TopKKLTerm):
-        ids, teacher = fn.token_term.checked_inputs(batch, shape)
-        flat_teacher = teacher.reshape(-1, teacher.shape[-1])
-        return ids, lambda logprobs, rows: topk_kl(flat_teacher[rows], logprobs[:, 1:])
-    raise ValueError(
-        "the chunked DCD loss supports the nll and topk_kl terms; set loss.chunk_size=0 for other terms"
-    )
-
-
-def chunked_loss(fn, batch: Mapping[str, torch.Tensor], hidden: torch.Tensor, weight: torch.Tensor):
+def chunked_loss(
+    batch: Mapping[str, torch.Tensor],
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    config: DCDConfig,
+    term: TokenTerm,
+    tp_group=None,
+    cp_group=None,
+    cp_layout: str | None = None,
+    step: int = 0,
+):
     """The DCD loss function's result from final hidden states ``[b, s, h]`` and the weight shard.
 
-    ``fn`` is the ``DCDLossFunction`` (config, groups, step, token term: ``nll`` or top-k KL);
-    the result is the same ``(loss_sum, num_tokens, report)`` as from the logits. Each chunk
-    gathers the log-probs of ``(label, the term's ids)`` per token: the label's feeds the
-    weights and the report, the term reads them all (``_gathered_term``).
+    The same ``(loss_sum, num_tokens, report)`` as ``DCDLossFunction`` from the logits, with its
+    config, groups, step and per-token term (a ``GatheredTerm``: ``nll`` or the top-k KL). Each
+    chunk gathers the log-probs of ``(label, the term's ids)`` per token: the label's feeds the
+    weights and the report, the term reads them all (``GatheredTerm.gathered``).
     """
-    from dcd_megatron.loss.loss_func import gate_entropy, validate_batch
-
-    config = fn.config
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"chunked DCD loss: output_weight must be the [V/tp, h] output-layer weight, got {weight!r}")
     validate_batch(batch, hidden, config)
@@ -301,8 +286,8 @@ def chunked_loss(fn, batch: Mapping[str, torch.Tensor], hidden: torch.Tensor, we
     labels, teacher = batch["labels"], batch.get("teacher_logprobs")
     valid = batch["loss_mask"] > 0
 
-    teacher = fn.checked_teacher(labels, teacher, valid, weight.shape[0])
-    term_ids, term = _gathered_term(fn, batch, labels.shape)
+    teacher = checked_teacher(config, labels, teacher, valid, weight.shape[0] * _group_rank_size(tp_group)[1])
+    term_ids, on_logprobs = _gathered_term(term, batch, labels.shape)
 
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).to(torch.long)
     ids = safe_labels[..., None]
@@ -320,32 +305,32 @@ def chunked_loss(fn, batch: Mapping[str, torch.Tensor], hidden: torch.Tensor, we
             t = flat_teacher[rows][None] if flat_teacher is not None else None
             h = flat_entropy[rows][None] if flat_entropy is not None else None
             ones = torch.ones(logprobs.shape[:1], dtype=torch.bool, device=logprobs.device)[None]
-            u = compute_weights(logprobs[None, :, 0], t, ones, config, step=fn.step, entropy=h).weights[0]
+            u = compute_weights(logprobs[None, :, 0], t, ones, config, step=step, entropy=h).weights[0]
             with torch.enable_grad():  # the term's gradient w.r.t. the chunk's [c, 1 + k] log-probs
                 x = logprobs.detach().requires_grad_()
-                value = (u.double() * term(x, rows).double()).sum()
+                value = (u.double() * on_logprobs(x, rows).double()).sum()
                 (grad,) = torch.autograd.grad(value, x)
             return value.detach(), grad
 
         loss_sum, logprobs = fused_chunked_loss(
-            hidden, weight, ids, chunk_loss, fn.tp_group, chunk_size=chunk, mask=valid
+            hidden, weight, ids, chunk_loss, tp_group, chunk_size=chunk, mask=valid
         )
     else:  # the recompute scheme (or no gradient): log-probs first, the loss from them with autograd
-        logprobs = chunked_logprobs(hidden, weight, ids, fn.tp_group, chunk_size=chunk, mask=valid)
+        logprobs = chunked_logprobs(hidden, weight, ids, tp_group, chunk_size=chunk, mask=valid)
     student = logprobs[..., 0]
     result = compute_weights(
-        student, teacher, valid, config, segment_ids=batch.get("segment_ids"), cp_group=fn.cp_group,
-        cp_layout_name=fn.cp_layout, step=fn.step, want_response_frac=frac is None, entropy=entropy,
+        student, teacher, valid, config, segment_ids=batch.get("segment_ids"), cp_group=cp_group,
+        cp_layout_name=cp_layout, step=step, want_response_frac=frac is None, entropy=entropy,
     )
     if fused:  # sum_t u_t * term_t, already summed chunk by chunk
         if config.normalize == "micro":  # one factor for every weight: count / sum u over the CP group
-            loss_sum = loss_sum * _micro_factor(result.weights, valid, fn.cp_group)
+            loss_sum = loss_sum * mean_one_factor(weight_totals(result.weights, valid), cp_group).to(torch.float32)
     else:
         weights = result.weights
         if config.normalize == "micro":
-            weights = normalize_weights(weights, valid, "micro", group=fn.cp_group)
+            weights = normalize_weights(weights, valid, "micro", group=cp_group)
         flat = logprobs.reshape(-1, ids.shape[-1])
-        per_token = term(flat, torch.arange(flat.shape[0], device=flat.device)).view(labels.shape)
+        per_token = on_logprobs(flat, torch.arange(flat.shape[0], device=flat.device)).view(labels.shape)
         loss_sum = torch.where(valid, weights * per_token, torch.zeros_like(per_token)).sum()
     num_tokens = valid.sum().to(torch.int)
     report = build_report(

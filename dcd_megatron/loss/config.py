@@ -77,6 +77,10 @@ class DCDConfig:
     chunk_size: int = 1024
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """The checks run at construction; call again after changing fields in place."""
         _check_choice("method", self.method, METHODS)
         _check_choice("term", self.term, ("nll", "topk_kl"))
         for name in ("tau", "bias", "clip", "floor", "cap", "alpha", "beta", "gate_power"):

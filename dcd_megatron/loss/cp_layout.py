@@ -55,15 +55,7 @@ def gather_full(local: list[torch.Tensor], cp_group, cp_layout: str | None) -> l
     packed = torch.stack([t.to(torch.float64) for t in local])  # [k, b, s_local]
     parts = [torch.empty_like(packed) for _ in range(size)]
     dist.all_gather(parts, packed.contiguous(), group=cp_group)
-    if layout == "contiguous":
-        full = torch.cat(parts, dim=-1)
-    else:
-        half = s_local // 2
-        chunks = [None] * (2 * size)
-        for r, part in enumerate(parts):
-            chunks[r] = part[..., :half]
-            chunks[2 * size - 1 - r] = part[..., half:]
-        full = torch.cat(chunks, dim=-1)
+    full = merge_parts(parts, size, layout)
     return [full[i].to(t.dtype) for i, t in enumerate(local)]
 
 
@@ -75,14 +67,29 @@ def local_part(full: torch.Tensor, cp_group, cp_layout: str | None) -> torch.Ten
     return split_for_rank(full, dist.get_rank(cp_group), cp_size(cp_group), layout)
 
 
-def split_for_rank(full: torch.Tensor, rank: int, size: int, cp_layout: str = "load_balanced") -> torch.Tensor:
-    """Rank ``rank``'s positions of full ``[..., S]`` data: how a data loader shards for CP."""
-    length = full.shape[-1]
+def chunk_ids(rank: int, size: int, cp_layout: str = "load_balanced") -> tuple[int, ...]:
+    """The chunks of the sequence rank ``rank`` holds, in order: ``(r, 2*cp-1-r)`` of ``2*cp``
+    ("load_balanced") or ``(r,)`` of ``cp`` ("contiguous")."""
+    return (rank, 2 * size - 1 - rank) if cp_layout == "load_balanced" else (rank,)
+
+
+def split_for_rank(
+    full: torch.Tensor, rank: int, size: int, cp_layout: str = "load_balanced", dim: int = -1
+) -> torch.Tensor:
+    """Rank ``rank``'s positions of full data along ``dim`` (the last by default): how a data loader shards for CP."""
+    length = full.shape[dim]
     pieces = 2 * size if cp_layout == "load_balanced" else size
     if length % pieces:
         raise ValueError(f"sequence length {length} is not divisible into {pieces} chunks for cp_layout {cp_layout!r}")
     chunk = length // pieces
-    if cp_layout == "contiguous":
-        return full[..., rank * chunk : (rank + 1) * chunk]
-    mirror = 2 * size - 1 - rank
-    return torch.cat([full[..., rank * chunk : (rank + 1) * chunk], full[..., mirror * chunk : (mirror + 1) * chunk]], dim=-1)
+    return torch.cat([full.narrow(dim, i * chunk, chunk) for i in chunk_ids(rank, size, cp_layout)], dim=dim)
+
+
+def merge_parts(parts: list[torch.Tensor], size: int, cp_layout: str = "load_balanced", dim: int = -1) -> torch.Tensor:
+    """The full data from every rank's part (``parts[r]`` is rank ``r``'s): the inverse of ``split_for_rank``."""
+    chunks: list[torch.Tensor | None] = [None] * (2 * size if cp_layout == "load_balanced" else size)
+    for r, part in enumerate(parts):
+        ids = chunk_ids(r, size, cp_layout)
+        for i, piece in zip(ids, part.chunk(len(ids), dim=dim)):
+            chunks[i] = piece
+    return torch.cat(chunks, dim=dim)

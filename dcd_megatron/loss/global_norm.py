@@ -16,6 +16,8 @@ import logging
 import torch
 import torch.distributed as dist
 
+from dcd_megatron.loss.weights import mean_one_factor
+
 log = logging.getLogger(__name__)
 
 REPORT_KEY = "global_norm"
@@ -54,10 +56,8 @@ def global_weight_factor(reports, *, pp_group=None, dp_cp_group=None, device=Non
         entries = [r[REPORT_KEY] for r in reports if REPORT_KEY in r]
         if entries:
             totals = torch.stack([e.to(device=device, dtype=torch.float64) for e in entries]).sum(0)
-            if dp_cp_group is not None and dist.is_initialized() and dist.get_world_size(dp_cp_group) > 1:
-                dist.all_reduce(totals, group=dp_cp_group)
+            factor = mean_one_factor(totals, dp_cp_group)  # all-reduces the totals
             weight_sum, count = totals[0], totals[1]
-            factor = torch.where(weight_sum > 0, count / weight_sum.clamp(min=torch.finfo(torch.float64).tiny), factor)
             if float(count) > 0 and float(weight_sum) <= 0:
                 log.warning("every DCD weight of the step is 0; leaving the (zero) gradients unscaled")
     if pp_group is not None and dist.is_initialized() and dist.get_world_size(pp_group) > 1:

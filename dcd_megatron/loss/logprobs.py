@@ -24,12 +24,10 @@ import torch.distributed as dist
 # (docs/performance.md, "Loss benchmark"); on GPUs larger blocks mean fewer kernel launches.
 CPU_CHUNK_ELEMENTS = 1 << 18
 GPU_CHUNK_ELEMENTS = 1 << 22
-DEFAULT_CHUNK_ELEMENTS: int | None = None  # None: pick by device (above)
 
 
 def _chunk_elements(device: torch.device) -> int:
-    if DEFAULT_CHUNK_ELEMENTS is not None:
-        return DEFAULT_CHUNK_ELEMENTS
+    """The block size for `device` when the caller names none (`chunk_elements=None`)."""
     return CPU_CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
 
 

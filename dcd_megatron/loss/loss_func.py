@@ -10,70 +10,19 @@ top-k KL can replace ``-s_t`` under the same weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 
+from dcd_megatron.loss.chunked import chunked_loss
 from dcd_megatron.loss.config import DCDConfig
-from dcd_megatron.loss.logprobs import vocab_parallel_logprobs
+from dcd_megatron.loss.contract import TokenTerm, checked_teacher, gate_entropy, nll_term, validate_batch
+from dcd_megatron.loss.logprobs import _group_rank_size, vocab_parallel_logprobs
 from dcd_megatron.loss.report import build_report
-from dcd_megatron.loss.weights import (
-    check_teacher,
-    checked_entropy,
-    compute_weights,
-    nonfinite_teacher_count,
-    normalize_weights,
-    raise_for_nonfinite_teacher,
-)
+from dcd_megatron.loss.weights import compute_weights, normalize_weights
 
-# term(logits [b, s, V/tp], batch, student_logprobs [b, s] fp32) -> per-token loss [b, s]
-TokenTerm = Callable[[torch.Tensor, Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
-
-
-def nll_term(logits: torch.Tensor, batch: Mapping[str, torch.Tensor], student_logprobs: torch.Tensor) -> torch.Tensor:
-    """The default per-token term: the student's negative log-likelihood of the teacher token."""
-    return -student_logprobs
-
-
-def _integer(t: torch.Tensor) -> bool:
-    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
-
-
-def validate_batch(batch: Mapping[str, torch.Tensor], logits: torch.Tensor, config: DCDConfig) -> None:
-    """Shapes, dtypes and required keys, checked before any computation."""
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or not logits.is_floating_point():
-        got = f"{tuple(logits.shape)} {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(
-            f"DCD loss expects floating-point vocab-sharded logits [b, s, V/tp] (GPTModel with labels=None), got {got}"
-        )
-    for key in ("labels", "loss_mask"):
-        if key not in batch or batch[key] is None:
-            raise ValueError(f"DCD loss: batch has no {key!r}; the data pipeline must provide labels and loss_mask [b, s]")
-    shape = logits.shape[:2]
-    expected = {"labels": "integer", "loss_mask": "any", "teacher_logprobs": "float",
-                "segment_ids": "integer", "response_frac": "float"}
-    for key, kind in expected.items():
-        t = batch.get(key)
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"DCD loss: batch[{key!r}] must be a tensor, got {type(t).__name__}")
-        if t.shape != shape:
-            raise ValueError(
-                f"DCD loss: batch[{key!r}] has shape {tuple(t.shape)} but the logits are {tuple(logits.shape)}; "
-                f"every per-token tensor must be [b, s] = {tuple(shape)}"
-            )
-        if kind == "integer" and not _integer(t):
-            raise ValueError(f"DCD loss: batch[{key!r}] must hold integer ids, got {t.dtype}")
-        if kind == "float" and not t.is_floating_point():
-            raise ValueError(f"DCD loss: batch[{key!r}] must be floating point, got {t.dtype}")
-    check_teacher(config, batch.get("teacher_logprobs"))
-
-
-def gate_entropy(batch: Mapping[str, torch.Tensor], config: DCDConfig) -> torch.Tensor | None:
-    """The teacher's per-token entropy ``[b, s]`` for the entropy gate (None when not asked for)."""
-    return checked_entropy(batch.get("teacher_topk_logprobs"), batch["loss_mask"] > 0, config)
+__all__ = ["DCDLossFunction", "TokenTerm", "make_loss_func", "nll_term", "validate_batch"]
 
 
 class DCDLossFunction:
@@ -85,15 +34,15 @@ class DCDLossFunction:
         *,
         tp_group: dist.ProcessGroup | None = None,
         cp_group: dist.ProcessGroup | None = None,
-        dp_group: dist.ProcessGroup | None = None,
         step: int = 0,
         cp_layout: str | None = None,
         token_term: TokenTerm | None = None,
+        chunk_elements: int | None = None,
     ) -> None:
         self.config = config
+        self.chunk_elements = chunk_elements  # vocab_parallel_logprobs' block size (None: by device)
         self.tp_group = tp_group
         self.cp_group = cp_group
-        self.dp_group = dp_group  # unused by the per-micro-batch math; kept for a uniform API
         self.step = step
         self.cp_layout = cp_layout
         if token_term is None and config.term == "topk_kl":
@@ -102,43 +51,21 @@ class DCDLossFunction:
             token_term = TopKKLTerm(tp_group)
         self.token_term = token_term or nll_term
 
-    def _tp_size(self) -> int:
-        if self.tp_group is None or not dist.is_initialized():
-            return 1
-        return dist.get_world_size(self.tp_group)
-
-    def checked_teacher(self, labels, teacher, valid, vocab_shard: int):
-        """Masked-in labels inside the vocabulary and finite teacher log-probs (one host sync for
-        both); returns the teacher log-probs to use: None where the method never reads them."""
-        vocab = vocab_shard * self._tp_size()
-        bad_labels = (((labels < 0) | (labels >= vocab)) & valid).sum()
-        n_labels, n_teacher = torch.stack([bad_labels, nonfinite_teacher_count(teacher, valid)]).tolist()
-        if n_labels:
-            raise ValueError(
-                f"DCD loss: {n_labels} loss-masked-in label(s) are outside the vocabulary [0, {vocab}); "
-                "check the tokenizer / vocab size, or set loss_mask 0 on those positions"
-            )
-        if n_teacher and not self.config.needs_teacher:
-            # sft / student_only never read teacher log-probs: traces that lack some (NaN) are
-            # fine; the log-ratio diagnostic is then left out for this micro-batch.
-            teacher, n_teacher = None, 0
-        raise_for_nonfinite_teacher(n_teacher)
-        return teacher
-
     def __call__(self, batch: Mapping[str, torch.Tensor], output_tensor: torch.Tensor, output_weight=None):
         if output_weight is not None:  # hidden states [b, s, h] + the [V/tp, h] weight: chunked.py
-            from dcd_megatron.loss.chunked import chunked_loss
-
-            return chunked_loss(self, batch, output_tensor, output_weight)
+            return chunked_loss(
+                batch, output_tensor, output_weight, config=self.config, term=self.token_term,
+                tp_group=self.tp_group, cp_group=self.cp_group, cp_layout=self.cp_layout, step=self.step,
+            )
         logits = output_tensor
         validate_batch(batch, logits, self.config)
         labels, teacher = batch["labels"], batch.get("teacher_logprobs")
         valid = batch["loss_mask"] > 0
 
-        teacher = self.checked_teacher(labels, teacher, valid, logits.shape[-1])
+        teacher = checked_teacher(self.config, labels, teacher, valid, logits.shape[-1] * _group_rank_size(self.tp_group)[1])
 
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
-        student = vocab_parallel_logprobs(logits, safe_labels, group=self.tp_group)
+        student = vocab_parallel_logprobs(logits, safe_labels, group=self.tp_group, chunk_elements=self.chunk_elements)
         frac = batch.get("response_frac")
         result = compute_weights(
             student, teacher, valid, self.config,
@@ -160,18 +87,7 @@ class DCDLossFunction:
         return loss_sum, num_tokens, report
 
 
-def make_loss_func(
-    config: DCDConfig,
-    *,
-    tp_group: dist.ProcessGroup | None = None,
-    cp_group: dist.ProcessGroup | None = None,
-    dp_group: dist.ProcessGroup | None = None,
-    step: int = 0,
-    cp_layout: str | None = None,
-    token_term: TokenTerm | None = None,
-) -> DCDLossFunction:
-    """The DCD loss function for megatron's schedules; use ``functools.partial(fn, batch)``."""
-    return DCDLossFunction(
-        config, tp_group=tp_group, cp_group=cp_group, dp_group=dp_group,
-        step=step, cp_layout=cp_layout, token_term=token_term,
-    )
+def make_loss_func(config: DCDConfig, **kwargs) -> DCDLossFunction:
+    """The DCD loss function for megatron's schedules (``DCDLossFunction``'s keywords); use
+    ``functools.partial(fn, batch)``."""
+    return DCDLossFunction(config, **kwargs)

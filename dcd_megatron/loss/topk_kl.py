@@ -98,10 +98,10 @@ def topk_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> t
 
 
 class TopKKLTerm:
-    """``TokenTerm`` using the batch's ``teacher_topk_ids`` / ``teacher_topk_logprobs`` ``[b, s, k]``.
+    """A ``GatheredTerm`` (``contract.py``) using the batch's ``teacher_topk_ids`` / ``teacher_topk_logprobs`` ``[b, s, k]``.
 
-    The chunked loss (``chunked.py``) reads the same checked inputs (``checked_inputs``) and
-    gathers the student log-probs of the ids from hidden states instead of logits.
+    On the logits it gathers the student log-probs of the ids itself; the chunked loss
+    (``chunked.py``) gathers them from hidden states and calls ``gathered``'s function.
     """
 
     def __init__(self, tp_group=None):
@@ -134,6 +134,12 @@ class TopKKLTerm:
         safe_ids = torch.where(known[..., None], ids, torch.zeros_like(ids))
         safe_teacher = torch.where(known[..., None], teacher, torch.full_like(teacher, -30.0))
         return safe_ids, safe_teacher
+
+    def gathered(self, batch: Mapping[str, torch.Tensor], shape):
+        """``(teacher top-k ids [b, s, k], KL from the log-probs [n, 1 + k] of (label, ids) of the rows)``."""
+        ids, teacher = self.checked_inputs(batch, shape)
+        flat_teacher = teacher.reshape(-1, teacher.shape[-1])
+        return ids, lambda logprobs, rows: topk_kl(flat_teacher[rows], logprobs[:, 1:])
 
     def __call__(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor], student_logprobs: torch.Tensor):
         ids, teacher = self.checked_inputs(batch, logits.shape[:2])

@@ -242,7 +242,6 @@ def dcd_weights(
     segment_ids: torch.Tensor | None = None,
     cp_group: dist.ProcessGroup | None = None,
     cp_layout: str | None = None,
-    dp_group: dist.ProcessGroup | None = None,
     step: int = 0,
     teacher_topk_logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -251,12 +250,10 @@ def dcd_weights(
     ``segment_ids`` ``[b, s]`` marks packed documents (prefix/document sums reset where it
     changes). With ``cp_group`` of size > 1 the tensors are this CP rank's part in
     ``cp_layout`` ("load_balanced" by default, or "contiguous") and prefix, document and
-    median statistics are exact over the full sequence. ``dp_group`` is accepted so callers
-    can pass the same groups everywhere: raw weights are a function of the micro-batch only.
-    ``step`` is the optimizer step for the tau schedule. ``teacher_topk_logprobs``
+    median statistics are exact over the full sequence (raw weights never look across
+    data-parallel ranks). ``step`` is the optimizer step for the tau schedule. ``teacher_topk_logprobs``
     ``[b, s, k]`` feeds the gated method's entropy gate (``loss.gate=entropy``).
     """
-    del dp_group  # raw weights never look across data-parallel ranks
     validate_token_tensors(
         {"student_logprobs": student_logprobs, "teacher_logprobs": teacher_logprobs,
          "loss_mask": loss_mask, "segment_ids": segment_ids},
@@ -291,10 +288,18 @@ def normalize_weights(
         return weights
     if scope not in ("micro", "global"):
         raise ValueError(f"normalize scope {scope!r} is not one of ['global', 'micro', 'none']")
-    valid = loss_mask > 0
-    totals = torch.stack([torch.where(valid, weights, 0.0).sum().double(), valid.sum().double()])
+    return weights * mean_one_factor(weight_totals(weights, loss_mask > 0), group).to(weights.dtype)
+
+
+def weight_totals(weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[sum of the weights, count]`` (fp64) over the ``valid`` tokens."""
+    return torch.stack([torch.where(valid, weights, 0.0).sum().double(), valid.sum().double()])
+
+
+def mean_one_factor(totals: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``count / sum`` (fp64) from ``totals = [sum of the weights, count]`` summed over ``group``
+    (all-reduced in place): the factor that gives the weights mean 1; 1 where they sum to 0."""
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(totals, group=group)
     weight_sum, count = totals[0], totals[1]
-    factor = torch.where(weight_sum > 0, count / weight_sum.clamp(min=torch.finfo(torch.float64).tiny), 1.0)
-    return weights * factor.to(weights.dtype)
+    return torch.where(weight_sum > 0, count / weight_sum.clamp(min=torch.finfo(torch.float64).tiny), 1.0)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import torch
 
 from dcd_megatron.model.config import ModelConfig
+from dcd_megatron.runtime.distributed import RuntimeFacts
 from dcd_megatron.runtime.layout import Layout
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def transformer_config(model: ModelConfig, layout: Layout, *, sequence_parallel: bool, on_cpu: bool):
-    """megatron-core TransformerConfig for the model, layout and device."""
+def transformer_config(model: ModelConfig, layout: Layout, *, sequence_parallel: bool, facts: RuntimeFacts):
+    """megatron-core TransformerConfig for the model, layout and where it runs (`facts`)."""
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
@@ -45,14 +46,14 @@ def transformer_config(model: ModelConfig, layout: Layout, *, sequence_parallel:
         fp16=dtype is torch.float16,
         pipeline_dtype=dtype,
         calculate_per_token_loss=True,
-        use_cpu_initialization=on_cpu,
-        # Fused kernels need CUDA (apex/TE); the unfused paths are exact.
+        use_cpu_initialization=facts.on_cpu,
+        # megatron-core's defaults: its fused kernels need apex or TE builds; the unfused paths are exact.
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        batch_p2p_sync=not on_cpu,
+        batch_p2p_sync=not facts.on_cpu,
     )
     if model.fp8 is not None:
         kwargs.update(fp8=model.fp8, fp8_recipe=model.fp8_recipe)

@@ -33,7 +33,11 @@ class ModelConfig:
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"  # delayed/tensorwise: sm89+, blockwise: Hopper, mxfp8: Blackwell
     init_checkpoint: str | None = None  # checkpoint to start from (dcd-convert output, run or iter dir); same architecture
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """The checks run at construction; call again after changing fields in place."""
         for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")

@@ -6,36 +6,10 @@ loads here at TP=1, PP=1.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
-
-
-def ensure_single_process_group(device: torch.device) -> None:
-    """A one-rank process group and megatron parallel state, unless already initialised."""
-    from megatron.core import parallel_state
-
-    from dcd_megatron.runtime import cpu_compat
-    from dcd_megatron.runtime.distributed import free_port, init_model_parallel
-    from dcd_megatron.runtime.layout import Layout
-
-    if device.type == "cpu":
-        cpu_compat.apply()
-    if not torch.distributed.is_initialized():
-        port = free_port()
-        # An explicit init_method, not MASTER_ADDR/PORT: subprocesses started later copy
-        # os.environ and must not be told to rendezvous on the port this group holds.
-        torch.distributed.init_process_group(
-            "gloo" if device.type == "cpu" else "nccl",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=0,
-            world_size=1,
-        )
-    if not parallel_state.model_parallel_is_initialized():
-        init_model_parallel(Layout(1, 1, 1, 1), seed=0)
 
 
 @dataclass
@@ -56,44 +30,24 @@ class LoadedModel:
         return out[..., : self.vocab_size].float()
 
 
-def read_checkpoint_config(checkpoint: Path):
-    """(checkpoint dir, the TrainConfig it was trained with, its meta record)."""
-    from dcd_megatron.configs import from_dict
-    from dcd_megatron.train.checkpoint import META, find_latest
-    from dcd_megatron.train.config import TrainConfig
-
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / META).is_file():
-        latest = find_latest(checkpoint) or find_latest(checkpoint / "checkpoints")
-        if latest is None:
-            raise FileNotFoundError(
-                f"{checkpoint} holds no complete dcd-train checkpoint (a directory with {META}); "
-                "pass a run's output_dir, its checkpoints/ folder or one iter_NNNNNNN folder"
-            )
-        checkpoint = latest
-    meta = json.loads((checkpoint / META).read_text())
-    if not meta.get("config"):
-        raise ValueError(f"{checkpoint}/{META} has no training config; it was not written by dcd-train")
-    return checkpoint, from_dict(TrainConfig, yaml.safe_load(meta["config"])), meta
-
-
 def load_trained_model(checkpoint: str | Path, device: str = "auto") -> tuple[LoadedModel, object]:
     """(model, tokenizer) from a dcd-train checkpoint, at TP=1/PP=1 on `device`."""
     from megatron.core import dist_checkpointing
 
+    from dcd_megatron.checkpoint import read_checkpoint_config
     from dcd_megatron.data import load_tokenizer
     from dcd_megatron.model.builder import build_gpt_model, transformer_config
-    from dcd_megatron.runtime.distributed import has_transformer_engine, resolve_device
+    from dcd_megatron.runtime.distributed import ensure_single_process_group, runtime_facts
     from dcd_megatron.runtime.layout import Layout
 
     path, cfg, meta = read_checkpoint_config(Path(checkpoint))
-    dev = resolve_device(device)
+    facts = runtime_facts(device)
+    dev = facts.device
     ensure_single_process_group(dev)
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     layout = Layout(1, 1, 1, 1)
-    use_te = dev.type == "cuda" and has_transformer_engine()
-    tconfig = transformer_config(cfg.model, layout, sequence_parallel=False, on_cpu=dev.type == "cpu")
+    tconfig = transformer_config(cfg.model, layout, sequence_parallel=False, facts=facts)
     module = build_gpt_model(
         cfg.model,
         tconfig,
@@ -102,7 +56,7 @@ def load_trained_model(checkpoint: str | Path, device: str = "auto") -> tuple[Lo
         max_sequence_length=cfg.model.max_position_embeddings,
         pre_process=True,
         post_process=True,
-        use_te=use_te,
+        use_te=facts.has_te,
     ).to(dev)
     state = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
     module.load_state_dict(state["model"])

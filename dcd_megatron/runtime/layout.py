@@ -16,7 +16,11 @@ class ParallelConfig:
     cp: int = 1  # context parallel size (needs Transformer Engine; seq_length divisible by 2*cp)
     sequence_parallel: bool = False  # shard activations along the sequence inside TP regions (needs TE)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """The checks run at construction; call again after changing fields in place."""
         for name in ("tp", "pp", "cp"):
             if getattr(self, name) < 1:
                 raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")

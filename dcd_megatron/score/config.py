@@ -27,7 +27,11 @@ class ScoreConfig:
     pp: int = 1  # pipeline parallel size for teachers too big for one TP group (divides its layers)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """The checks run at construction; call again after changing fields in place."""
         for name, hint in (("teacher", "--teacher CKPT"), ("data_path", "--data PATH"), ("out_dir", "--out DIR")):
             if not getattr(self, name):
                 raise ScoreError(f"{name} is empty: pass {hint}")

@@ -163,21 +163,65 @@ def _shard_table(ds, start: int, stop: int, kept: list[int], scores: dict, cfg: 
     return table
 
 
+@dataclass(frozen=True)
+class _Teacher:
+    """The teacher checkpoint and what the checks before any collective found out about it."""
+
+    path: Path
+    config: object  # its TrainConfig
+    meta: dict
+    student: object  # the student's tokenizer (the traces are in its ids)
+    vocab: int
+    max_length: int
+    vocab_note: str | None
+
+
 def score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreResult:
     """Score `cfg.data_path` with `cfg.teacher`; collective over all ranks of the process group."""
     from megatron.core import parallel_state as ps
-    from tqdm import tqdm
-
-    from dcd_megatron.convert.model_io import load_megatron_model, unchanged_master_env
-    from dcd_megatron.data import BadRowError, load_tokenizer
-    from dcd_megatron.model.inference import read_checkpoint_config
-    from dcd_megatron.runtime import distributed as rt
-    from dcd_megatron.runtime.layout import Layout, check_model_split
-    from dcd_megatron.score.vocabulary import check_teacher_vocabulary
 
     t0 = time.time()
     out = Path(cfg.out_dir)
-    # ---- checks that need no other process ----------------------------------------------
+    teacher = _checked_teacher(cfg)  # checks that need no other process
+    facts, info, layout = _start_processes(cfg)
+    is_main = info.rank == 0
+    ds = _load_rows(cfg, is_main)
+    manifest = _manifest(cfg, teacher.path, teacher.meta, len(ds), teacher.student.fingerprint)
+    ranges = sh.shard_ranges(len(ds), cfg.rows_per_shard)
+    final = out / sh.SCORED
+    _agree_on_output(out, manifest, is_main)
+    if final.is_file():
+        summary = json.loads((out / sh.SUMMARY).read_text())
+        if is_main:
+            print(f"{final} is already complete ({summary['rows']} rows); nothing to do", flush=True)
+        return ScoreResult(final, summary["rows"], summary["skipped"], len(ranges), 0, len(ranges))
+
+    mine = sh.my_shards(len(ranges), ps.get_data_parallel_rank(), layout.dp)
+    done_before = [i for i in range(len(ranges)) if sh.is_done(out, i)]
+    todo = [i for i in mine if i not in set(done_before)]
+    torch.distributed.barrier()  # every rank has decided what to do before anyone writes
+    _score_shards(cfg, teacher, ds, ranges, todo, done_before, layout=layout, facts=facts, is_main=is_main,
+                  progress=progress)
+    torch.distributed.barrier()
+
+    # ---- merge ---------------------------------------------------------------------------
+    if is_main:
+        summary = dict(manifest, seconds=round(time.time() - t0, 1), world_size=info.world_size, tp=cfg.tp, pp=cfg.pp)
+        sh.merge_shards(out, len(ranges), summary)
+    torch.distributed.barrier()
+    summary = json.loads((out / sh.SUMMARY).read_text())
+    if is_main:
+        print(f"wrote {final}: {summary['rows']} rows scored, skipped {summary['skipped'] or 'none'}", flush=True)
+    return ScoreResult(final, summary["rows"], summary["skipped"], len(ranges), len(todo), len(done_before))
+
+
+def _checked_teacher(cfg: ScoreConfig) -> _Teacher:
+    """The teacher's config, vocabulary and length limits against the request and the student's tokenizer."""
+    from dcd_megatron.checkpoint import read_checkpoint_config
+    from dcd_megatron.data import load_tokenizer
+    from dcd_megatron.runtime.layout import check_model_split
+    from dcd_megatron.score.vocabulary import check_teacher_vocabulary
+
     student = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type)
     teacher_path, tcfg, tmeta = read_checkpoint_config(Path(cfg.teacher))
     vocab_note = check_teacher_vocabulary(student, load_tokenizer(tcfg.data.tokenizer, tcfg.data.tokenizer_type))
@@ -193,45 +237,51 @@ def score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreResult:
         num_query_groups=tcfg.model.query_groups, ffn_hidden_size=tcfg.model.ffn_size,
         tp_name="--tp", pp_name="--pp", whose="the teacher's ",
     )
+    return _Teacher(teacher_path, tcfg, tmeta, student, vocab, max_length, vocab_note)
 
-    # ---- processes and layout ------------------------------------------------------------
-    device = rt.resolve_device(cfg.device)
+
+def _start_processes(cfg: ScoreConfig):
+    """(runtime facts, process info, layout): the process group, threads and megatron's parallel state."""
+    from dcd_megatron.convert.model_io import unchanged_master_env
+    from dcd_megatron.runtime import distributed as rt
+    from dcd_megatron.runtime.layout import Layout
+
+    facts = rt.runtime_facts(cfg.device)
     with unchanged_master_env():
         if rt.process_info().world_size == 1 and not torch.distributed.is_initialized():
             os.environ["MASTER_PORT"] = str(rt.free_port())  # one process: never collide with another job's port
-        info = rt.init_process_group(device)
+        info = rt.init_process_group(facts.device)
     model_parallel = cfg.tp * cfg.pp
     if info.world_size % model_parallel:
         raise ScoreError(
             f"tp*pp = {cfg.tp}*{cfg.pp} = {model_parallel} must divide the world size {info.world_size}; "
             f"launch a multiple of {model_parallel} processes"
         )
-    if device.type == "cpu":
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or min(info.world_size, os.cpu_count() or 1)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if facts.on_cpu:
+        rt.set_threads(0, info.world_size)
     layout = Layout(cfg.tp, cfg.pp, 1, info.world_size // model_parallel)
     rt.init_model_parallel(layout, seed=0)
-    dp_rank, tp_rank = ps.get_data_parallel_rank(), ps.get_tensor_model_parallel_rank()
-    tp_group = ps.get_tensor_model_parallel_group()
-    is_main = info.rank == 0
-    writer = ps.is_pipeline_last_stage() and tp_rank == 0  # one writer per DP rank: it holds the scores
-    barrier = torch.distributed.barrier
+    return facts, info, layout
 
-    # ---- rows and the manifest -----------------------------------------------------------
+
+def _load_rows(cfg: ScoreConfig, is_main: bool):
+    """The input rows on every rank: rank 0 fills the datasets cache, the others then read it."""
     if is_main:
-        ds = _load_input(cfg)  # rank 0 fills the datasets cache, the others then read it
-    barrier()
+        ds = _load_input(cfg)
+    torch.distributed.barrier()
     if not is_main:
         ds = _load_input(cfg)
-    manifest = _manifest(cfg, teacher_path, tmeta, len(ds), student.fingerprint)
-    ranges = sh.shard_ranges(len(ds), cfg.rows_per_shard)
-    final = out / sh.SCORED
+    return ds
+
+
+def _agree_on_output(out: Path, manifest: dict, is_main: bool) -> None:
+    """Rank 0 checks (or writes) the manifest of `out`; every rank gets its verdict."""
     box = [None]
     if is_main:
         try:
             resumed = sh.check_manifest(out, manifest)
             if not resumed:
-                if final.exists() or (out / "shards").exists():
+                if (out / sh.SCORED).exists() or (out / "shards").exists():
                     raise ScoreError(f"{out} holds scoring output without a manifest; use a new --out")
                 sh.write_manifest(out, manifest)
             box = [("ok", resumed)]
@@ -240,28 +290,29 @@ def score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreResult:
     torch.distributed.broadcast_object_list(box, src=0)
     if box[0][0] == "error":
         raise ScoreError(box[0][1])
-    if final.is_file():
-        summary = json.loads((out / sh.SUMMARY).read_text())
-        if is_main:
-            print(f"{final} is already complete ({summary['rows']} rows); nothing to do", flush=True)
-        return ScoreResult(final, summary["rows"], summary["skipped"], len(ranges), 0, len(ranges))
 
-    mine = sh.my_shards(len(ranges), dp_rank, layout.dp)
-    done_before = [i for i in range(len(ranges)) if sh.is_done(out, i)]
-    todo = [i for i in mine if i not in set(done_before)]
-    barrier()  # every rank has decided what to do before anyone writes
 
-    # ---- the teacher ---------------------------------------------------------------------
-    use_te = device.type == "cuda" and rt.has_transformer_engine()
-    module, _, _, _ = load_megatron_model(teacher_path, layout=layout, device=device, use_te=use_te)
+def _score_shards(cfg: ScoreConfig, teacher: _Teacher, ds, ranges, todo, done_before, *, layout, facts, is_main,
+                  progress: bool) -> None:
+    """Load this rank's stage of the teacher and score the shards `todo`; the last stage writes them."""
+    from megatron.core import parallel_state as ps
+    from tqdm import tqdm
+
+    from dcd_megatron.convert.model_io import load_megatron_model
+    from dcd_megatron.data import BadRowError
+
+    out = Path(cfg.out_dir)
+    tp_rank, tp_group = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group()
+    writer = ps.is_pipeline_last_stage() and tp_rank == 0  # one writer per DP rank: it holds the scores
+    module, _, _, _ = load_megatron_model(teacher.path, layout=layout, device=facts.device, use_te=facts.has_te)
     module.config.variable_seq_lengths = True  # pipeline stages exchange each batch's shape
-    encoder = ScoringEncoder(cfg.data, student, max_length)
+    encoder = ScoringEncoder(cfg.data, teacher.student, teacher.max_length)
     bar = tqdm(
         total=sum(ranges[i][1] - ranges[i][0] for i in todo), unit="row", disable=not (is_main and progress),
         desc=f"scoring (rank 0 of dp={layout.dp})", dynamic_ncols=True,
     )
-    if is_main and vocab_note:
-        print(f"note: {vocab_note}", flush=True)
+    if is_main and teacher.vocab_note:
+        print(f"note: {teacher.vocab_note}", flush=True)
     if is_main and done_before:
         print(f"resuming: {len(done_before)} of {len(ranges)} shards already scored", flush=True)
     for index in todo:
@@ -279,21 +330,10 @@ def score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreResult:
                 raise BadRowError(cfg.data_path, start + i + 1, result.reason, result.detail)
         batches = plan_batches(rows, cfg.batch_tokens)
         scores = _score_batches(
-            module, batches, pad_id=student.pad_id, device=device, on_batch=bar.update,
-            cfg=cfg, vocab=vocab, tp_rank=tp_rank, tp_group=tp_group,
+            module, batches, pad_id=teacher.student.pad_id, device=facts.device, on_batch=bar.update,
+            cfg=cfg, vocab=teacher.vocab, tp_rank=tp_rank, tp_group=tp_group,
         ) if batches else {}
         bar.update(sum(skipped.values()))
         if writer:
             sh.write_shard(out, index, _shard_table(ds, start, stop, sorted(scores), scores, cfg), dict(skipped))
     bar.close()
-    barrier()
-
-    # ---- merge ---------------------------------------------------------------------------
-    if is_main:
-        summary = dict(manifest, seconds=round(time.time() - t0, 1), world_size=info.world_size, tp=cfg.tp, pp=cfg.pp)
-        sh.merge_shards(out, len(ranges), summary)
-    barrier()
-    summary = json.loads((out / sh.SUMMARY).read_text())
-    if is_main:
-        print(f"wrote {final}: {summary['rows']} rows scored, skipped {summary['skipped'] or 'none'}", flush=True)
-    return ScoreResult(final, summary["rows"], summary["skipped"], len(ranges), len(todo), len(done_before))

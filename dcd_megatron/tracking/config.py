@@ -31,6 +31,10 @@ class TrackingConfig:
     metrics_flush_s: float = 2.0
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """The checks run at construction; call again after changing fields in place."""
         if not isinstance(self.enabled, bool):
             raise ValueError(f"tracking.enabled must be true or false, got {self.enabled!r}")
         if self.tracking_uri is not None and (not isinstance(self.tracking_uri, str) or not self.tracking_uri.strip()):

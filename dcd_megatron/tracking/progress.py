@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from dcd_megatron.tracking.intervals import due
+
 
 @dataclass(frozen=True)
 class ProgressKeys:
@@ -74,7 +76,7 @@ class ProgressPrinter:
 
     def should_print(self, step: int) -> bool:
         """True every ``log_interval`` steps and on the last step."""
-        return step % self.log_interval == 0 or step == self.total_steps
+        return due(step, self.log_interval, last=self.total_steps)
 
     def seconds_per_step(self) -> float | None:
         """Moving average of step time over the recorded window, or None before two marks exist."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dcd_megatron.tracking.config import TrackingConfig, default_artifact_location, sqlite_path
+from dcd_megatron.tracking.intervals import due
 from dcd_megatron.tracking.params import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_PER_BATCH,
@@ -56,13 +57,13 @@ class RunUnavailable(RuntimeError):
 
 
 def default_is_logging_rank() -> bool:
-    """The last global rank logs (it holds the last pipeline stage, where loss reports live)."""
+    """Global rank 0 logs, as in dcd-train (every rank gets the last pipeline stage's metrics)."""
     torch = sys.modules.get("torch")  # no torch imported: no process group can exist
     if torch is None:
         return True
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == dist.get_world_size() - 1
+        return dist.get_rank() == 0
     return True
 
 
@@ -93,7 +94,7 @@ def apply_http_timeouts(timeout_s: float, env: dict | None = None) -> dict[str, 
 
 
 class Tracker:
-    """One per process. ``Tracker(cfg, is_logging_rank=rank == world - 1)``; all methods are safe to call anywhere."""
+    """One per process. ``Tracker(cfg, is_logging_rank=rank == 0)``; all methods are safe to call anywhere."""
 
     def __init__(
         self,
@@ -102,7 +103,7 @@ class Tracker:
         is_logging_rank: bool | None = None,
         client_factory: Callable[[str], Any] | None = None,
     ):
-        """``is_logging_rank`` None: the last global rank (see ``default_is_logging_rank``).
+        """``is_logging_rank`` None: global rank 0 (see ``default_is_logging_rank``).
         ``client_factory(uri)`` builds the MLflow client (default ``MlflowClient``; tests pass fakes)."""
         self.config = config if config is not None else TrackingConfig()
         self._client_factory = client_factory
@@ -246,10 +247,9 @@ class Tracker:
             self._metrics.append(entries)
         self._queue_metrics_flush(force=False)
 
-    def should_plot(self, step: int) -> bool:
-        """True on the steps where the trainer should compute and log the weight plots."""
-        interval = self.config.plot_interval
-        return self.active and interval > 0 and step > 0 and step % interval == 0
+    def should_plot(self, step: int, last: int = 0) -> bool:
+        """True on the steps where the trainer should log its plots: every ``plot_interval`` and at ``last``."""
+        return self.active and due(step, self.config.plot_interval, last=last)
 
     def log_weight_plots(self, step: int, hist_edges, hist_counts, pos_bin_edges, pos_bin_mean_weight) -> None:
         """Render the weight histogram and mean weight by response position; log as ``plots/*_step<N>.png``."""
@@ -328,7 +328,7 @@ class Tracker:
         if not self.config.enabled:
             return "MLflow tracking is off (tracking.enabled=false)"
         if not self.is_logging_rank:
-            return "MLflow tracking happens on the logging rank (the last one), not on this rank"
+            return "MLflow tracking happens on the logging rank (rank 0), not on this rank"
         if not self._started:
             return "MLflow tracking not started yet"
         if not self.active:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from dcd_megatron.train.config import OptimConfig
+from dcd_megatron.configs.train import OptimConfig
+from dcd_megatron.runtime.distributed import RuntimeFacts
 
 
-def build_optimizer(optim: OptimConfig, model_chunks, *, params_dtype: str, on_cpu: bool):
+def build_optimizer(optim: OptimConfig, model_chunks, *, params_dtype: str, facts: RuntimeFacts):
     """A MegatronOptimizer over the DDP-wrapped model chunks."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    if optim.distributed_optimizer and on_cpu:
+    if optim.distributed_optimizer and facts.on_cpu:
         raise ValueError(
             "optim.distributed_optimizer=true needs CUDA (megatron-core asserts CUDA parameters); "
             "set optim.distributed_optimizer=false on CPU"

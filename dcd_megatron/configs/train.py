@@ -4,10 +4,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from dcd_megatron.data.config import DataConfig
-from dcd_megatron.loss import DCDConfig
+from dcd_megatron.loss.config import DCDConfig
 from dcd_megatron.model.config import ModelConfig
 from dcd_megatron.runtime.layout import ParallelConfig
-from dcd_megatron.tracking import TrackingConfig
+from dcd_megatron.tracking.config import TrackingConfig
 
 
 @dataclass
@@ -25,7 +25,11 @@ class OptimConfig:
     decay_style: Literal["cosine", "linear", "constant"] = "cosine"  # decay from lr to min_lr after warm-up
     distributed_optimizer: bool = False  # shard optimizer state over DP (GPU only)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """The checks run at construction; call again after changing fields in place."""
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
@@ -60,7 +64,11 @@ class LoopConfig:
     output_dir: str = "runs/dcd"  # checkpoints/, metrics.jsonl, final_metrics.json, cache/
     resume: str = "auto"  # auto (latest complete checkpoint in output_dir, if any) | never | a path
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """The checks run at construction; call again after changing fields in place."""
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -84,7 +92,11 @@ class RuntimeConfig:
     timeout_minutes: int = 30  # collective timeout
     num_threads: int = 0  # torch intra-op threads per rank on CPU (0 = cores / local ranks)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """The checks run at construction; call again after changing fields in place."""
         if self.timeout_minutes < 1:
             raise ValueError("runtime.timeout_minutes must be >= 1")
         if self.num_threads < 0:
@@ -104,7 +116,16 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Every section's checks, then those across sections: at construction, after overrides
+        (`configs.apply_overrides` builds a new config) and when a job starts, so a section a
+        recipe changed in place is checked too."""
+        for section in (self.model, self.parallel, self.data, self.loss, self.optim, self.train, self.tracking,
+                        self.runtime):
+            section.validate()
         if self.model.max_position_embeddings < self.data.seq_length:
             raise ValueError(
                 f"data.seq_length={self.data.seq_length} exceeds "

@@ -1,4 +1,4 @@
-"""Checkpoints with megatron-core's distributed checkpointing, written atomically.
+"""Checkpoints with megatron-core's distributed checkpointing: written atomically, found, read back.
 
 A checkpoint is written into `iter_NNNNNNN.tmp`, completed with `meta.json` (written last), and
 only then renamed to `iter_NNNNNNN`; `latest` names the newest. A run killed mid-save leaves a
@@ -65,6 +65,28 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     return latest
 
 
+def read_checkpoint_config(checkpoint: Path):
+    """(checkpoint dir, the TrainConfig it was trained with, its meta record)."""
+    import yaml
+
+    from dcd_megatron.configs import from_dict
+    from dcd_megatron.configs.train import TrainConfig
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / META).is_file():
+        latest = find_latest(checkpoint) or find_latest(checkpoint / "checkpoints")
+        if latest is None:
+            raise FileNotFoundError(
+                f"{checkpoint} holds no complete dcd-train checkpoint (a directory with {META}); "
+                "pass a run's output_dir, its checkpoints/ folder or one iter_NNNNNNN folder"
+            )
+        checkpoint = latest
+    meta = json.loads((checkpoint / META).read_text())
+    if not meta.get("config"):
+        raise ValueError(f"{checkpoint}/{META} has no training config; it was not written by dcd-train")
+    return checkpoint, from_dict(TrainConfig, yaml.safe_load(meta["config"])), meta
+
+
 def _rng_state() -> dict:
     from megatron.core import tensor_parallel
 
@@ -123,6 +145,38 @@ def use_in_process_write_results() -> bool:
     if getattr(filesystem_async, "_results_queue", "absent") is None:
         filesystem_async._results_queue = queue.Queue()
     return isinstance(getattr(filesystem_async, "_results_queue", None), queue.Queue)
+
+
+def start_writer_helpers(ignoring: tuple = ()) -> None:
+    """Start megatron's checkpoint-writer Manager process now, with the `ignoring` signals ignored.
+
+    Slurm's `--signal` and `scancel --signal` reach every process of a job step; the Manager
+    (spawned at the first save) would die of SIGUSR1 and fail the very checkpoint the signal
+    asks for. Ignored signals stay ignored across exec, so the spawned process keeps them off.
+    Not needed (and not started) where the writer gets an in-process queue instead.
+    """
+    import signal
+
+    if use_in_process_write_results():
+        return
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    start = getattr(filesystem_async, "get_write_results_queue", None) or getattr(
+        filesystem_async, "_get_write_results_queue", None
+    )
+    if start is None:
+        return
+    try:
+        saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in ignoring}
+    except ValueError:  # not the main thread: the handlers are not ours to set either
+        return
+    try:
+        start()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def save_checkpoint(root: Path, step: int, model_chunks, optimizer, scheduler, meta: dict, keep: int) -> Path:

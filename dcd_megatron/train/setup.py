@@ -1,0 +1,295 @@
+"""Everything a training run needs, built once from a TrainConfig: the typed state the loop steps.
+
+In order: the processes (device, process group, threads), the tokenizer and the parallel
+layout (every check that needs no other process runs first), megatron's parallel groups,
+the data (tokenised once by rank 0 into a memory-mapped cache), the model chunks wrapped in
+megatron's DDP, the optimizer and scheduler, and the resume (or init) checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dcd_megatron.configs.train import TrainConfig
+from dcd_megatron.runtime.distributed import ParallelGroups, ProcessInfo, RuntimeFacts
+from dcd_megatron.runtime.layout import Layout
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the run is, fixed once the processes and the layout are set up."""
+
+    cfg: TrainConfig
+    config_text: str  # travels with every checkpoint (meta.json), so a checkpoint is self-describing
+    runtime: RuntimeFacts
+    process: ProcessInfo
+    layout: Layout
+    groups: ParallelGroups
+    padded_vocab: int
+    num_microbatches: int
+
+    @property
+    def is_logger(self) -> bool:
+        """Rank 0 writes metrics.jsonl, the console and MLflow."""
+        return self.process.rank == 0
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.train.output_dir)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+
+@dataclass
+class TrainState:
+    """The run's facts and the objects the loop steps: model chunks, optimizer, scheduler, data."""
+
+    run: RunFacts
+    chunks: list  # this rank's model chunks (megatron DDP)
+    optimizer: object  # megatron-core's MegatronOptimizer
+    scheduler: object  # megatron-core's OptimizerParamScheduler
+    train_iter: object  # dcd_megatron.data.MicroBatchIterator (its consumed_samples is the data's resume state)
+    valid_samples: object | None  # held-out samples (None: no validation)
+    num_train_samples: int
+    run_schedule: Callable  # (data_iter, step, num_microbatches, forward_only) -> micro-batch reports
+    start_step: int  # optimizer steps done before this process started
+    checkpoint: Path | None  # the newest checkpoint of the run (the one resumed from, then each save)
+    metrics: dict = field(default_factory=dict)  # the last step's metrics (and its validation)
+
+
+def setup(cfg: TrainConfig, config_text: str) -> TrainState:
+    """The processes, data, model, optimizer and resume point for `cfg` (collective over all ranks)."""
+    from dcd_megatron.data import load_tokenizer
+    from dcd_megatron.runtime import distributed as rt
+
+    cfg.validate()  # a recipe or caller may have changed sections in place
+    facts, info = _start_processes(cfg)
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type)
+    vocab_size = _checked_vocab_size(cfg, tokenizer)
+    layout = _checked_layout(cfg, info.world_size, facts)
+    rt.init_model_parallel(layout, cfg.train.seed)
+    run = RunFacts(
+        cfg=cfg, config_text=config_text, runtime=facts, process=info, layout=layout, groups=rt.parallel_groups(),
+        padded_vocab=cfg.model.padded_vocab_size(vocab_size, layout.tp),
+        num_microbatches=cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp),
+    )
+    if run.is_logger:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+    data = _load_data(run, tokenizer)
+    chunks, optimizer, scheduler = _build_model(run)
+    start_step, consumed, resumed_from = _restore(run, chunks, optimizer, scheduler)
+    return TrainState(
+        run=run, chunks=chunks, optimizer=optimizer, scheduler=scheduler,
+        train_iter=_train_iterator(run, data.train, consumed), valid_samples=data.valid,
+        num_train_samples=len(data.train), run_schedule=_schedule(run, chunks),
+        start_step=start_step, checkpoint=resumed_from,
+    )
+
+
+def _start_processes(cfg: TrainConfig) -> tuple[RuntimeFacts, ProcessInfo]:
+    """Device and Transformer Engine facts, the FP8 check, the process group and the thread count."""
+    from dcd_megatron.model.fp8 import check_fp8, current_capability
+    from dcd_megatron.runtime import distributed as rt
+
+    facts = rt.runtime_facts(cfg.runtime.device)
+    # Everything that can be checked before processes talk to each other is checked here.
+    check_fp8(cfg.model.fp8, cfg.model.fp8_recipe, has_te=facts.has_te, capability=current_capability())
+    info = rt.init_process_group(facts.device, cfg.runtime.timeout_minutes)
+    rt.set_threads(cfg.runtime.num_threads, info.world_size)
+    return facts, info
+
+
+def _checked_vocab_size(cfg: TrainConfig, tokenizer) -> int:
+    from dcd_megatron.data import TokenizerError
+
+    vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
+    if vocab_size < tokenizer.vocab_size:
+        raise TokenizerError(
+            f"model.vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids "
+            f"({cfg.data.tokenizer}): larger ids would index past the embedding; unset model.vocab_size or raise it"
+        )
+    return vocab_size
+
+
+def _checked_layout(cfg: TrainConfig, world_size: int, facts: RuntimeFacts) -> Layout:
+    from dcd_megatron.runtime.layout import LayoutError, validate_layout
+
+    layout = validate_layout(
+        cfg.parallel,
+        world_size=world_size,
+        num_layers=cfg.model.num_layers,
+        num_attention_heads=cfg.model.num_attention_heads,
+        num_query_groups=cfg.model.query_groups,
+        ffn_hidden_size=cfg.model.ffn_size,
+        seq_length=cfg.data.seq_length,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        has_te=facts.has_te,
+    )
+    if layout.cp > 1 and cfg.data.pack:
+        raise LayoutError(
+            "data.pack=true with parallel.cp > 1 is not supported yet (packed documents would need "
+            "per-document context-parallel splits); set data.pack=false or parallel.cp=1"
+        )
+    return layout
+
+
+def _load_data(run: RunFacts, tokenizer):
+    """Tokenise once (rank 0), then every rank memory-maps the cache."""
+    from dcd_megatron.data import build_caches, load_trace_data
+
+    data_cfg = run.cfg.data
+    if not data_cfg.cache_dir:
+        data_cfg = dataclasses.replace(data_cfg, cache_dir=str(run.output_dir / "cache"))
+    if run.is_logger:
+        build_caches(data_cfg, tokenizer)
+    torch.distributed.barrier()
+    data = load_trace_data(data_cfg, tokenizer, build=False)
+    _check_teacher_coverage(run.cfg, data.train_meta)
+    return data
+
+
+def _check_teacher_coverage(cfg: TrainConfig, meta: dict) -> None:
+    """Methods that weight by the teacher need its log-probs on every trace: say so before step 1."""
+    if not cfg.loss.needs_teacher:
+        return
+    from dcd_megatron.data import DataConfigError
+
+    fraction = float(meta.get("has_teacher_logprobs_fraction", 1.0))
+    if fraction < 1.0:
+        raise DataConfigError(
+            f"loss.method={cfg.loss.method} weights tokens by the teacher's log-probs, but only "
+            f"{fraction:.1%} of the kept training rows in {cfg.data.train_path} have `teacher_logprobs`; "
+            "add them with `dcd-score`, drop the rows without them, or use loss.method=sft/student_only"
+        )
+
+
+def _build_model(run: RunFacts):
+    """This rank's pipeline stage of the student in megatron's DDP, its optimizer and scheduler."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from dcd_megatron.model.builder import build_gpt_model, return_hidden_states, transformer_config
+    from dcd_megatron.train.optim import build_optimizer, build_scheduler
+
+    cfg = run.cfg
+    tconfig = transformer_config(
+        cfg.model, run.layout, sequence_parallel=cfg.parallel.sequence_parallel, facts=run.runtime
+    )
+    model = build_gpt_model(
+        cfg.model,
+        tconfig,
+        padded_vocab_size=run.padded_vocab,
+        max_sequence_length=cfg.model.max_position_embeddings,
+        pre_process=run.groups.first_stage,
+        post_process=run.groups.last_stage,
+        use_te=run.runtime.has_te,
+    ).to(run.runtime.device)
+    if cfg.loss.chunked:  # the loss makes the logits itself, a chunk of tokens at a time
+        return_hidden_states(model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.optim.distributed_optimizer
+    )
+    chunks = [DistributedDataParallel(tconfig, ddp_config, model)]
+    # megatron's schedule calls this after the last backward: it finishes the DP gradient
+    # all-reduce and divides by the global token count (calculate_per_token_loss=True).
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    optimizer = build_optimizer(cfg.optim, chunks, params_dtype=cfg.model.params_dtype, facts=run.runtime)
+    return chunks, optimizer, build_scheduler(cfg.optim, optimizer, cfg.train.steps)
+
+
+def _restore(run: RunFacts, chunks, optimizer, scheduler) -> tuple[int, int, Path | None]:
+    """(steps done, samples consumed, the checkpoint resumed from): `train.resume`, else `model.init_checkpoint`."""
+    from dcd_megatron import checkpoint as ckpt
+
+    cfg = run.cfg
+    start_step, consumed = 0, 0
+    resume_from = ckpt.resolve_resume(cfg.train.resume, run.checkpoint_root)
+    if resume_from is not None:
+        meta = ckpt.load_checkpoint(resume_from, chunks, optimizer, scheduler)
+        start_step, consumed = int(meta["step"]), int(meta["consumed_samples"])
+        if run.is_logger:
+            print(f"resumed from {resume_from} at step {start_step}", flush=True)
+    elif cfg.model.init_checkpoint:
+        init_from = _checked_init_checkpoint(cfg)
+        ckpt.load_checkpoint(init_from, chunks, None, None, load_optimizer=False)
+        if run.is_logger:
+            print(f"initialised the student from {init_from}", flush=True)
+    if start_step >= cfg.train.steps and run.is_logger:
+        print(f"{resume_from} is already at step {start_step} of train.steps={cfg.train.steps}: "
+              "nothing to train (raise train.steps, or use a new train.output_dir)", flush=True)
+    return start_step, consumed, resume_from
+
+
+def _checked_init_checkpoint(cfg: TrainConfig) -> Path:
+    """The checkpoint directory `model.init_checkpoint` names (a run, its checkpoints/ or an iter dir),
+    refused with the differing fields when its parameter shapes are not `cfg.model`'s."""
+    from dcd_megatron.checkpoint import read_checkpoint_config
+    from dcd_megatron.configs.overrides import ConfigError
+
+    path, theirs, _ = read_checkpoint_config(Path(cfg.model.init_checkpoint))
+    differences = cfg.model.shape_differences(theirs.model)
+    if differences:
+        raise ConfigError(
+            f"model.init_checkpoint={cfg.model.init_checkpoint} holds another architecture "
+            f"({'; '.join(differences)}: this config vs the checkpoint); use the model section it was saved "
+            f"with (the config in {path / 'meta.json'}; a dcd-convert output also has it as train.yaml for --config)"
+        )
+    return path
+
+
+def _train_iterator(run: RunFacts, samples, consumed: int):
+    from dcd_megatron.data import MicroBatchIterator
+
+    cfg = run.cfg
+    return MicroBatchIterator(
+        samples,
+        micro_batch_size=cfg.train.micro_batch_size,
+        num_microbatches=run.num_microbatches,
+        dp_rank=run.groups.dp_rank,
+        dp_size=run.layout.dp,
+        seed=cfg.train.seed,
+        consumed_samples=consumed,
+        shuffle=cfg.data.shuffle,
+    )
+
+
+def _schedule(run: RunFacts, chunks) -> Callable:
+    """`run_schedule(data_iter, step, n_micro, forward_only)`: megatron's pipeline schedule over
+    `n_micro` micro-batches with the DCD loss as at optimizer step `step`; returns its reports."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from dcd_megatron.data import split_for_context_parallel
+    from dcd_megatron.loss import make_loss_func
+    from dcd_megatron.train.step import make_forward_step
+
+    cfg, layout, groups = run.cfg, run.layout, run.groups
+    cp_split = None
+    if layout.cp > 1:
+        cp_rank, cp_size = groups.cp_rank, layout.cp
+        cp_split = lambda batch: split_for_context_parallel(batch, cp_rank, cp_size)  # noqa: E731
+    forward_backward = get_forward_backward_func()
+
+    def run_schedule(data_iter, step: int, n_micro: int, forward_only: bool):
+        loss_func = make_loss_func(cfg.loss, tp_group=groups.tp, cp_group=groups.cp if layout.cp > 1 else None, step=step)
+        forward_step = make_forward_step(
+            loss_func, packed=cfg.data.pack, use_te=run.runtime.has_te, device=run.runtime.device,
+            cp_split=cp_split, hidden_states=cfg.loss.chunked,
+        )
+        return forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=data_iter,
+            model=chunks,
+            num_microbatches=n_micro,
+            seq_length=cfg.data.seq_length // layout.cp,
+            micro_batch_size=cfg.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    return run_schedule
