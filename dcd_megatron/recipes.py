@@ -50,12 +50,12 @@ def tiny_model(**kw) -> ModelConfig:
 
 
 def tiny_distill_1cpu_fp32_config(output_dir: str = "runs/tiny_cpu") -> TrainConfig:
-    """The `make demo` job: the tiny student on the bundled traces with the sigmoid DCD loss."""
+    """The `make demo` job: the tiny student on the bundled traces with the default (gated) DCD loss."""
     return TrainConfig(
         model=tiny_model(),
         parallel=ParallelConfig(),
         data=demo_data(),
-        loss=DCDConfig(method="sigmoid"),
+        loss=DCDConfig(),  # the lab-chosen default (docs/loss.md, "Defaults")
         optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=10, weight_decay=0.01, clip_grad=1.0),
         train=LoopConfig(
             steps=120,
@@ -129,7 +129,7 @@ def qwen25_1p5b_distill_64gpu_h100_bf16_config(
             seq_length=16384,
             pack=True,
         ),
-        loss=DCDConfig(method="sigmoid"),
+        loss=DCDConfig(),  # the lab-chosen default (docs/loss.md, "Defaults")
         optim=OptimConfig(lr=1e-5, min_lr=1e-6, warmup_steps=50, weight_decay=0.01, clip_grad=1.0,
                           distributed_optimizer=True),
         train=LoopConfig(

@@ -183,7 +183,7 @@ def test_teacher_top_k_readers_need_data_topk(overrides, reader):
         apply_overrides(cfg, overrides)
     assert "\n" not in str(err.value)
     assert apply_overrides(cfg, [*overrides, "data.topk=4"]).data.topk == 4
-    assert apply_overrides(cfg, ["loss.gate=entropy"]).loss.gate == "entropy"  # sigmoid never reads the gate
+    assert apply_overrides(cfg, ["loss.method=sigmoid", "loss.gate=entropy"]).loss.gate == "entropy"  # sigmoid never reads the gate
 
 
 def test_dcd_train_exits_2_with_one_line_when_the_entropy_gate_has_no_topk():

@@ -56,7 +56,7 @@ def test_tau_schedule_is_linear_then_constant():
 
 def test_defaults_are_valid_and_round_trip_through_overrides():
     cfg = DCDConfig()
-    assert cfg.method == "sigmoid" and cfg.normalize == "global"
+    assert cfg.method == "gated" and cfg.normalize == "global"
     assert from_dict(DCDConfig, to_dict(cfg)) == cfg
     changed = apply_overrides(cfg, ["method=tis", "cap=3", "tau_end=2.0", "tau_anneal_steps=10"])
     assert (changed.method, changed.cap, changed.tau_end, changed.tau_anneal_steps) == ("tis", 3.0, 2.0, 10)
@@ -72,3 +72,17 @@ def test_gate_messages_name_the_fix():
     assert DCDConfig(method="gated", gate="entropy").entropy_gate
     assert not DCDConfig(method="sigmoid", gate="entropy").entropy_gate  # only the gated method reads it
     assert DCDConfig(method="gated").needs_teacher
+
+
+def test_the_default_is_the_loss_the_published_drift_lab_chose():
+    """docs/results.md names the arm the lab's rule chose; DCDConfig() must be that arm's loss."""
+    import re
+    from pathlib import Path
+
+    from dcd_megatron.lab.arms import ARMS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "results.md").read_text()
+    chosen = re.search(r"\*\*Chosen by this run: `([a-z_]+)`\.\*\*", text).group(1)
+    default = DCDConfig()
+    for field, value in ARMS[chosen].loss.items():
+        assert getattr(default, field) == value, (chosen, field, getattr(default, field), value)

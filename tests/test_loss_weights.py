@@ -281,7 +281,7 @@ def test_gradient_is_weighted_sft_with_constant_weights(cfg):
 def test_sigmoid_with_huge_tau_is_sft(normalize):
     logits, batch = make_batch(seed=4)
     sft_loss, n, _, sft_grad = _loss_and_grad(DCDConfig(method="sft", normalize=normalize), logits, batch)
-    loss, n2, report, grad = _loss_and_grad(DCDConfig(tau=1e30, normalize=normalize), logits, batch)
+    loss, n2, report, grad = _loss_and_grad(DCDConfig(method="sigmoid", tau=1e30, normalize=normalize), logits, batch)
     factor = 1.0
     if normalize == "global":  # what rescale_grads_for_global_weight_mean applies after backward
         factor = float(report["global_norm"][1] / report["global_norm"][0])

@@ -24,7 +24,7 @@ class Arm:
 ARMS: dict[str, Arm] = {
     "sft": Arm("plain SFT (every weight 1)", {"method": "sft"}),
     "sigmoid_sharp": Arm("sigmoid of the log-ratio, tau=0.5 (sharp)", {"method": "sigmoid", "tau": 0.5}),
-    "sigmoid": Arm("sigmoid of the log-ratio, tau=1 (the default)", {"method": "sigmoid", "tau": 1.0}),
+    "sigmoid": Arm("sigmoid of the log-ratio, tau=1 (the old default)", {"method": "sigmoid", "tau": 1.0}),
     "sigmoid_soft": Arm("sigmoid of the log-ratio, tau=2 (soft)", {"method": "sigmoid", "tau": 2.0}),
     "student_only": Arm("sigmoid of the student log-prob alone, tau=1", {"method": "student_only", "tau": 1.0}),
     "tis": Arm("truncated importance ratio min(p_s/p_t, 2)", {"method": "tis", "cap": 2.0}),

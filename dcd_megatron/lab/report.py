@@ -208,6 +208,9 @@ def _style_cells(acc: dict) -> str:
 def _condition_section(results, name, summary, arms, groups, plots, img_rel) -> list[str]:
     title = CONDITION_TITLES.get(name, name)
     lines = [f"## Condition `{name}`: {title}", ""]
+    skipped = results.get("conditions", {}).get(name, {}).get("skipped_arms")
+    if skipped:
+        lines += [f"Skipped here (no trace in the prior's style to train on): {', '.join(skipped)}.", ""]
     lines += _group_table(summary, arms, len(results["config"]["seeds"]))
     lines += ["", f"![accuracy by k]({img_rel}/{plots['acc']})", "", f"![paired differences]({img_rel}/{plots['diff']})", ""]
     lines += _k_table(summary, arms, groups)

@@ -113,6 +113,7 @@ class Condition:
     description: str = ""
     caches: dict[bool, Path] = field(default_factory=dict)  # only_style -> token cache dir
     paths: dict[bool, Path] = field(default_factory=dict)  # only_style -> traces file
+    skipped: set[str] = field(default_factory=set)  # arms with no traces to train on here
 
 
 @dataclass
@@ -195,6 +196,7 @@ def run_lab(cfg: LabConfig) -> dict:
         "conditions": {name: {"description": c.description, "traces": len(c.traces),
                               "trace_styles": _count(t["style"] for t in c.traces),
                               "filtered_traces": sum(t["style"] == cfg.student.prior_style for t in c.traces),
+                              "skipped_arms": sorted(c.skipped),
                               "epochs": _epochs(c, cfg.seq_length)}
                        for name, c in conditions.items()},
         "references": references,
@@ -256,9 +258,10 @@ def _condition_caches(lab: LabRun, c: Condition) -> None:
     wanted = {ARMS[a].only_style for a in cfg.arms}
     for only in sorted(wanted):
         rows = [t for t in c.traces if t["style"] == cfg.student.prior_style] if only else c.traces
-        if not rows:
-            raise LabError(f"condition {c.name}: no trace in the prior's style {cfg.student.prior_style!r} "
-                           "for the oracle arm; draw more traces or drop the arm")
+        if not rows:  # a counted, logged skip: the report lists it
+            print(f"[lab] warning: condition {c.name} has no trace in the prior's style "
+                  f"{cfg.student.prior_style!r}: its style-filtered arms are skipped", flush=True)
+            continue
         name = f"{c.name}{'-' + cfg.student.prior_style if only else ''}"
         path = c.traces_path if not only else labdata.write_jsonl(c.traces_path.with_name(f"traces_{name}.jsonl"), rows)
         cache = lab.out / "cache" / name
@@ -279,6 +282,9 @@ def _submit_arms(pool, lab: LabRun, conditions: dict[str, Condition], teacher: d
             for arm in cfg.arms:
                 run_name = f"{arm}-seed{seed}" if c.name == "trained" else f"{c.name}-{arm}-seed{seed}"
                 only = ARMS[arm].only_style
+                if only not in c.caches:
+                    c.skipped.add(arm)
+                    continue
                 train = lab.spec(run_name, cfg.student.net, c.stage, c.paths[only], seed, run_name,
                                  loss=arm_loss(arm, c.stage.steps), init_checkpoint=prior["checkpoint"],
                                  cache_dir=str(c.caches[only]), plot_interval=c.stage.steps, topk=cfg.topk)

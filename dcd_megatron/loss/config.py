@@ -39,12 +39,12 @@ class DCDConfig:
     """Per-token weight family of the method; docs/loss.md has the method and each formula."""
 
     # the per-token weight (see docs/loss.md for each formula)
-    method: Method = "sigmoid"
+    method: Method = "gated"
     # the weighted per-token term: nll = -log p_student(teacher token); topk_kl = KL over the
     # teacher's top-k plus a residual bucket (needs data.topk and top-k in the traces)
     term: Literal["nll", "topk_kl"] = "nll"
     # sigmoid-shaped weights: sigma((z - bias) / tau) with z the clipped statistic
-    tau: float = 1.0
+    tau: float = 0.5
     bias: float = 0.0  # the sigmoid's centre, in log-ratio units
     bias_mode: Literal["fixed", "median"] = "fixed"  # median: the micro-batch median of the clipped statistic
     # z = clip(statistic, -clip, clip): the log-ratio (or student log-prob) clip
