@@ -33,7 +33,7 @@ help:
 	@echo "make test-latest  run the megatron-core tests against megatron-core $(MCORE_LATEST) on Python 3.12"
 	@echo "make test-container  build the CPU image with buildah and run the demo in it (root; needs buildah podman debootstrap)"
 	@echo "make bench        run the benchmarks and rewrite docs/performance.md"
-	@echo "make bench-drift  run the drift lab (~23 CPU-min on 2 idle cores) and rewrite docs/results.md"
+	@echo "make bench-drift  run the drift lab (~25 min on 2 idle cores: 8 seeds x 8 arms x 2 conditions) and rewrite docs/results.md"
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
