@@ -35,7 +35,7 @@ def test_single_process_run_learns_and_logs_to_embedded_mlflow(tmp_path):
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs(client.get_experiment_by_name("dcd-demo").experiment_id)
-    assert run.data.params["loss.method"] == "sigmoid"
+    assert run.data.params["loss.method"] == "gated"  # the default (docs/loss.md, "Defaults")
     assert run.data.params["train.steps"] == "24"
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 25))
