@@ -17,7 +17,6 @@ from dcd_megatron.lab.config import trace_tokens
 from dcd_megatron.loss import DCDConfig, dcd_weights
 
 BRANCH_POSITION = 3  # response[3] is "=" (verbose) or "+" (skip styles): the style-choosing token
-STYLE_NAMES = (*task.STYLES, "other")
 
 
 def prompt_ids(tok, digits: str) -> list[int]:
@@ -33,17 +32,7 @@ def greedy_accuracy(model, tok, problems: dict[int, list[str]], *, batch_size: i
         max_new = trace_tokens(k) - len(prompts[0]) + 4
         gens = generate(model, prompts, max_new_tokens=max_new, eos_id=tok.eos_id, temperature=0.0,
                         batch_size=batch_size, progress=False)
-        styles = dict.fromkeys(STYLE_NAMES, 0)
-        correct_by_style = dict.fromkeys(STYLE_NAMES, 0)
-        correct = 0
-        for d, sample in zip(digits, gens, strict=True):
-            text = tok.decode(strip_eos(sample[0], tok.eos_id))
-            style = task.style_of(text)
-            ok = task.is_correct(d, text)
-            styles[style] += 1
-            correct_by_style[style] += int(ok)
-            correct += int(ok)
-        out[str(k)] = {"n": len(digits), "correct": correct, "styles": styles, "correct_by_style": correct_by_style}
+        out[str(k)] = task.accuracy_record(digits, [tok.decode(strip_eos(g[0], tok.eos_id)) for g in gens])
     return out
 
 

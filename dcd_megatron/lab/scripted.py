@@ -121,16 +121,5 @@ def scripted_traces(teacher: ScriptedTeacher, digits: list[str], seed: int, topk
 
 def greedy_accuracy(teacher: ScriptedTeacher, problems: dict[int, list[str]]) -> dict[str, dict]:
     """The same record as `evaluate.greedy_accuracy`, for the scripted teacher's greedy traces."""
-    out = {}
-    for k, digits in sorted(problems.items()):
-        styles = dict.fromkeys((*task.STYLES, "other"), 0)
-        correct_by_style = dict(styles)
-        correct = 0
-        for d in digits:
-            text = teacher.greedy(d)
-            style, ok = task.style_of(text), task.is_correct(d, text)
-            styles[style] += 1
-            correct_by_style[style] += int(ok)
-            correct += int(ok)
-        out[str(k)] = {"n": len(digits), "correct": correct, "styles": styles, "correct_by_style": correct_by_style}
-    return out
+    return {str(k): task.accuracy_record(digits, [teacher.greedy(d) for d in digits])
+            for k, digits in sorted(problems.items())}

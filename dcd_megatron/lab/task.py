@@ -55,6 +55,18 @@ def make_trace(digits: str, style: str) -> str:
     return ",".join(steps) + f">{total}"
 
 
+def accuracy_record(digits: list[str], texts: list[str]) -> dict:
+    """Problems, correct answers, and the style each answer was written in (with its correct count)."""
+    names = (*STYLES, "other")
+    styles, correct_by_style, correct = dict.fromkeys(names, 0), dict.fromkeys(names, 0), 0
+    for d, text in zip(digits, texts, strict=True):
+        style, ok = style_of(text), is_correct(d, text)
+        styles[style] += 1
+        correct_by_style[style] += int(ok)
+        correct += int(ok)
+    return {"n": len(digits), "correct": correct, "styles": styles, "correct_by_style": correct_by_style}
+
+
 def answer_of(response: str) -> int | None:
     """The integer after the last `>`, or None."""
     if ">" not in response:
