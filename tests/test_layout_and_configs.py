@@ -77,6 +77,7 @@ def test_init_checkpoint_of_another_architecture_is_refused_naming_the_fields(tm
 
     import yaml
 
+    from dcd_megatron.checkpoint import write_manifest
     from dcd_megatron.recipes import tiny_distill_1cpu_fp32_config
     from dcd_megatron.train.setup import _checked_init_checkpoint
 
@@ -84,13 +85,14 @@ def test_init_checkpoint_of_another_architecture_is_refused_naming_the_fields(tm
     iter_dir = tmp_path / "run" / "checkpoints" / "iter_0000005"
     iter_dir.mkdir(parents=True)
     (iter_dir / "meta.json").write_text(json.dumps({"step": 5, "config": yaml.safe_dump(to_dict(saved))}))
+    write_manifest(iter_dir)
     (tmp_path / "run" / "checkpoints" / "latest").write_text("iter_0000005")
     same = apply_overrides(saved, [f"model.init_checkpoint={tmp_path / 'run'}"])
     assert _checked_init_checkpoint(same) == iter_dir  # a run dir resolves to its latest checkpoint
     deeper = apply_overrides(same, ["model.num_layers=3", "model.ffn_hidden_size=256"])
     with pytest.raises(ConfigError, match=r"another architecture \(num_layers: 3 vs 2; ffn_size: 256 vs 192: this config vs the checkpoint"):
         _checked_init_checkpoint(deeper)
-    with pytest.raises(FileNotFoundError, match="holds no complete dcd-train checkpoint"):
+    with pytest.raises(FileNotFoundError, match="holds no dcd-train checkpoint"):
         _checked_init_checkpoint(apply_overrides(saved, [f"model.init_checkpoint={tmp_path / 'nothing'}"]))
 
 

@@ -47,6 +47,10 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
+# What `train.resume_changes` may name (dcd_megatron.train.resume says which fields are in each).
+RESUME_CHANGE_GROUPS = ("data", "loss", "optim", "schedule", "model", "all")
+
+
 @dataclass
 class LoopConfig:
     """Steps, batch sizes, intervals and where the run lives."""
@@ -62,7 +66,8 @@ class LoopConfig:
     keep_checkpoints: int = 2  # newest complete checkpoints kept (0 = keep all)
     stop_after: int = 0  # stop with a checkpoint once this many steps are done (0 = run to `steps`)
     output_dir: str = "runs/dcd"  # checkpoints/, metrics.jsonl, final_metrics.json, cache/
-    resume: str = "auto"  # auto (latest complete checkpoint in output_dir, if any) | never | a path
+    resume: str = "auto"  # auto (newest checkpoint in output_dir that verifies, if any) | never | a path
+    resume_changes: list[str] = field(default_factory=list)  # what a resume may change: data, loss, optim, schedule, model, all (docs/checkpoints.md)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,6 +87,9 @@ class LoopConfig:
             )
         if not self.output_dir:
             raise ValueError("train.output_dir must be set")
+        unknown = [g for g in self.resume_changes if g not in RESUME_CHANGE_GROUPS]
+        if unknown:
+            raise ValueError(f"train.resume_changes: {unknown} are not among {list(RESUME_CHANGE_GROUPS)}")
 
 
 @dataclass

@@ -3,8 +3,9 @@
 The result loads at any TP x PP layout (distributed checkpoints reshard on load), so the
 conversion itself runs at TP=1, PP=1 in one process on CPU. The directory holds:
 - the distributed checkpoint (the "model" key of the sharded state dict, as dcd-train saves it),
-- `meta.json` (written last): the TrainConfig with the HF architecture, `padded_vocab_size`, and
+- `meta.json`: the TrainConfig with the HF architecture, `padded_vocab_size`, and
   the source `config.json` under `hf` (dcd-convert mcore-to-hf reuses it),
+- `manifest.json` (written last): every file's size and sha256, verified by every reader,
 - `train.yaml`: the same TrainConfig, ready for `dcd-train --config` with
   `model.init_checkpoint` pointing here.
 """
@@ -88,7 +89,7 @@ def convert_hf_to_mcore(
     """Convert `hf_dir` into our checkpoint format at `out` (written atomically)."""
     from megatron.core import dist_checkpointing
 
-    from dcd_megatron.checkpoint import META, use_in_process_write_results
+    from dcd_megatron.checkpoint import META, use_in_process_write_results, write_manifest
     from dcd_megatron.configs import to_dict
     from dcd_megatron.convert.model_io import build_empty_model, single_process_group
     from dcd_megatron.data import load_tokenizer
@@ -124,7 +125,6 @@ def convert_hf_to_mcore(
     tmp.mkdir(parents=True)
     use_in_process_write_results()
     dist_checkpointing.save({"model": module.sharded_state_dict()}, str(tmp))
-    (tmp / TRAIN_YAML).write_text(config_text)
     meta = {
         "config": config_text,
         "step": 0,
@@ -135,6 +135,8 @@ def convert_hf_to_mcore(
         "tokenizer_fingerprint": tok.fingerprint,
     }
     (tmp / META).write_text(json.dumps(meta, indent=1))
+    write_manifest(tmp)  # every file's size and sha256: readers verify before loading
+    (tmp / TRAIN_YAML).write_text(config_text)  # after the manifest: users may edit it
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

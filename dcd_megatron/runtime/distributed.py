@@ -235,6 +235,15 @@ def share_object(obj, src: int):
     return box[0]
 
 
+def all_gather_lists(items: list) -> list:
+    """Every rank's `items`, joined in rank order, on every rank (one all-gather; a plain copy alone)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return list(items)
+    boxes = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(boxes, list(items))
+    return [item for box in boxes for item in box]
+
+
 def shutdown() -> None:
     """Tear down parallel state and the process group (safe to call twice)."""
     from megatron.core import parallel_state

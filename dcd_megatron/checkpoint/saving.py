@@ -1,91 +1,30 @@
-"""Checkpoints with megatron-core's distributed checkpointing: written atomically, found, read back.
+"""Saving and loading with megatron-core's distributed checkpointing, atomically and verified.
 
-A checkpoint is written into `iter_NNNNNNN.tmp`, completed with `meta.json` (written last), and
-only then renamed to `iter_NNNNNNN`; `latest` names the newest. A run killed mid-save leaves a
-`.tmp` directory that is never taken as a checkpoint (and is removed by the next save).
+A checkpoint is written into `iter_NNNNNNN.tmp`, completed with `meta.json` and then
+`manifest.json` (every file's size and sha256, hashed by all ranks in parallel), and only then
+renamed to `iter_NNNNNNN`; `latest` names the newest. A run killed mid-save leaves a `.tmp`
+directory that is never taken as a checkpoint (and is removed by the next save). A foreign
+entry in the way (a link or file under a checkpoint's name) is moved aside, never followed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-_NAME = re.compile(r"^iter_(\d{7})$")
-META = "meta.json"
+from dcd_megatron.checkpoint.finding import (
+    META, CheckpointError, checkpoint_dir, complete_checkpoints, is_ours, move_aside, read_meta, warn_foreign,
+)
+from dcd_megatron.checkpoint.manifest import hash_share, merge_shares, record_file, write_manifest
 
-
-def checkpoint_dir(root: Path, step: int) -> Path:
-    return Path(root) / f"iter_{step:07d}"
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / META).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
-
-
-def find_latest(root: Path) -> Path | None:
-    """The newest complete checkpoint (the `latest` pointer if valid, else a scan)."""
-    root = Path(root)
-    pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if _NAME.match(candidate.name) and (candidate / META).is_file():
-            newer = complete_checkpoints(root)
-            return newer[-1] if newer else candidate
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
-
-
-def resolve_resume(resume: str, root: Path) -> Path | None:
-    """`auto`: latest complete checkpoint under root (or None); `never`: None; else that path."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return find_latest(root)
-    path = Path(resume)
-    if (path / META).is_file():
-        return path
-    latest = find_latest(path)
-    if latest is None:
-        raise FileNotFoundError(
-            f"train.resume={resume}: no complete checkpoint there (a complete one has {META}); "
-            "use train.resume=auto or never"
-        )
-    return latest
-
-
-def read_checkpoint_config(checkpoint: Path):
-    """(checkpoint dir, the TrainConfig it was trained with, its meta record)."""
-    import yaml
-
-    from dcd_megatron.configs import from_dict
-    from dcd_megatron.configs.train import TrainConfig
-
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / META).is_file():
-        latest = find_latest(checkpoint) or find_latest(checkpoint / "checkpoints")
-        if latest is None:
-            raise FileNotFoundError(
-                f"{checkpoint} holds no complete dcd-train checkpoint (a directory with {META}); "
-                "pass a run's output_dir, its checkpoints/ folder or one iter_NNNNNNN folder"
-            )
-        checkpoint = latest
-    meta = json.loads((checkpoint / META).read_text())
-    if not meta.get("config"):
-        raise ValueError(f"{checkpoint}/{META} has no training config; it was not written by dcd-train")
-    return checkpoint, from_dict(TrainConfig, yaml.safe_load(meta["config"])), meta
-
+log = logging.getLogger(__name__)
 
 def _rng_state() -> dict:
     from megatron.core import tensor_parallel
@@ -179,22 +118,40 @@ def start_writer_helpers(ignoring: tuple = ()) -> None:
             signal.signal(sig, handler)
 
 
+def _clear_the_way(root: Path, final: Path, tmp: Path) -> None:
+    """Rank 0, before a save: stale .tmp dirs of ours go, a re-saved step's old dir goes, links move aside."""
+    root.mkdir(parents=True, exist_ok=True)
+    warn_foreign(root)
+    for stale in root.glob("iter_*.tmp"):
+        if stale.is_symlink() or not stale.is_dir():
+            move_aside(stale, "foreign")
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
+    if final.is_symlink() or (final.exists() and not is_ours(final)):
+        move_aside(final, "foreign")
+    elif final.exists():  # a re-save of the same step (e.g. resumed at the end, or after a damaged one)
+        shutil.rmtree(final)
+    tmp.mkdir(parents=True)
+
+
+def _gather_to_zero(obj) -> list | None:
+    dist = torch.distributed
+    shares = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, shares, dst=0)
+    return shares
+
+
 def save_checkpoint(root: Path, step: int, model_chunks, optimizer, scheduler, meta: dict, keep: int) -> Path:
     """Save everything needed to resume exactly at `step`; collective over all ranks."""
     from megatron.core import dist_checkpointing
 
     dist = torch.distributed
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     root = Path(root)
     final = checkpoint_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("iter_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():  # a re-save of the same step (e.g. resumed at the end)
-            shutil.rmtree(final)
-        tmp.mkdir(parents=True)
+        _clear_the_way(root, final, tmp)
     dist.barrier()
     use_in_process_write_results()
     dist_checkpointing.save(_sharded_state(model_chunks, optimizer, is_loading=False), str(tmp))
@@ -202,9 +159,13 @@ def save_checkpoint(root: Path, step: int, model_chunks, optimizer, scheduler, m
     rng_dir.mkdir(exist_ok=True)
     torch.save(_rng_state(), rng_dir / f"rank_{rank:05d}.pt")
     dist.barrier()
+    shares = _gather_to_zero(hash_share(tmp, (rank, world)))
     if rank == 0:
-        record = dict(meta, step=step, scheduler=scheduler.state_dict(), world_size=dist.get_world_size())
+        record = dict(meta, step=step, scheduler=scheduler.state_dict(), world_size=world)
         _write_atomic(tmp / META, json.dumps(record, indent=1, default=str))
+        files = merge_shares(shares)
+        files[META] = record_file(tmp, META)
+        write_manifest(tmp, files)
         os.replace(tmp, final)
         _write_atomic(root / "latest", final.name)
         if keep > 0:
@@ -215,13 +176,20 @@ def save_checkpoint(root: Path, step: int, model_chunks, optimizer, scheduler, m
 
 
 def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, *, load_optimizer: bool = True) -> dict:
-    """Restore model (and optimizer, scheduler, RNG) from `path`; return its meta record."""
+    """Restore model (and optimizer, scheduler, RNG) from a verified checkpoint at `path`; its meta record."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    meta = json.loads((path / META).read_text())
+    meta = read_meta(path)
     opt = optimizer if load_optimizer else None
-    state = dist_checkpointing.load(_sharded_state(model_chunks, opt, is_loading=True), str(path))
+    try:
+        state = dist_checkpointing.load(_sharded_state(model_chunks, opt, is_loading=True), str(path))
+    except Exception as exc:  # after verification: a layout or format megatron-core cannot read
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"megatron-core cannot load {path} ({type(exc).__name__}: {first}); it verified, so the config does "
+            "not fit it: resume with the model and parallel sections it was saved with (its meta.json)"
+        ) from exc
     for i, chunk in enumerate(model_chunks):
         module = getattr(chunk, "module", chunk)
         module.load_state_dict(state["model" if len(model_chunks) == 1 else f"model{i}"])
@@ -229,11 +197,22 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, *, load_opti
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(meta["scheduler"])
-        rank = torch.distributed.get_rank()
-        rng_file = path / "rng" / f"rank_{rank:05d}.pt"
-        if meta.get("world_size") == torch.distributed.get_world_size() and rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+        _restore_rng(path, meta)
     return meta
+
+
+def _restore_rng(path: Path, meta: dict) -> None:
+    """This rank's RNG state, when the checkpoint was written by as many ranks (else a note)."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if meta.get("world_size") != world:
+        if rank == 0:
+            print(f"note: {path} was written by {meta.get('world_size')} ranks and this run has {world}: "
+                  "the random state (dropout) starts afresh; the data order does not change", flush=True)
+        return
+    rng_file = path / "rng" / f"rank_{rank:05d}.pt"
+    if not rng_file.is_file():
+        raise CheckpointError(f"{rng_file} is missing; restore it, or resume from another checkpoint")
+    _set_rng_state(torch.load(rng_file, weights_only=False))
 
 
 def _write_atomic(path: Path, text: str) -> None:
