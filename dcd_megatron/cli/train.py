@@ -4,6 +4,8 @@
 
 Runs as one process, or under torchrun / srun at any layout (`tp=2 pp=2`, the rest of the
 world is data parallel). `--print-config` shows the resolved config and exits.
+`dcd-train --sync-tracking OUTPUT_DIR [tracking.tracking_uri=URI]` sends a finished or crashed
+run's missing steps (from its metrics.jsonl) and its real status to MLflow (docs/tracking.md).
 """
 
 from __future__ import annotations
@@ -32,8 +34,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--verbose", action="store_true",
                         help="show megatron-core's own start-up warnings (missing Transformer Engine / Apex)")
+    parser.add_argument("--sync-tracking", metavar="OUTPUT_DIR",
+                        help="send the steps MLflow missed (from OUTPUT_DIR/metrics.jsonl) and the run's real "
+                        "status to its MLflow run, then exit; the only override it takes is tracking.tracking_uri=URI")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     return parser.parse_args(argv)
+
+
+def sync_tracking(output_dir: str, overrides: list[str]) -> int:
+    """`--sync-tracking`: bring the MLflow run of a finished or crashed run up to date; the exit code."""
+    from pathlib import Path
+
+    from dcd_megatron.runtime.output_lock import OutputDirError, acquire
+    from dcd_megatron.tracking.sync import SyncError, sync_run
+
+    uri = None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if key != "tracking.tracking_uri" or not sep or not value:
+            print(f"dcd-train: error: --sync-tracking takes only tracking.tracking_uri=URI, got {item!r}", file=sys.stderr)
+            return 2
+        uri = value
+    if not Path(output_dir).is_dir():
+        print(f"dcd-train: error: --sync-tracking {output_dir}: not a directory; pass a run's train.output_dir",
+              file=sys.stderr)
+        return 2
+    try:
+        with acquire(output_dir, setting="--sync-tracking"):  # a live run there still logs for itself
+            result = sync_run(output_dir, tracking_uri=uri)
+    except (SyncError, OutputDirError) as exc:
+        print(f"dcd-train: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"synced {result.line()}")
+    return 0
 
 
 def resolve_config(args: argparse.Namespace):
@@ -53,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     from dcd_megatron.runtime.quiet import quiet_megatron_warnings
 
     args = parse_args(argv)
+    if args.sync_tracking:
+        return sync_tracking(args.sync_tracking, args.overrides)
     if not args.print_config:
         quiet_megatron_warnings(args.verbose, prog="dcd-train")
     try:

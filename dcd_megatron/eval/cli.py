@@ -153,6 +153,9 @@ def evaluate_benchmark(model: EvalModel, args: argparse.Namespace, entry: str) -
 
 
 def _log_mlflow(args: argparse.Namespace, results: list[BenchmarkResult], out_dir: Path) -> None:
+    from dcd_megatron.tracking.telemetry import telemetry_off
+
+    telemetry_off()  # before mlflow is imported: no usage telemetry (docs/tracking.md, "Telemetry")
     import mlflow
 
     if args.mlflow_tracking_uri:

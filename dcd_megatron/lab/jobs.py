@@ -286,6 +286,9 @@ def eval_metrics(record: dict) -> dict[str, float]:
 
 def log_evaluation(spec: DistillSpec, record: dict) -> str | None:
     """Add the evaluation to the MLflow run the trainer made (its id is in output_dir/mlflow_run_id)."""
+    from dcd_megatron.tracking.telemetry import telemetry_off
+
+    telemetry_off()  # before mlflow is imported: no usage telemetry (docs/tracking.md, "Telemetry")
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 

@@ -70,6 +70,9 @@ def prepare_tracking_store(uri: str | None, experiment: str) -> None:
     SQLite file would race its schema migration ("table _alembic_tmp_experiments already exists")."""
     if uri is None:
         return
+    from dcd_megatron.tracking.telemetry import telemetry_off
+
+    telemetry_off()  # before mlflow is imported: no usage telemetry (docs/tracking.md, "Telemetry")
     from mlflow.tracking import MlflowClient
 
     from dcd_megatron.tracking.config import default_artifact_location

@@ -3,6 +3,8 @@
 Every MLflow call runs on a background worker (``worker.py``) so a slow or dead server never
 blocks a training step; failures are counted and warned about (rate-limited), never raised.
 The run id lives in ``run_dir/mlflow_run_id`` so a resumed training continues the same run.
+Given the run's local record (metrics.jsonl), the tracker replays what a dead server missed as
+soon as it answers again, and at the end (``record.py``); ``sync.py`` does the same afterwards.
 """
 
 from __future__ import annotations
@@ -39,12 +41,15 @@ from dcd_megatron.tracking.plots import (
     render_weight_by_position,
     render_weight_histogram,
 )
+from dcd_megatron.tracking.record import END_TAGS, read_record, replay_missing, stored_steps, values_by_key
 from dcd_megatron.tracking.redact import redact, redact_text, redact_uri
+from dcd_megatron.tracking.telemetry import telemetry_off
 from dcd_megatron.tracking.worker import BackgroundWorker, WorkerStats
 
 logger = logging.getLogger("dcd_megatron.tracking")
 
 RUN_ID_FILE = "mlflow_run_id"
+TRACKING_URI_FILE = "mlflow_tracking_uri"  # where the run is (password redacted), for dcd-train --sync-tracking
 CONFIG_ARTIFACT = "config/config.yaml"
 FINISH_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # After the first warning, at most one warning per this many seconds (with a count of the rest).
@@ -130,6 +135,10 @@ class Tracker:
         self._config_text = ""
         self._config_done = False
         self._run_dir: Path | None = None
+        self._record: Path | None = None  # the local record of every step, to replay what the store missed
+        self._start_step = 0
+        self._behind = False  # some logged metrics may not have reached the store (worker thread only)
+        self._stored_ahead: set[tuple[str, int]] = set()  # (key, step) past start_step the store already has
         self._metrics: deque[list] = deque(maxlen=self.config.max_pending)
         self._metrics_lock = threading.Lock()
         self._metrics_task_queued = False
@@ -138,19 +147,28 @@ class Tracker:
         self._failures = 0
         self._skipped = 0
         self._dropped_metrics = 0
+        self._dropped_metrics_unseen = 0  # dropped since the last send (that send then replays them)
         self._failures_since_warning = 0
         self._last_warning = -math.inf
         self._failing = False
         self._tmp = None
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, config_dict: Mapping[str, Any], config_text: str, run_dir: str | Path) -> None:
-        """Create the run (or resume the one recorded in ``run_dir``), log the config as params and artifact."""
+    def start(self, config_dict: Mapping[str, Any], config_text: str, run_dir: str | Path, *,
+              record: str | Path | None = None, start_step: int = 0) -> None:
+        """Create the run (or resume the one recorded in ``run_dir``), log the config as params and artifact.
+
+        ``record``: the run's metrics.jsonl, from which missed steps are replayed; ``start_step``: the
+        steps done before this process (a resumed run does not send again the later steps the store has).
+        """
         if not self.active or self._started:
             return
         self._started = True
         self._run_dir = Path(run_dir)
+        self._record = None if record is None else Path(record)
+        self._start_step = int(start_step)
         apply_http_timeouts(self.config.timeout_s)
+        telemetry_off()
         try:
             from mlflow.tracking import MlflowClient  # noqa: F401  (import cost paid here, not on the worker)
         except Exception as exc:  # pragma: no cover - mlflow is a dependency
@@ -182,9 +200,10 @@ class Tracker:
         else:
             logger.info("%s", self.describe())
 
-    def finish(self, status: str = "FINISHED", timeout_s: float | None = None) -> bool:
-        """Mark the run ``status``, flush queued calls for at most ``timeout_s`` (default
-        ``finish_timeout_s``); True if everything arrived."""
+    def finish(self, status: str = "FINISHED", timeout_s: float | None = None,
+               tags: Mapping[str, str] | None = None) -> bool:
+        """Send what is queued, replay what the store missed, set ``tags`` and mark the run ``status``,
+        for at most ``timeout_s`` (default ``finish_timeout_s``); True if everything arrived."""
         if status not in FINISH_STATUSES:
             raise ValueError(f"finish(status={status!r}): status must be one of {', '.join(FINISH_STATUSES)}")
         if not self.active or not self._started or self._finished:
@@ -192,15 +211,21 @@ class Tracker:
         self._finished = True
         atexit.unregister(self._at_exit)
         self._queue_metrics_flush()
-        self._worker.submit("finish run", lambda: self._set_terminated(status), essential=True)
+        if self._record is not None:
+            self._worker.submit("catch up", lambda: self._catch_up(None), essential=True)
+        end_tags = {str(k): redact_text(str(v))[:5000] for k, v in (tags or {}).items()}
+        self._worker.submit("finish run", lambda: self._set_terminated(status, end_tags), essential=True)
         timeout_s = self.config.finish_timeout_s if timeout_s is None else timeout_s
         flushed = self._worker.close(timeout_s)
         stats = self.stats
         if not flushed or stats.failed or stats.dropped or self._skipped:
+            behind = not flushed or self._behind
             self._warn(
                 f"MLflow run {self.run_id} finishing as {status}: {stats.failed} logging calls failed, "
                 f"{stats.dropped} dropped, {self._skipped} skipped"
-                + ("" if flushed else f"; gave up waiting for the store after {timeout_s:.0f} s"),
+                + ("" if flushed else f"; gave up waiting for the store after {timeout_s:.0f} s")
+                + (f"; once the store answers, `dcd-train --sync-tracking {self._run_dir}` sends the missing "
+                   "steps and the status" if behind and self._record is not None and self.run_id else ""),
                 force=True,
             )
         if self._tmp is not None and flushed:
@@ -243,6 +268,7 @@ class Tracker:
         with self._metrics_lock:
             if len(self._metrics) == self._metrics.maxlen:
                 self._dropped_metrics += 1
+                self._dropped_metrics_unseen += 1
                 self._warn("MLflow is behind: dropped the oldest queued step of metrics")
             self._metrics.append(entries)
         self._queue_metrics_flush(force=False)
@@ -370,6 +396,9 @@ class Tracker:
                     self._client = MlflowClient(tracking_uri=self.tracking_uri)
             if self.run_id is None:
                 self._create_or_resume()
+                if self.resumed and self._record is not None:
+                    self._behind = True  # the process before may have missed steps: check on the first send
+                    self._find_stored_ahead()
             if not self._params_done:
                 self._log_params()
             if not self._config_done:
@@ -403,9 +432,13 @@ class Tracker:
                 run = None
             if run is not None and run.info.lifecycle_stage != LifecycleStage.DELETED:
                 self._client.update_run(previous, status="RUNNING")
+                for tag in END_TAGS:  # how the run ended before no longer holds
+                    if tag in (getattr(run.data, "tags", None) or {}):
+                        self._client.delete_tag(previous, tag)
                 self.experiment_id = run.info.experiment_id
                 self.run_id = previous
                 self.resumed = True
+                self._write_uri_file()
                 return
             self._warn(
                 f"{id_file} names run {previous}, which is not in {redact_uri(self.tracking_uri)}; starting a new run",
@@ -420,6 +453,14 @@ class Tracker:
         tmp = id_file.with_suffix(".tmp")
         tmp.write_text(self.run_id + "\n")
         tmp.replace(id_file)
+        self._write_uri_file()
+
+    def _write_uri_file(self) -> None:
+        """Record where the run is (password redacted), so ``dcd-train --sync-tracking`` finds it later."""
+        target = self._run_dir / TRACKING_URI_FILE
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(redact_uri(self.tracking_uri) + "\n")
+        tmp.replace(target)
 
     def _ensure_experiment(self) -> str:
         from mlflow.entities import LifecycleStage
@@ -476,22 +517,55 @@ class Tracker:
                 return
             self._metrics_task_queued = True
             self._last_metrics_send = time.monotonic()
-        self._worker.submit("metrics", self._send_metrics)
+        self._worker.submit("metrics", self._send_metrics, essential=True)  # one at a time; its loss would stall metrics
 
     def _send_metrics(self) -> None:
+        """Send the buffered steps; after a failure, once a send succeeds, replay the older steps the store missed."""
         from mlflow.entities import Metric
 
         with self._metrics_lock:
             pending = list(self._metrics)
             self._metrics.clear()
             self._metrics_task_queued = False
-        run_id = self._ensure_run()
-        entries = [Metric(k, v, ts, step) for batch in pending for (k, v, ts, step) in batch]
-        for chunk in batched(entries, MAX_METRICS_PER_BATCH):
-            self._client.log_batch(run_id, metrics=list(chunk))
+            dropped, self._dropped_metrics_unseen = self._dropped_metrics_unseen, 0
+        self._behind = self._behind or dropped > 0
+        entries = [Metric(k, v, ts, step) for batch in pending for (k, v, ts, step) in batch
+                   if (k, step) not in self._stored_ahead]
+        try:
+            run_id = self._ensure_run()
+            for chunk in batched(entries, MAX_METRICS_PER_BATCH):
+                self._client.log_batch(run_id, metrics=list(chunk))
+        except BaseException:
+            self._behind = True
+            raise
+        if self._behind and pending:
+            # Every record of a step before the newest one sent has been queued already (the sink queues
+            # a step, then writes it): replaying those cannot race with a later send of the same value.
+            self._catch_up(before_step=max(step for batch in pending for (_, _, _, step) in batch))
 
-    def _set_terminated(self, status: str) -> None:
-        self._client.set_terminated(self._ensure_run(), status=status)
+    def _catch_up(self, before_step: int | None) -> None:
+        """Replay from the local record the values (of steps < ``before_step``, or all) the store lacks."""
+        if not self._behind or self._record is None:
+            return
+        run_id = self._ensure_run()
+        sent = replay_missing(self._client, run_id, values_by_key(read_record(self._record), before_step))
+        self._behind = False
+        if sent:
+            self._warn(f"MLflow caught up: replayed {sent} metric values the store had missed from {self._record}",
+                       force=True)
+
+    def _find_stored_ahead(self) -> None:
+        """On resume: the (key, step) past ``start_step`` the store has from the process before (not sent twice)."""
+        run = self._client.get_run(self.run_id)
+        keys = list(getattr(getattr(run, "data", None), "metrics", {}) or {})
+        self._stored_ahead = {(key, step) for key in keys for step in stored_steps(self._client, self.run_id, key)
+                              if step > self._start_step}
+
+    def _set_terminated(self, status: str, tags: Mapping[str, str] | None = None) -> None:
+        run_id = self._ensure_run()
+        for key, value in (tags or {}).items():
+            self._client.set_tag(run_id, key, value)
+        self._client.set_terminated(run_id, status=status)
 
     def _redacted_copy(self, source: Path) -> Path:
         if source.stat().st_size > _TEXT_ARTIFACT_MAX_BYTES:

@@ -42,15 +42,15 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
     sink = MetricsSink(state.run, state.start_step)
     sink.say(_layout_line(state, sink))
     stop_signal = StopSignal(state.run.runtime.device)
-    final_step, status = state.start_step, "FAILED"
+    final_step, status, stop_reason = state.start_step, "FAILED", None
     try:
-        final_step = _run(state, sink, stop_signal)
+        final_step, stop_reason = _run(state, sink, stop_signal)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        sink.finish(status, final_step, state.metrics)
+        sink.finish(status, final_step, state.metrics, stop_reason=stop_reason)  # stopped early: STOPPED
         stop_signal.restore()
     sink.summary()
     return TrainResult(
@@ -71,8 +71,9 @@ def _layout_line(state: TrainState, sink: MetricsSink) -> str:
             f"{state.num_train_samples} training samples; {sink.describe()}")
 
 
-def _run(state: TrainState, sink: MetricsSink, stop_signal: StopSignal) -> int:
-    """Steps from where the run stands to `train.steps` (or a stop); returns the steps done."""
+def _run(state: TrainState, sink: MetricsSink, stop_signal: StopSignal) -> tuple[int, str | None]:
+    """Steps from where the run stands to `train.steps` (or a stop); returns the steps done and,
+    when it stopped early, why (None when it ran to the end)."""
     cfg = state.run.cfg
     steps = cfg.train.steps
     for step in range(state.start_step, steps):
@@ -89,10 +90,10 @@ def _run(state: TrainState, sink: MetricsSink, stop_signal: StopSignal) -> int:
         if stop and done < steps:
             why = "a stop signal" if stop_signal.received else f"train.stop_after={cfg.train.stop_after}"
             sink.say(f"stopping after step {done} ({why}); resume with train.resume=auto")
-            return done
+            return done, ("stop signal (SIGTERM or SIGUSR1)" if stop_signal.received else why)
     if state.start_step < steps or state.checkpoint is None:
         save(state, steps)
-    return steps
+    return steps, None
 
 
 def train_step(state: TrainState, step: int) -> dict:

@@ -3,16 +3,20 @@
 Every rank holds a `MetricsSink` (the step's metrics reach every rank); only rank 0 writes.
 MLflow and metrics.jsonl get every step; the console every `train.log_interval` steps and the
 last; the plots every `tracking.plot_interval` steps and the last (`tracking.intervals.due`).
+metrics.jsonl holds each step once: a resumed run first drops the records past its checkpoint
+(the steps it repeats), and it is the record the tracker replays into MLflow after an outage.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from dcd_megatron.configs import to_dict
 from dcd_megatron.loss.report import KNOWLEDGE_KEYS, knowledge_summary
 from dcd_megatron.tracking import MetricHistory, ProgressPrinter, Tracker
+from dcd_megatron.tracking.record import run_end, truncate_record
 
 # Metrics whose history a run keeps (curve plot, end-of-run summary): the knowledge / fork
 # diagnostics and certain_token_frac, the level weight_mass_certain has under plain SFT.
@@ -35,9 +39,15 @@ class MetricsSink:
         self.steps = cfg.train.steps
         self.output_dir = run.output_dir
         self.path = run.output_dir / "metrics.jsonl"
+        self.last_step = start_step  # the newest step logged
+        if self.is_logger:
+            dropped = truncate_record(self.path, start_step)
+            if dropped:
+                self.say(f"metrics.jsonl: dropped {dropped} records past step {start_step}, "
+                         "the steps this run does again from its checkpoint")
         self.tracker = Tracker(cfg.tracking, is_logging_rank=self.is_logger)
         self.printer = ProgressPrinter(cfg.train.steps, cfg.train.log_interval, start_step=start_step)
-        self.tracker.start(to_dict(cfg), run.config_text, run.output_dir)
+        self.tracker.start(to_dict(cfg), run.config_text, run.output_dir, record=self.path, start_step=start_step)
         self.history = MetricHistory(HISTORY_KEYS)
         if self.is_logger and start_step > 0:
             self.history.load_jsonl(self.path, start_step)  # the curves go on from the steps before the resume
@@ -61,6 +71,7 @@ class MetricsSink:
             return
         values = scalars(metrics)
         self._append(step, values)
+        self.last_step = max(self.last_step, step)
         self.history.add(step, values)
         if self.printer.should_print(step):
             self.printer.print(step, metrics)
@@ -91,12 +102,24 @@ class MetricsSink:
                 reference=history.curves(["certain_token_frac"]), ylabel="weight share / relative weight",
             )
 
-    def finish(self, status: str, step: int, last_metrics: dict) -> None:
-        """final_metrics.json (when a step ran) and the tracker's end; safe after an error."""
+    def finish(self, status: str, step: int, last_metrics: dict, stop_reason: str | None = None) -> None:
+        """final_metrics.json (when a step ran, written atomically) and the tracker's end; safe after an error.
+
+        A run stopped early (a signal, `train.stop_after`: `stop_reason`) is "STOPPED" with
+        "stopped_at_step" and "stop_reason"; in MLflow it is KILLED with the tags dcd.stop_reason
+        and dcd.stopped_at_step. A failed run reports the last step it logged.
+        """
+        step = max(step, self.last_step)
+        final = {"step": step, "status": status, "steps_planned": self.steps}
+        if stop_reason is not None:
+            final.update(status="STOPPED", stopped_at_step=step, stop_reason=stop_reason)
         if self.is_logger and last_metrics:
-            final = {"step": step, "status": status, "steps_planned": self.steps, **scalars(last_metrics)}
-            (Path(self.output_dir) / "final_metrics.json").write_text(json.dumps(final, indent=1))
-        self.tracker.finish(status)
+            path = Path(self.output_dir) / "final_metrics.json"
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps({**final, **scalars(last_metrics)}, indent=1))
+            os.replace(tmp, path)
+        mlflow_status, tags = run_end(final)
+        self.tracker.finish(mlflow_status, tags=tags)
 
     def summary(self) -> None:
         """The knowledge / fork diagnostics, first -> last, on the console."""
