@@ -54,6 +54,9 @@ def write_jsonl(path, rows):
 
 def make_cfg(tmp_path, train_path, tokenizer, **kw):
     kw.setdefault("seq_length", 64)
+    # the tiny tokenizers know only CORPUS's characters; the unknown-character limit has its own
+    # tests (tests/test_reliability_input.py)
+    kw.setdefault("max_unknown_char_frac", 1.0)
     return DataConfig(train_path=str(train_path), tokenizer=str(tokenizer), cache_dir=str(tmp_path / "cache"), num_proc=1, **kw)
 
 

@@ -66,7 +66,7 @@ def test_missing_field_error_names_file_row_and_fields(tmp_path):
     with pytest.raises(BenchmarkFormatError) as info:
         load_problems("gsm8k", bad)
     message = str(info.value)
-    assert str(bad) in message and "row 1" in message and "'question'" in message and "prompt" in message
+    assert str(bad) in message and "row 2" in message and "'question'" in message and "prompt" in message
 
 
 def test_gsm8k_answer_without_hashes_is_rejected(tmp_path):
@@ -79,7 +79,7 @@ def test_gsm8k_answer_without_hashes_is_rejected(tmp_path):
 def test_math_without_any_answer_is_rejected(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"problem": "p", "solution": "no box here"}]))
-    with pytest.raises(BenchmarkFormatError, match="row 0.*boxed"):
+    with pytest.raises(BenchmarkFormatError, match="row 1.*boxed"):
         load_problems("math", bad)
 
 

@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--config", help="the student's training YAML (its data section fixes tokenization)")
     src.add_argument("--recipe", choices=sorted(RECIPES), help="take the student's data settings from a recipe")
     p.add_argument("--student-tokenizer", help="the student's tokenizer (overrides the config's data.tokenizer)")
+    p.add_argument("--teacher-tokenizer",
+                   help="the teacher's tokenizer, to check it against the student's (default: the path its checkpoint records)")
     p.add_argument("--temperature", type=float, default=1.0, help="score log_softmax(logits / T) (default 1)")
     p.add_argument("--top-k", type=int, default=0, help="also store the top-k ids and log-probs per token")
     p.add_argument("--rows-per-shard", type=int, default=256)
@@ -62,7 +64,7 @@ def resolve_config(args: argparse.Namespace):
     if args.student_tokenizer:
         data = apply_overrides(student, [f"data.tokenizer={args.student_tokenizer}"]).data
     return ScoreConfig(
-        teacher=args.teacher, data_path=args.data, out_dir=args.out, data=data,
+        teacher=args.teacher, data_path=args.data, out_dir=args.out, data=data, teacher_tokenizer=args.teacher_tokenizer,
         temperature=args.temperature, top_k=args.top_k, rows_per_shard=args.rows_per_shard,
         batch_tokens=args.batch_tokens, max_length=args.max_length, tp=args.tp, pp=args.pp, device=args.device,
     )

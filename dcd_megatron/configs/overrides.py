@@ -8,6 +8,7 @@ when a value does not fit.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -117,10 +118,12 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
+        close = [m for k in unknown for m in difflib.get_close_matches(str(k), list(fields), n=1)]
+        hint = f" (did you mean {', '.join(prefix + m for m in close)}?)" if close else ""
         raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"unknown config key(s) {', '.join(prefix + str(k) for k in unknown)}{hint}; "
             f"valid keys under {prefix or 'the top level'}: {', '.join(sorted(fields))}"
         )
     kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
@@ -137,7 +140,13 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {item!r} has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({getattr(exc, 'problem', None) or exc}); "
+            f"quote it, e.g. {key}='...'"
+        ) from None
     return key.split("."), value
 
 
@@ -164,14 +173,43 @@ def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...], aliases: dic
     return from_dict(type(cfg), data)
 
 
+def _read_yaml_mapping(p: Path) -> dict:
+    """The top-level mapping of a YAML config file; a ConfigError naming the file, line and fix otherwise."""
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory; pass a YAML file")
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not text (UTF-8); pass a YAML file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {p} is not valid YAML: {problem}{where}; fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {p}: the top level must be a mapping of sections (model:, data:, train: ...), "
+            f"got a {type(data).__name__}"
+        )
+    return data
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides=(), aliases=None) -> T:
-    """Load ``cls`` from a YAML file (or its defaults when ``path`` is None), then overrides."""
+    """Load ``cls`` from a YAML file (or its defaults when ``path`` is None), then overrides.
+
+    A problem in the file is a ConfigError naming the file (and the line, for bad YAML).
+    """
     if path is None:
         cfg = cls()
     else:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
-        cfg = from_dict(cls, data)
+        data = _read_yaml_mapping(p)
+        try:
+            cfg = from_dict(cls, data)
+        except ConfigError as exc:
+            raise ConfigError(f"config file {p}: {exc}") from None
     return apply_overrides(cfg, list(overrides), aliases=aliases)

@@ -20,11 +20,29 @@ TOKENIZER_FILES = (
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def _read_json(path: Path, fix: str):
+    """A JSON file's value; a ConvertError naming the file and ``fix`` when it is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConvertError(f"{path} is not valid JSON ({exc}); {fix}") from None
+
+
 def read_config(hf_dir: Path) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ConvertError(f"{hf_dir} has no config.json; pass a Hugging Face model directory (save_pretrained output)")
-    return json.loads(path.read_text())
+    config = _read_json(path, "pass a Hugging Face model directory whose config.json is intact")
+    if not isinstance(config, dict):
+        raise ConvertError(f"{path} holds a {type(config).__name__}, not a model config mapping")
+    return config
+
+
+def _weight_map(index: Path) -> dict:
+    data = _read_json(index, "re-download or re-save the checkpoint")
+    if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+        raise ConvertError(f"{index} has no weight_map; re-download or re-save the checkpoint")
+    return data["weight_map"]
 
 
 class HFWeights:
@@ -38,12 +56,12 @@ class HFWeights:
         index = hf_dir / "model.safetensors.index.json"
         bin_index = hf_dir / "pytorch_model.bin.index.json"
         if index.is_file():
-            for name, file in json.loads(index.read_text())["weight_map"].items():
+            for name, file in _weight_map(index).items():
                 self._where[name] = hf_dir / file
         elif (hf_dir / "model.safetensors").is_file():
             self._index_file(hf_dir / "model.safetensors")
         elif bin_index.is_file():
-            for name, file in json.loads(bin_index.read_text())["weight_map"].items():
+            for name, file in _weight_map(bin_index).items():
                 self._where[name] = hf_dir / file
         elif (hf_dir / "pytorch_model.bin").is_file():
             self._where.update(dict.fromkeys(self._load_bin(hf_dir / "pytorch_model.bin"), hf_dir / "pytorch_model.bin"))
@@ -56,13 +74,19 @@ class HFWeights:
     def _index_file(self, path: Path) -> None:
         from safetensors import safe_open
 
-        handle = safe_open(str(path), framework="pt")
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as exc:  # safetensors raises its own SafetensorError (and OSError for a missing shard)
+            raise ConvertError(f"{path} is not a readable safetensors file ({exc}); re-download or re-save it") from None
         self._open[path] = handle
         self._where.update(dict.fromkeys(handle.keys(), path))
 
     def _load_bin(self, path: Path) -> dict[str, Tensor]:
         if path not in self._bins:
-            self._bins[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                self._bins[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except (OSError, RuntimeError) as exc:
+                raise ConvertError(f"{path} is not a readable PyTorch weights file ({exc}); re-download or re-save it") from None
         return self._bins[path]
 
     def names(self) -> set[str]:

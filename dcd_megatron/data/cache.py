@@ -33,7 +33,7 @@ from dcd_megatron.loss.contract import TOPK_KEYS
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # 2: optional teacher top-k arrays
+CACHE_FORMAT = 3  # 2: optional teacher top-k arrays; 3: unknown-character counts in meta.json
 ARRAY_NAMES = (
     "tokens", "loss_mask", "teacher_logprobs", "doc_offsets",
     "response_start", "response_tokens", "doc_rows",
@@ -204,6 +204,7 @@ def _write_arrays(sources: list[Source], mapped: list, cfg: DataConfig, out: Pat
     docs = {"lengths": [], "response_start": [], "response_tokens": [], "rows": []}
     stats = Counter()
     counts: dict[str, Counter] = {name: Counter() for name in cfg.count_fields}
+    unknown = {"chars": 0, "unknown_chars": 0, "by_file": {}, "example": None}
     cursor = 0
     row_base = 0
     for src, ds in zip(sources, mapped):
@@ -221,13 +222,14 @@ def _write_arrays(sources: list[Source], mapped: list, cfg: DataConfig, out: Pat
                 local_rows = src.row_numbers[local_rows] - 1
             docs["rows"].append(row_base + local_rows)
             _count_batch(stats, counts, cfg.count_fields, batch, kept)
+            _count_unknown(unknown, src, row_in_source, batch, kept)
             row_in_source += batch.num_rows
         row_base += row_in_source if src.row_numbers is None else int(src.row_numbers.max(initial=0))
     assert cursor == n_tokens
     for arr in arrays.values():
         arr.flush()
     del arrays
-    return _write_document_index(out, docs, stats, counts, n_tokens)
+    return {**_write_document_index(out, docs, stats, counts, n_tokens), **_unknown_summary(unknown)}
 
 
 def _open_token_arrays(out: Path, n_tokens: int, k: int) -> dict[str, np.ndarray]:
@@ -289,6 +291,49 @@ def _count_batch(stats: Counter, counts: dict[str, Counter], names, batch, kept:
     for name in names:
         values = batch.column(f"meta::{name}").to_pylist()
         counts[name].update(v for v, k in zip(values, kept) if k and v != "")
+
+
+def _count_unknown(tally: dict, src: Source, row_in_source: int, batch, kept: np.ndarray) -> None:
+    """Characters (and those the tokenizer could only encode as its unknown token) of one batch's kept rows."""
+    chars = batch.column("chars").to_numpy(zero_copy_only=False)[kept]
+    unknown = batch.column("unknown_chars").to_numpy(zero_copy_only=False)
+    tally["chars"] += int(chars.sum())
+    n = int(unknown[kept].sum())
+    if not n:
+        return
+    tally["unknown_chars"] += n
+    tally["by_file"][src.name] = tally["by_file"].get(src.name, 0) + n
+    if tally["example"] is None:
+        first = int(np.flatnonzero(kept & (unknown > 0))[0])
+        tally["example"] = f"{src.name}: row {src.where(row_in_source + first)}"
+
+
+def _unknown_summary(tally: dict) -> dict:
+    return {
+        "chars": tally["chars"],
+        "unknown_chars": tally["unknown_chars"],
+        "unknown_char_fraction": tally["unknown_chars"] / max(1, tally["chars"]),
+        "unknown_chars_by_file": dict(sorted(tally["by_file"].items())),
+        "unknown_char_example": tally["example"],
+    }
+
+
+def check_unknown_chars(meta: dict, cfg: DataConfig, location: str) -> None:
+    """Refuse a cache whose share of unknown-token characters exceeds data.max_unknown_char_frac; warn below it."""
+    n, total = meta.get("unknown_chars", 0), meta.get("chars", 0)
+    if not n:
+        return
+    frac = meta.get("unknown_char_fraction", n / max(1, total))
+    what = (
+        f"{location}: {n} of {total} characters ({frac:.3%}) are not in the tokenizer's vocabulary and "
+        f"become its unknown token, which training would learn to predict (first in {meta.get('unknown_char_example')})"
+    )
+    if frac > cfg.max_unknown_char_frac:
+        raise DataLoadError(
+            f"{what}; use the tokenizer the traces were written for (data.tokenizer), clean the text, or raise "
+            f"data.max_unknown_char_frac (now {cfg.max_unknown_char_frac:g}) to train on them anyway"
+        )
+    log.warning("%s; accepted (data.max_unknown_char_frac=%g)", what, cfg.max_unknown_char_frac)
 
 
 def _write_document_index(out: Path, docs: dict, stats: Counter, counts: dict, n_tokens: int) -> dict:
@@ -371,11 +416,40 @@ def _publish(tmp: Path, final: Path, root: Path) -> bool:
     return True
 
 
-def build_token_cache(path: str, cfg: DataConfig, tokenizer: Tokenizer, root: Path | None = None) -> Path:
+def _all_skipped(role: str, location: str, n_rows: int, skips: SkipCounts) -> DataLoadError:
+    return DataLoadError(
+        f"{role}={location}: no usable rows: all {n_rows} were skipped as bad {skips.as_dict()}, "
+        f"e.g. {next(iter(skips.examples.values()), '')}; fix the data or the data.field_* names"
+    )
+
+
+def _rows_to_tokenize(sources: list[Source], skips: SkipCounts, location: str, role: str) -> list[Source]:
+    """The sources that hold rows; a path with none at all is a one-line error naming the setting."""
+    with_rows = [s for s in sources if len(s.dataset)]
+    if with_rows:
+        for src in sources:
+            if not len(src.dataset) and not src.skipped.total:
+                log.warning("%s holds no rows (empty, or only blank lines); nothing read from it", src.name)
+        return with_rows
+    if skips.total:
+        raise _all_skipped(role, location, skips.total, skips)
+    use = "validate on" if role == "data.valid_path" else "train on"
+    alternative = ", or set data.valid_path=null" if role == "data.valid_path" else ""
+    raise DataLoadError(
+        f"{role}={location} holds no rows to {use} (the file is empty or only blank lines); point {role} "
+        f"at trace rows (JSONL: one JSON object a line){alternative}"
+    )
+
+
+def build_token_cache(
+    path: str, cfg: DataConfig, tokenizer: Tokenizer, root: Path | None = None, *, role: str = "data.train_path",
+) -> Path:  # long: one atomic build, step by step (load, check, write, publish)
     """Tokenize ``path`` into its cache directory unless a complete one exists; return the directory.
 
     Idempotent and atomic: concurrent builders each write a private ``.tmp-*`` directory and
-    the first rename wins; a leftover ``.tmp-*`` from a crash is never read.
+    the first rename wins; a leftover ``.tmp-*`` from a crash is never read. ``role`` is the
+    setting that named ``path`` (for messages). A path whose share of characters the tokenizer
+    cannot encode exceeds ``data.max_unknown_char_frac`` is refused (its cache is kept).
     """
     root = Path(root) if root else cfg.resolved_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
@@ -384,6 +458,7 @@ def build_token_cache(path: str, cfg: DataConfig, tokenizer: Tokenizer, root: Pa
     final = root / f"{spec.short_name}-{key[:16]}"
     if TokenCache.is_complete(final):
         log.info("reusing token cache %s", final)
+        check_unknown_chars(json.loads((final / "meta.json").read_text()), cfg, f"{role}={spec.location}")
         return final
     tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -396,15 +471,13 @@ def build_token_cache(path: str, cfg: DataConfig, tokenizer: Tokenizer, root: Pa
         skips = SkipCounts.empty()
         for src in sources:
             skips.merge(src.skipped)
-        mapped = _tokenize_sources(sources, cfg, tokenizer, work)
-        _check_rows(sources, mapped, cfg, skips)
         n_rows = sum(len(s.dataset) for s in sources) + sum(s.skipped.total for s in sources)
-        written = _write_arrays(sources, mapped, cfg, tmp)
+        with_rows = _rows_to_tokenize(sources, skips, spec.location, role)
+        mapped = _tokenize_sources(with_rows, cfg, tokenizer, work)
+        _check_rows(with_rows, mapped, cfg, skips)
+        written = _write_arrays(with_rows, mapped, cfg, tmp)
         if written["docs"] == 0:
-            raise DataLoadError(
-                f"{spec.location}: no usable rows: all {n_rows} were skipped {skips.as_dict()}, "
-                f"e.g. {next(iter(skips.examples.values()), '')}; fix the data or the data.field_* names"
-            )
+            raise _all_skipped(role, spec.location, n_rows, skips)
         del mapped
         shutil.rmtree(work)
         meta = _cache_meta(key, spec, sources, n_rows, skips, written, tokenizer, cfg, time.time() - t0)
@@ -426,4 +499,5 @@ def build_token_cache(path: str, cfg: DataConfig, tokenizer: Tokenizer, root: Pa
         "token cache %s: %d docs, %d tokens (%d trained), %d truncated, %.1fs",
         final, meta["kept"], meta["tokens"], meta["response_tokens"], meta["truncated"], meta["build_seconds"],
     )
+    check_unknown_chars(meta, cfg, f"{role}={spec.location}")
     return final

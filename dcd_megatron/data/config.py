@@ -31,6 +31,7 @@ class DataConfig:
     pack: bool = True  # pack several documents per sample (attention stays inside each)
     on_bad_row: Literal["error", "skip"] = "error"  # a malformed row stops the run, or is skipped and counted
     on_long_row: Literal["truncate", "skip", "error"] = "truncate"  # rows longer than seq_length (truncation cuts the response end)
+    max_unknown_char_frac: float = 0.001  # largest share of a data path's characters the tokenizer may turn into its unknown token (above: refused)
     cache_dir: str | None = None  # token cache location (null = <train.output_dir>/cache)
     num_proc: int | None = None  # tokenization worker processes (null = min(4, cpus))
     add_eos: bool = True  # append the tokenizer's end-of-text after each response
@@ -74,6 +75,11 @@ class DataConfig:
         if self.on_long_row not in ("truncate", "skip", "error"):
             raise DataConfigError(
                 f"data.on_long_row={self.on_long_row!r}: use truncate, skip or error"
+            )
+        if isinstance(self.max_unknown_char_frac, bool) or not 0.0 <= float(self.max_unknown_char_frac) <= 1.0:
+            raise DataConfigError(
+                f"data.max_unknown_char_frac={self.max_unknown_char_frac!r}: needs a number in [0, 1], "
+                "e.g. 0.001 (0 refuses any character the tokenizer cannot encode, 1 accepts all)"
             )
         if self.num_proc is not None and (not isinstance(self.num_proc, int) or self.num_proc < 1):
             raise DataConfigError(

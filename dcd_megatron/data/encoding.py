@@ -38,6 +38,8 @@ def output_features(count_fields: list[str]):
         "has_teacher": datasets.Value("bool"),
         "has_topk": datasets.Value("bool"),
         "eos_untrained": datasets.Value("bool"),
+        "chars": datasets.Value("int64"),  # characters encoded (prompt as rendered, response)
+        "unknown_chars": datasets.Value("int64"),  # of those, encoded as the tokenizer's unknown token
         # data.topk > 0: k entries per input token, flattened (-1 / NaN where unknown)
         "topk_ids": seq(datasets.Value("int32")),
         "topk_logprobs": seq(datasets.Value("float32")),
@@ -60,6 +62,8 @@ class EncodedRow:
     eos_untrained: bool = False
     topk_ids: np.ndarray | None = None  # [len(input_ids), data.topk] int32, -1 where unknown
     topk_logprobs: np.ndarray | None = None  # same shape, float32, NaN where unknown
+    chars: int = 0  # characters encoded (the rendered prompt and the response)
+    unknown_chars: int = 0  # of those, encoded as the tokenizer's unknown token
 
 
 class _Problem(Exception):
@@ -91,7 +95,7 @@ class RowEncoder:
             "input_ids": [], "teacher": _NO_TEACHER, "response_start": 0, "n_trained": 0,
             "reason": "", "detail": "", "truncated_tokens": 0,
             "has_teacher": False, "has_topk": False, "eos_untrained": False,
-            "topk_ids": _NO_TOPK_IDS, "topk_logprobs": _NO_TEACHER,
+            "topk_ids": _NO_TOPK_IDS, "topk_logprobs": _NO_TEACHER, "chars": 0, "unknown_chars": 0,
         }
         for name in self.cfg.count_fields:
             value = row.get(name)
@@ -109,6 +113,8 @@ class RowEncoder:
             has_teacher=result.teacher is not None,
             has_topk=result.has_topk,
             eos_untrained=result.eos_untrained,
+            chars=result.chars,
+            unknown_chars=result.unknown_chars,
         )
         if result.topk_ids is not None:
             out.update(topk_ids=result.topk_ids.reshape(-1), topk_logprobs=result.topk_logprobs.reshape(-1))
@@ -124,7 +130,7 @@ class RowEncoder:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The prompt's token ids exactly as training encodes them (template, BOS): for generation."""
         try:
-            return self._prompt_ids(messages)
+            return self._prompt_ids(messages)[0]
         except _Problem as p:
             raise ValueError(f"cannot encode the prompt: {p.problem.detail}") from None
 
@@ -187,22 +193,23 @@ class RowEncoder:
             raise _Problem("empty_response", "the response is empty")
         return messages, response
 
-    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+    def _prompt_ids(self, messages: list[dict]) -> tuple[list[int], int, int]:
+        """The prompt's ids, its characters and how many of them became the unknown token."""
         tok = self.tokenizer
         try:
             text = render_prompt(self.template, messages, bos_token=self.bos_text, eos_token=self.eos_text)
         except TemplateError as exc:
             raise _Problem("template_error", str(exc)) from None
-        ids = tok.encode(text) if text else []
+        ids, unknown = tok.encode_counting_unknown(text) if text else ([], 0)
         if self.cfg.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
             ids = [tok.bos_id, *ids]
-        return ids
+        return ids, len(text), unknown
 
     def _encode(self, row: dict) -> EncodedRow:
         cfg, tok = self.cfg, self.tokenizer
         messages, response = self._split_prompt_response(row)
-        prompt_ids = self._prompt_ids(messages)
-        resp_ids = tok.encode(response)
+        prompt_ids, prompt_chars, prompt_unknown = self._prompt_ids(messages)
+        resp_ids, resp_unknown = tok.encode_counting_unknown(response)
         if not resp_ids:
             raise _Problem("empty_response", "the response tokenizes to no tokens")
         n = len(resp_ids)
@@ -265,4 +272,6 @@ class RowEncoder:
             truncated_tokens=truncated,
             has_topk=topk_ids is not None,
             eos_untrained=with_eos and not eos_trained,
+            chars=prompt_chars + len(response),
+            unknown_chars=prompt_unknown + resp_unknown,
         )

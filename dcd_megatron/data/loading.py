@@ -183,6 +183,22 @@ def _load_json_lines_checked(path: Path, cfg: DataConfig, cause: str) -> Source:
     return Source(str(path), ds, np.asarray(good_rows, dtype=np.int64), skipped=skipped)
 
 
+def _has_untyped(feature) -> bool:
+    """Whether `datasets` stored some column as free JSON (its ``Json`` feature): values of mixed types.
+
+    It decodes such values back from JSON text and loses the difference between ``-0.5`` and
+    ``"-0.5"``, so a string log-prob would pass as a number (and a numeric string as a number).
+    """
+    if type(feature).__name__ == "Json":
+        return True
+    if isinstance(feature, dict):
+        return any(_has_untyped(v) for v in feature.values())
+    if isinstance(feature, (list, tuple)):
+        return any(_has_untyped(v) for v in feature)
+    inner = getattr(feature, "feature", None)
+    return inner is not None and _has_untyped(inner)
+
+
 def _load_file(path: Path, cfg: DataConfig, hf_cache: Path) -> Source:
     import datasets
 
@@ -196,10 +212,18 @@ def _load_file(path: Path, cfg: DataConfig, hf_cache: Path) -> Source:
         raise DataLoadError(f"could not load {path} with datasets ({fmt}): {exc} / {exc.__cause__}") from exc
     if lines:
         # datasets' pandas fallback can silently reshape rows (e.g. on 1e999); trust it only
-        # when it returns one row per non-blank line
+        # when it returns one row per non-blank line, each column of one type
         n_lines = _count_rows(path)
         if n_lines != len(ds):
             return _load_json_lines_checked(path, cfg, f"datasets returned {len(ds)} rows for {n_lines} lines")
+        if _has_untyped(ds.features):
+            return _load_json_lines_checked(path, cfg, "a column mixes value types")
+    elif fmt == "json" and _has_untyped(ds.features):
+        raise DataLoadError(
+            f"{path}: a column mixes value types (e.g. a string among the teacher_logprobs numbers), which "
+            "datasets cannot read faithfully from a .json file; fix the values, or write the rows as JSONL "
+            "(one object a line), where each row is checked on its own"
+        )
     return Source(str(path), ds)
 
 
@@ -253,3 +277,13 @@ def load_rows(path: str, cfg: DataConfig | None = None, *, cache_dir: str | Path
             f"the files under {path} have different columns or types and cannot be concatenated "
             f"into one Dataset ({exc}); the token cache (build_caches) reads them file by file"
         ) from exc
+
+
+def locate_row(path: str, cfg: DataConfig, index: int, *, cache_dir: str | Path) -> tuple[str, int]:
+    """(file, row numbered from 1 in that file) of row ``index`` of `load_rows` (for messages: it loads again)."""
+    sources = load_sources(resolve_sources(path), cfg, hf_cache=Path(cache_dir) / "hf-datasets")
+    for src in sources:
+        if index < len(src.dataset):
+            return src.name, src.where(index)
+        index -= len(src.dataset)
+    return path, index + 1

@@ -39,7 +39,7 @@ def build_caches(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> DataCac
     cfg.require_sources()
     tok = _tokenizer(cfg, tokenizer)
     train = build_token_cache(cfg.train_path, cfg, tok)
-    valid = build_token_cache(cfg.valid_path, cfg, tok) if cfg.valid_path else None
+    valid = build_token_cache(cfg.valid_path, cfg, tok, role="data.valid_path") if cfg.valid_path else None
     return DataCaches(train, valid)
 
 

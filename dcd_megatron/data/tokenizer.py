@@ -51,9 +51,14 @@ class Tokenizer:
     pad_id: int
     fingerprint: str
     model_hash: str
+    unk_id: int | None = None  # the id text the vocabulary cannot spell becomes (None: it has none)
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
+
+    def encode_counting_unknown(self, text: str) -> tuple[list[int], int]:
+        """``encode(text)`` and how many of its characters became the unknown token (trained on as such)."""
+        return self.encode(text), 0
 
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
@@ -99,6 +104,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.vocab_size = int(sp.get_piece_size())
         self.eos_id = int(sp.eos_id()) if sp.eos_id() >= 0 else None
         self.bos_id = int(sp.bos_id()) if sp.bos_id() >= 0 else None
+        self.unk_id = int(sp.unk_id()) if sp.unk_id() >= 0 else None
         if sp.pad_id() >= 0:
             self.pad_id = int(sp.pad_id())
         else:
@@ -109,6 +115,13 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text, out_type=int))
+
+    def encode_counting_unknown(self, text: str) -> tuple[list[int], int]:
+        ids = self.encode(text)
+        if self.unk_id is None or self.unk_id not in ids:
+            return ids, 0
+        pieces = self._sp.encode(text, return_type="proto").pieces  # surfaces: the text each id covers
+        return [p.id for p in pieces], sum(len(p.surface) for p in pieces if p.id == self.unk_id)
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -144,6 +157,7 @@ class HFTokenizer(Tokenizer):
         self.bos_id = self._resolve(specials.get("bos_token"), _BOS_GUESSES, vocab)
         pad = self._resolve(specials.get("pad_token"), _PAD_GUESSES, vocab)
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+        self._unk_token, self.unk_id = self._unknown_token(vocab)
         by_id = sorted(vocab.items(), key=lambda kv: kv[1])
         self.fingerprint = _vocab_fingerprint([p for p, _ in by_id], self.eos_id, self.bos_id, self.pad_id)
         self.model_hash = _sha256_file(self.path)
@@ -183,8 +197,30 @@ class HFTokenizer(Tokenizer):
                 return int(vocab[name])
         return None
 
+    def _unknown_token(self, vocab: dict[str, int]) -> tuple[str | None, int | None]:
+        """The model's unknown token (WordLevel/WordPiece/BPE ``unk_token``, Unigram ``unk_id``), if any."""
+        token = getattr(self._tok.model, "unk_token", None)
+        if token is None and type(self._tok.model).__name__ == "Unigram":
+            unk = json.loads(self.path.read_text(encoding="utf-8")).get("model", {}).get("unk_id")
+            token = self._tok.id_to_token(int(unk)) if unk is not None else None
+        if not token or token not in vocab:
+            return None, None
+        return token, int(vocab[token])
+
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def encode_counting_unknown(self, text: str) -> tuple[list[int], int]:
+        enc = self._tok.encode(text, add_special_tokens=False)
+        ids = list(enc.ids)
+        if self.unk_id is None or self.unk_id not in ids:
+            return ids, 0
+        # the text itself may spell the unknown token (e.g. a literal "<pad>"): that is not unknown
+        unknown = sum(
+            end - start for i, (start, end) in zip(ids, enc.offsets)
+            if i == self.unk_id and text[start:end] != self._unk_token
+        )
+        return ids, unknown
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -232,3 +268,11 @@ def require_same_vocabulary(student: Tokenizer, teacher: Tokenizer) -> None:
             f"student's ({student.path}, vocab {student.vocab_size}); teacher log-probs must be "
             "computed under the STUDENT tokenizer: score the traces with the same tokenizer"
         )
+
+
+def load_tokenizer_of(whose: str, path: str | Path, kind: TokenizerKind, fix: str) -> Tokenizer:
+    """`load_tokenizer` for a job that loads more than one (e.g. "the teacher's"): its errors say whose, and ``fix``."""
+    try:
+        return load_tokenizer(path, kind)
+    except TokenizerError as exc:
+        raise TokenizerError(f"{whose} tokenizer: {exc}; {fix}") from None

@@ -32,18 +32,27 @@ FIXES: dict[str, str] = {
     "prompt_too_long": "raise data.seq_length or shorten the prompt (truncation only cuts responses)",
 }
 
-SKIP_HINT = "set data.on_bad_row=skip to skip such rows (they are counted in the cache's meta.json)"
+TOKEN_CACHE_RECORD = "the token cache's meta.json"
+
+
+def skip_hint(counted_in: str = TOKEN_CACHE_RECORD) -> str:
+    """How to skip bad rows instead, and where the skipped rows are counted."""
+    return f"set data.on_bad_row=skip to skip such rows (they are counted in {counted_in})"
+
+
+SKIP_HINT = skip_hint()
 
 
 class BadRowError(ValueError):
-    """A trace row failed a check under ``on_bad_row=error`` (or ``on_long_row=error``)."""
+    """A trace row (numbered from 1) failed a check under ``on_bad_row=error`` (or ``on_long_row=error``)."""
 
-    def __init__(self, source: str, row: int, reason: str, detail: str, fix: str | None = None):
+    def __init__(self, source: str, row: int, reason: str, detail: str, fix: str | None = None,
+                 counted_in: str = TOKEN_CACHE_RECORD):
         self.source, self.row, self.reason, self.detail = source, row, reason, detail
         if fix is None:
             fix = FIXES.get(reason, "fix the row")
             if reason not in ("too_long",):
-                fix = f"{fix}; or {SKIP_HINT}"
+                fix = f"{fix}; or {skip_hint(counted_in)}"
         self.fix = fix
         super().__init__(f"{source}: row {row}: {reason}: {detail}. Fix: {fix}")
 
@@ -164,4 +173,27 @@ def check_topk(ids, logprobs, n_response_tokens: int, add_eos: bool) -> RowProbl
     for i, (a, b) in enumerate(zip(ids, logprobs)):
         if not isinstance(a, Sequence) or not isinstance(b, Sequence) or len(a) != len(b):
             return RowProblem("topk_mismatch", f"position {i}: top-k ids and log-probs differ in length")
+    return _topk_element_types(ids, logprobs)
+
+
+def _kind(values) -> str:
+    """numpy's dtype kind of a (possibly ragged) nested list; "O" when it mixes types or nests unevenly."""
+    try:
+        return np.asarray(values).dtype.kind
+    except ValueError:  # ragged: positions with different k
+        return "O"
+
+
+def _topk_element_types(ids, logprobs) -> RowProblem | None:
+    """Integer ids and numeric log-probs: a string such as "-0.5" is refused, never converted."""
+    id_kind, lp_kind = _kind(ids), _kind(logprobs)
+    if id_kind in "iu" and lp_kind in "fiu" and all(len(a) for a in ids):
+        return None
+    for i, (a, b) in enumerate(zip(ids, logprobs)):
+        for j, v in enumerate(a):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                return RowProblem("wrong_type", f"teacher_topk_ids[{i}][{j}] must be an integer, got {v!r:.40}")
+        for j, v in enumerate(b):
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                return RowProblem("wrong_type", f"teacher_topk_logprobs[{i}][{j}] must be a float, got {v!r:.40}")
     return None

@@ -3,7 +3,7 @@
 A benchmark is read from a local JSONL / JSON / Parquet file, or by name through ``datasets``
 where a user has network (``hf:owner/name[:config][@split]``). Every loader returns a list of
 ``Problem(id, prompt, reference, meta)``; ``prompt`` is the bare question, a template turns it
-into model input. Missing fields raise ``BenchmarkFormatError`` naming file, row and fields.
+into model input. Missing fields raise ``BenchmarkFormatError`` naming file, row (from 1) and fields.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _field(row: dict, names: Sequence[str], *, source: str, index: int, bench: s
         if name in row and row[name] is not None:
             return row[name]
     raise BenchmarkFormatError(
-        f"{source}: row {index}: no field {' / '.join(repr(n) for n in names)} for benchmark "
+        f"{source}: row {index + 1}: no field {' / '.join(repr(n) for n in names)} for benchmark "
         f"{bench!r} (expected fields: {expected}); the row has {sorted(row)}"
     )
 
@@ -110,11 +110,11 @@ def _gsm8k(row: dict, i: int, source: str) -> Problem:
     answer = str(_field(row, ["answer"], source=source, index=i, bench="gsm8k", expected=expected))
     if "####" not in answer:
         raise BenchmarkFormatError(
-            f"{source}: row {i}: gsm8k 'answer' has no '#### N' final line; got {answer[-80:]!r}"
+            f"{source}: row {i + 1}: gsm8k 'answer' has no '#### N' final line; got {answer[-80:]!r}"
         )
     reference = extract_gsm8k(answer)
     if reference is None:
-        raise BenchmarkFormatError(f"{source}: row {i}: no number after '####' in {answer[-80:]!r}")
+        raise BenchmarkFormatError(f"{source}: row {i + 1}: no number after '####' in {answer[-80:]!r}")
     return Problem(_row_id(row, "gsm8k", i), str(question), reference, {"solution": answer})
 
 
@@ -128,7 +128,7 @@ def _math(bench: str) -> Callable[[dict, int, str], Problem]:
             reference = extract_boxed(str(solution))
             if reference is None:
                 raise BenchmarkFormatError(
-                    f"{source}: row {i}: {bench} 'solution' has no \\boxed{{}} answer and there is "
+                    f"{source}: row {i + 1}: {bench} 'solution' has no \\boxed{{}} answer and there is "
                     "no 'answer' field"
                 )
         meta = {k: row[k] for k in ("level", "type", "subject") if row.get(k) is not None}
@@ -159,7 +159,7 @@ def _olympiadbench(row: dict, i: int, source: str) -> Problem:
     final = _field(row, ["final_answer"], source=source, index=i, bench="olympiadbench", expected=expected)
     answers = [final] if isinstance(final, str) else list(final)
     if not answers:
-        raise BenchmarkFormatError(f"{source}: row {i}: olympiadbench 'final_answer' is empty")
+        raise BenchmarkFormatError(f"{source}: row {i + 1}: olympiadbench 'final_answer' is empty")
     reference = ", ".join(_strip_dollars(str(a)) for a in answers)
     if row.get("context"):
         question = f"{row['context']}\n{question}"
@@ -234,13 +234,17 @@ def read_records(path: str | Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise BenchmarkFormatError(f"{path}: line {lineno} is not JSON: {exc}") from None
+                    raise BenchmarkFormatError(
+                        f"{path}: line {lineno} is not JSON ({exc}); fix or remove that line"
+                    ) from None
         return rows
     if suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise BenchmarkFormatError(f"{path} is not JSON: {exc}") from None
+            raise BenchmarkFormatError(
+                f"{path} is not JSON ({exc}); give a JSON list of rows, or write the rows as JSONL (one a line)"
+            ) from None
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
             data = next(iter(data.values()))  # {"data": [...]}
         if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
@@ -255,9 +259,13 @@ def read_records(path: str | Path) -> list[dict]:
             f"{path}: expected a JSON list of rows or a mapping of columns, got {type(data).__name__}"
         )
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise BenchmarkFormatError(f"{path} is not a readable Parquet file ({exc}); rewrite it") from None
     raise BenchmarkFormatError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
 
 
@@ -292,10 +300,13 @@ def load_problems(
     problems = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise BenchmarkFormatError(f"{label}: row {i} is a {type(row).__name__}, not an object")
+            raise BenchmarkFormatError(f"{label}: row {i + 1} is a {type(row).__name__}, not an object; give one JSON object a row")
         problems.append(spec.parse_row(row, i, label))
     if not problems:
-        raise BenchmarkFormatError(f"{label}: no problems for benchmark {name!r}")
+        raise BenchmarkFormatError(
+            f"{label}: no problems for benchmark {name!r} (the file holds no rows); give a file with one "
+            "problem a row (JSONL), a JSON list of rows, or a Parquet table"
+        )
     ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):
         problems = [Problem(f"{p.id}#{i}", p.prompt, p.reference, p.meta) for i, p in enumerate(problems)]

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit {args.limit}: must be >= 1 (or leave it out for every problem)")
     if args.n < 1:
         p.error(f"--n {args.n}: need at least one sample per problem")
     if args.max_new_tokens < 1:
@@ -99,11 +101,31 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--template: {exc}")
 
 
+class EvalUsageError(ValueError):
+    """dcd-eval cannot run as asked; the message names the option and the fix."""
+
+
 def _import_loader(spec: str) -> ModelLoader:
     module, _, func = spec.partition(":")
+    example = "e.g. dcd_megatron.eval.fake:constant_answer_loader"
     if not module or not func:
-        raise SystemExit(f"--model-loader {spec!r}: expected MODULE:FUNCTION, e.g. dcd_megatron.eval.fake:constant_answer_loader")
-    return getattr(importlib.import_module(module), func)
+        raise EvalUsageError(f"--model-loader {spec!r}: expected MODULE:FUNCTION, {example}")
+    try:
+        loader = getattr(importlib.import_module(module), func, None)
+    except ImportError as exc:
+        raise EvalUsageError(f"--model-loader {spec!r}: cannot import {module!r} ({exc}); {example}") from None
+    if not callable(loader):
+        raise EvalUsageError(f"--model-loader {spec!r}: {module} has no function {func!r}; {example}")
+    return loader
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What dcd-eval reports in one line (exit 2): bad benchmark files, checkpoints, options."""
+    from dcd_megatron.cli.errors import user_error_types
+
+    from dcd_megatron.eval.benchmarks import BenchmarkFormatError
+
+    return (*user_error_types(), BenchmarkFormatError, EvalUsageError)
 
 
 def _runs(args: argparse.Namespace, small: bool) -> list[tuple[str, float, float, int]]:
@@ -117,11 +139,18 @@ def _runs(args: argparse.Namespace, small: bool) -> list[tuple[str, float, float
     return [greedy, sampled] if small else [greedy]
 
 
-def evaluate_benchmark(model: EvalModel, args: argparse.Namespace, entry: str) -> list[BenchmarkResult]:
-    """Load one benchmark, generate under each run of the protocol, score and save."""
+def read_benchmark(args: argparse.Namespace, entry: str):
+    """The problems of one ``--benchmark NAME[=SOURCE]`` entry (read before any model loads)."""
+    name, _, source = entry.partition("=")
+    return load_problems(get_benchmark(name).name, source or None, limit=args.limit)
+
+
+def evaluate_benchmark(model: EvalModel, args: argparse.Namespace, entry: str, problems=None) -> list[BenchmarkResult]:
+    """Load one benchmark (unless its ``problems`` are given), generate under each run of the protocol, score and save."""
     name, _, source = entry.partition("=")
     spec = get_benchmark(name)
-    problems = load_problems(spec.name, source or None, limit=args.limit)
+    if problems is None:
+        problems = load_problems(spec.name, source or None, limit=args.limit)
     template = args.template or spec.default_template
     template_text = resolve_template(template)
     prompts = [model.encode(template_text.format(question=p.prompt)) for p in problems]
@@ -172,15 +201,8 @@ def _log_mlflow(args: argparse.Namespace, results: list[BenchmarkResult], out_di
         mlflow.log_artifacts(str(out_dir), artifact_path="eval")
 
 
-def main(argv: Sequence[str] | None = None, *, model_loader: ModelLoader | None = None) -> int:
-    """Run ``dcd-eval``; returns the process exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from dcd_megatron.runtime.quiet import quiet_megatron_warnings
-
-    quiet_megatron_warnings(args.verbose, prog="dcd-eval")
-    _check_args(parser, args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+def _model(parser: argparse.ArgumentParser, args: argparse.Namespace, model_loader: ModelLoader | None) -> EvalModel:
+    """The model to evaluate: the given loader, --model-loader, or the --checkpoint student."""
     if model_loader is None:
         if args.model_loader is not None:
             model_loader = _import_loader(args.model_loader)
@@ -191,13 +213,35 @@ def main(argv: Sequence[str] | None = None, *, model_loader: ModelLoader | None 
         else:
             parser.error("no model: pass --checkpoint RUN_DIR (a dcd-train output_dir or checkpoint) "
                          "or --model-loader MODULE:FUNCTION (a function(args) -> EvalModel)")
-    model = model_loader(args)
+    try:
+        return model_loader(args)
+    except _user_errors() as exc:
+        where = f"--checkpoint {args.checkpoint}" if args.checkpoint and not args.model_loader else "loading the model"
+        raise EvalUsageError(f"{where}: {exc}") from None
 
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results: list[BenchmarkResult] = []
-    for entry in args.benchmark:
-        results.extend(evaluate_benchmark(model, args, entry))
+
+def main(argv: Sequence[str] | None = None, *, model_loader: ModelLoader | None = None) -> int:
+    """Run ``dcd-eval``; returns the process exit code (2: a user error, said in one line)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from dcd_megatron.runtime.quiet import quiet_megatron_warnings
+
+    quiet_megatron_warnings(args.verbose, prog="dcd-eval")
+    _check_args(parser, args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        problems = {entry: read_benchmark(args, entry) for entry in args.benchmark}  # bad files fail before the model loads
+        model = _model(parser, args, model_loader)
+        out_dir = Path(args.output_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise EvalUsageError(f"--output-dir {out_dir} is a file, not a directory; pass a directory")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results: list[BenchmarkResult] = []
+        for entry in args.benchmark:
+            results.extend(evaluate_benchmark(model, args, entry, problems[entry]))
+    except _user_errors() as exc:
+        print(f"dcd-eval: error: {exc}", file=sys.stderr)
+        return 2
 
     summary = [{k: v for k, v in r.to_dict().items() if k != "records"} for r in results]
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -18,6 +18,7 @@ class ScoreConfig:
     data_path: str = ""  # the traces to score (JSONL/Parquet file, glob, directory, dataset)
     out_dir: str = ""
     data: DataConfig = field(default_factory=DataConfig)  # data.tokenizer = the student's tokenizer
+    teacher_tokenizer: str | None = None  # the teacher's tokenizer; None = the data.tokenizer its checkpoint records
     temperature: float = 1.0  # log_softmax(logits / temperature): the distribution the teacher sampled from
     top_k: int = 0  # also store the top-k token ids and log-probs per response token (0 = no)
     rows_per_shard: int = 256  # the unit of resumption and of data-parallel work

@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from dcd_megatron.data.config import DataConfig
 from dcd_megatron.data.encoding import RowEncoder
 from dcd_megatron.data.loading import RAW_JSON_COLUMN
 from dcd_megatron.data.tokenizer import Tokenizer
-from dcd_megatron.data.validation import RowProblem
+from dcd_megatron.data.validation import FIXES, RowProblem, skip_hint
+from dcd_megatron.score.shards import SUMMARY
 
 
 @dataclass(frozen=True)
@@ -41,12 +43,16 @@ class ScoringEncoder:
         strict = dataclasses.replace(cfg, seq_length=max_length, on_long_row="error")
         self.encoder = RowEncoder(strict, tokenizer)
         self.drop = set(teacher_columns(cfg))
+        self.max_length = max_length
 
     def __call__(self, index: int, row: dict) -> RowToScore | RowProblem:
         if RAW_JSON_COLUMN in row:
             row = json.loads(row[RAW_JSON_COLUMN])
         row = {k: v for k, v in row.items() if k not in self.drop}
         encoded = self.encoder.encode(row)
+        if isinstance(encoded, RowProblem) and encoded.reason == "too_long":  # name scoring's limit, not training's
+            return RowProblem("too_long", encoded.detail.replace(
+                f"data.seq_length={self.max_length}", f"the scoring limit --max-length={self.max_length}"))
         if isinstance(encoded, RowProblem):
             return encoded
         if encoded.response_start < 1:
@@ -56,6 +62,15 @@ class ScoringEncoder:
                 "scored from; set data.add_bos=true or give the row a prompt",
             )
         return RowToScore(index, encoded.input_ids, encoded.response_start, encoded.n_trained)
+
+
+def problem_fix(reason: str, out_dir: Path) -> str:
+    """The fix a dcd-score bad-row error names; skipped rows are counted in OUT/score_summary.json."""
+    where = f"{out_dir / SUMMARY}"
+    if reason == "too_long":
+        return ("raise --max-length (at most the teacher's max_position_embeddings; scoring never truncates), "
+                f"or {skip_hint(where)}")
+    return f"{FIXES.get(reason, 'fix the row')}; or {skip_hint(where)}"
 
 
 def plan_batches(rows: list[RowToScore], batch_tokens: int) -> list[list[RowToScore]]:
