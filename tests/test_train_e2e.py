@@ -58,48 +58,26 @@ def test_tp2_pp2_run_learns(tmp_path):
     _assert_learns(out, 16)
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
+def test_resume_at_another_layout_goes_on_from_the_checkpoint(tmp_path):
+    """Stopped at step 4 in one process, resumed at TP=2 on two: the checkpoint reshards, both ranks
+    verify their share of its files, and the losses go on as the uninterrupted run's (to TP rounding).
+    (kill -9 resumes, bit for bit at one layout: tests/test_reliability_faults.py.)"""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     _assert_ok(run_train(straight, ["train.steps=8"]))
     first = run_train(resumed, ["train.steps=8", "train.stop_after=4"])
     _assert_ok(first)
     assert "stopping after step 4" in first.stdout
-    second = run_train(resumed, ["train.steps=8"])
+    second = run_train(resumed, ["train.steps=8", "tp=2"], nproc=2)
     _assert_ok(second)
     assert "resumed from" in second.stdout and "iter_0000004" in second.stdout
+    assert "resume changes [free] parallel.tp: 2 vs 1" in second.stdout
+    assert "written by 1 ranks and this run has 2" in second.stdout
     a, b = losses(straight), losses(resumed)
     assert sorted(b) == list(range(1, 9))
-    for step in range(1, 9):
+    for step in range(1, 5):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), (step, a[step], b[step])
-
-
-def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path):
-    from dcd_megatron.checkpoint import find_latest
-
-    out = tmp_path / "killed"
-    proc = start_train(out, ["train.steps=30", "train.save_interval=4"])
-    try:
-        wait_for_step(out, 10, proc)
-    finally:
-        kill_group(proc)
-    latest = find_latest(out / "checkpoints")
-    assert latest is not None and latest.name in ("iter_0000008", "iter_0000012"), latest
-    saved_step = int(latest.name.split("_")[1])
-    done_before = max(losses(out))
-    assert done_before - saved_step < 4 + 2  # at most the steps since the last checkpoint (+ the one in flight)
-    # A half-written checkpoint (as a kill mid-save leaves) is never taken as the latest.
-    half = out / "checkpoints" / "iter_0000028.tmp"
-    half.mkdir()
-    (half / "common.pt").write_bytes(b"partial")
-    assert find_latest(out / "checkpoints") == latest
-    resumed = run_train(out, ["train.steps=30", "train.save_interval=4"])
-    assert resumed.returncode == 0, resumed.stdout[-4000:]
-    assert f"resumed from {latest}" in resumed.stdout
-    recs = metrics(out)
-    assert recs[-1]["step"] == 30
-    after = [r["step"] for r in recs if r["step"] > saved_step]
-    assert after[-(30 - saved_step):] == list(range(saved_step + 1, 31))
-    assert not half.exists()  # cleaned by the next save
+    for step in range(5, 9):
+        assert b[step] == pytest.approx(a[step], rel=2e-3), (step, a[step], b[step])
 
 
 def test_training_survives_the_tracking_server_dying(tmp_path):
