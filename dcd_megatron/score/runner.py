@@ -178,12 +178,21 @@ class _Teacher:
 
 def score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreResult:
     """Score `cfg.data_path` with `cfg.teacher`; collective over all ranks of the process group."""
-    from megatron.core import parallel_state as ps
+    from dcd_megatron.runtime.output_lock import lock_output_dir
 
     t0 = time.time()
-    out = Path(cfg.out_dir)
     teacher = _checked_teacher(cfg)  # checks that need no other process
     facts, info, layout = _start_processes(cfg)
+    # One run per --out: rank 0 locks it before anything is written there; all ranks learn the verdict.
+    with lock_output_dir(cfg.out_dir, setting="--out", rank=info.rank, world_size=info.world_size):
+        return _score_locked(cfg, teacher, facts, info, layout, progress=progress, t0=t0)
+
+
+def _score_locked(cfg: ScoreConfig, teacher: _Teacher, facts, info, layout, *, progress: bool, t0: float) -> ScoreResult:
+    """Everything after the processes and the lock on --out (see `score`)."""
+    from megatron.core import parallel_state as ps
+
+    out = Path(cfg.out_dir)
     is_main = info.rank == 0
     ds = _load_rows(cfg, is_main)
     manifest = _manifest(cfg, teacher.path, teacher.meta, len(ds), teacher.student.fingerprint)

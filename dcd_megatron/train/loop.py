@@ -41,6 +41,8 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
     state = setup(cfg, config_text or yaml.safe_dump(to_dict(cfg), sort_keys=False))
     sink = MetricsSink(state.run, state.start_step)
     sink.say(_layout_line(state, sink))
+    if state.resume_changes:  # approved by train.resume_changes: on the record beside the run
+        sink.tracker.log_text("\n".join(state.resume_changes) + "\n", f"config/resume-changes-step-{state.start_step}.txt")
     stop_signal = StopSignal(state.run.runtime.device)
     final_step, status, stop_reason = state.start_step, "FAILED", None
     try:
@@ -52,6 +54,7 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
     finally:
         sink.finish(status, final_step, state.metrics, stop_reason=stop_reason)  # stopped early: STOPPED
         stop_signal.restore()
+        state.lock.release()  # rank 0's lock on the output directory (a no-op on the other ranks)
     sink.summary()
     return TrainResult(
         step=final_step,
@@ -167,6 +170,7 @@ def save(state: TrainState, step: int) -> Path:
         "consumed_samples": state.train_iter.consumed_samples,
         "config": run.config_text,
         "padded_vocab_size": run.padded_vocab,
+        "data": state.data_summary,  # the tokenizer and the training data's content: a resume compares them
     }
     state.checkpoint = save_checkpoint(
         run.checkpoint_root, step, state.chunks, state.optimizer, state.scheduler, meta,

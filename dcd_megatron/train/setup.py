@@ -1,7 +1,8 @@
 """Everything a training run needs, built once from a TrainConfig: the typed state the loop steps.
 
-In order: the processes (device, process group, threads), the tokenizer and the parallel
-layout (every check that needs no other process runs first), megatron's parallel groups,
+In order: the processes (device, process group, threads), the output directory's lock (rank 0:
+one run per directory), the tokenizer and the parallel layout (every check that needs no other
+process runs first), megatron's parallel groups,
 the data (tokenised once by rank 0 into a memory-mapped cache), the model chunks wrapped in
 megatron's DDP, the optimizer and scheduler, and the resume (or init) checkpoint.
 """
@@ -62,15 +63,33 @@ class TrainState:
     start_step: int  # optimizer steps done before this process started
     checkpoint: Path | None  # the newest checkpoint of the run (the one resumed from, then each save)
     metrics: dict = field(default_factory=dict)  # the last step's metrics (and its validation)
+    data_summary: dict = field(default_factory=dict)  # the tokenizer and training data, saved with each checkpoint
+    resume_changes: list[str] = field(default_factory=list)  # what this resume changed (train.resume_changes), logged
+    lock: object = None  # rank 0: the output directory's OutputLock (runtime/output_lock.py); train() releases it
 
 
 def setup(cfg: TrainConfig, config_text: str) -> TrainState:
     """The processes, data, model, optimizer and resume point for `cfg` (collective over all ranks)."""
-    from dcd_megatron.data import load_tokenizer
-    from dcd_megatron.runtime import distributed as rt
+    from dcd_megatron.runtime.output_lock import lock_output_dir
 
     cfg.validate()  # a recipe or caller may have changed sections in place
     facts, info = _start_processes(cfg)
+    # One run per directory: rank 0 locks it before anything is written there; all ranks learn the verdict.
+    lock = lock_output_dir(cfg.train.output_dir, setting="train.output_dir", rank=info.rank, world_size=info.world_size)
+    try:
+        state = _set_up(cfg, config_text, facts, info)
+    except BaseException:
+        lock.release()
+        raise
+    state.lock = lock
+    return state
+
+
+def _set_up(cfg: TrainConfig, config_text: str, facts: RuntimeFacts, info: ProcessInfo) -> TrainState:
+    """Everything after the processes and the output directory's lock (see `setup`)."""
+    from dcd_megatron.data import load_tokenizer
+    from dcd_megatron.runtime import distributed as rt
+
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type)
     vocab_size = _checked_vocab_size(cfg, tokenizer)
     layout = _checked_layout(cfg, info.world_size, facts)
@@ -80,16 +99,15 @@ def setup(cfg: TrainConfig, config_text: str) -> TrainState:
         padded_vocab=cfg.model.padded_vocab_size(vocab_size, layout.tp),
         num_microbatches=cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp),
     )
-    if run.is_logger:
-        run.output_dir.mkdir(parents=True, exist_ok=True)
     data = _load_data(run, tokenizer)
     chunks, optimizer, scheduler = _build_model(run)
-    start_step, consumed, resumed_from = _restore(run, chunks, optimizer, scheduler)
+    summary = _data_summary(data.train_meta, tokenizer)
+    start_step, consumed, resumed_from, changes = _restore(run, chunks, optimizer, scheduler, summary)
     return TrainState(
         run=run, chunks=chunks, optimizer=optimizer, scheduler=scheduler,
         train_iter=_train_iterator(run, data.train, consumed), valid_samples=data.valid,
         num_train_samples=len(data.train), run_schedule=_schedule(run, chunks),
-        start_step=start_step, checkpoint=resumed_from,
+        start_step=start_step, checkpoint=resumed_from, data_summary=summary, resume_changes=changes,
     )
 
 
@@ -204,27 +222,96 @@ def _build_model(run: RunFacts):
     return chunks, optimizer, build_scheduler(cfg.optim, optimizer, cfg.train.steps)
 
 
-def _restore(run: RunFacts, chunks, optimizer, scheduler) -> tuple[int, int, Path | None]:
-    """(steps done, samples consumed, the checkpoint resumed from): `train.resume`, else `model.init_checkpoint`."""
+def _restore(run: RunFacts, chunks, optimizer, scheduler, summary: dict) -> tuple[int, int, Path | None, list[str]]:
+    """(steps done, samples consumed, the checkpoint resumed from, what the resume changes):
+    `train.resume`, else `model.init_checkpoint`."""
     from dcd_megatron import checkpoint as ckpt
 
     cfg = run.cfg
-    start_step, consumed = 0, 0
-    resume_from = ckpt.resolve_resume(cfg.train.resume, run.checkpoint_root)
+    resume_from = _verified_resume(run)
     if resume_from is not None:
+        changes = _checked_changes(run, resume_from, scheduler, summary)
         meta = ckpt.load_checkpoint(resume_from, chunks, optimizer, scheduler)
+        if "optim" in changes.approved_groups:
+            _apply_optim_settings(cfg.optim, optimizer)
         start_step, consumed = int(meta["step"]), int(meta["consumed_samples"])
         if run.is_logger:
             print(f"resumed from {resume_from} at step {start_step}", flush=True)
-    elif cfg.model.init_checkpoint:
+            for line in changes.lines:
+                print(f"resume changes {line}", flush=True)
+        if start_step >= cfg.train.steps and run.is_logger:
+            print(f"{resume_from} is already at step {start_step} of train.steps={cfg.train.steps}: nothing to "
+                  "train (raise train.steps with train.resume_changes=[schedule], or use a new train.output_dir)",
+                  flush=True)
+        return start_step, consumed, resume_from, changes.lines
+    if cfg.model.init_checkpoint:
         init_from = _checked_init_checkpoint(cfg)
         ckpt.load_checkpoint(init_from, chunks, None, None, load_optimizer=False)
         if run.is_logger:
             print(f"initialised the student from {init_from}", flush=True)
-    if start_step >= cfg.train.steps and run.is_logger:
-        print(f"{resume_from} is already at step {start_step} of train.steps={cfg.train.steps}: "
-              "nothing to train (raise train.steps, or use a new train.output_dir)", flush=True)
-    return start_step, consumed, resume_from
+    return 0, 0, None, []
+
+
+def _verified_resume(run: RunFacts) -> Path | None:
+    """The checkpoint `train.resume` names, verified by all ranks (each hashes a share of its files);
+    damaged newer ones are named and moved aside (`iter_N.damaged-K`), foreign entries skipped."""
+    from dcd_megatron import checkpoint as ckpt
+    from dcd_megatron.runtime.distributed import all_gather_lists
+
+    root = run.checkpoint_root
+    if run.is_logger:
+        ckpt.warn_foreign(root, say=lambda line: print(f"warning: {line}", flush=True))
+    part = (run.process.rank, run.process.world_size)
+    selection = ckpt.resolve_resume(run.cfg.train.resume, root, part=part, gather=all_gather_lists)
+    if run.is_logger:
+        for line in selection.fallback_lines():
+            print(f"warning: {line}", flush=True)
+        for damaged, _ in selection.rejected:
+            ckpt.move_aside(damaged, "damaged")
+    torch.distributed.barrier()
+    return selection.chosen
+
+
+@dataclass(frozen=True)
+class _Changes:
+    approved_groups: tuple[str, ...]
+    lines: list[str]
+
+
+def _checked_changes(run: RunFacts, checkpoint: Path, scheduler, summary: dict) -> _Changes:
+    """Refuse what the checkpoint's weights cannot survive or the user did not approve (one line)."""
+    import yaml
+
+    from dcd_megatron import checkpoint as ckpt
+    from dcd_megatron.configs import from_dict
+    from dcd_megatron.train.resume import change_lines, checked_resume
+
+    meta = ckpt.read_meta(checkpoint)
+    theirs = from_dict(TrainConfig, yaml.safe_load(meta["config"]))
+    approved = list(run.cfg.train.resume_changes)
+    check = checked_resume(run.cfg, theirs, str(checkpoint), summary, meta.get("data"))
+    groups = tuple(check.approved(approved))
+    if {"optim", "schedule"} & set(groups):
+        scheduler.override_opt_param_scheduler = True  # the new learning-rate schedule applies from here
+    return _Changes(approved_groups=groups, lines=change_lines(check, approved))
+
+
+def _apply_optim_settings(optim, optimizer) -> None:
+    """An approved optim change: the loaded optimizer state keeps its moments, takes the new betas / eps."""
+    for group in optimizer.param_groups:
+        group["betas"] = (optim.adam_beta1, optim.adam_beta2)
+        group["eps"] = optim.adam_eps
+
+
+def _data_summary(train_meta: dict, tokenizer) -> dict:
+    """What a checkpoint records of its training data (compared on resume): the tokenizer and the content."""
+    return {
+        "tokenizer": getattr(tokenizer, "fingerprint", None),
+        "docs": train_meta.get("kept"),
+        "tokens": train_meta.get("tokens"),
+        "response_tokens": train_meta.get("response_tokens"),
+        "cache_key": train_meta.get("key"),
+    }
 
 
 def _checked_init_checkpoint(cfg: TrainConfig) -> Path:
