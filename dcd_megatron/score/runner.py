@@ -21,7 +21,7 @@ import torch
 
 from dcd_megatron.configs import to_dict
 from dcd_megatron.score.config import ScoreConfig, ScoreError
-from dcd_megatron.score.rows import RowToScore, ScoringEncoder, plan_batches, teacher_columns
+from dcd_megatron.score.rows import RowToScore, ScoringEncoder, plan_batches, problem_fix, teacher_columns
 from dcd_megatron.score import shards as sh
 
 POSITIONS_PER_CHUNK = 4096  # logits rows turned into fp32 at once (bounds memory for big vocabularies)
@@ -58,16 +58,30 @@ def _manifest(cfg: ScoreConfig, teacher_path: Path, teacher_meta: dict, n_rows: 
     }
 
 
+def _reading_config(cfg: ScoreConfig):
+    """The data settings rows are read with (the student's tokenizer, split and bad-row policy; no field renames)."""
+    from dcd_megatron.data.config import DataConfig
+
+    return DataConfig(tokenizer=cfg.data.tokenizer, split=cfg.data.split, on_bad_row=cfg.data.on_bad_row)
+
+
+def _bad_row(cfg: ScoreConfig, index: int, problem) -> Exception:
+    """The one-line error for input row `index` (0-based), named by its file and row from 1."""
+    from dcd_megatron.data import BadRowError
+    from dcd_megatron.data.loading import locate_row
+
+    source, row = locate_row(cfg.data_path, _reading_config(cfg), index, cache_dir=cfg.data.resolved_cache_dir())
+    return BadRowError(source, row, problem.reason, problem.detail, fix=problem_fix(problem.reason, Path(cfg.out_dir)))
+
+
 def _load_input(cfg: ScoreConfig):
     """The input rows as one `datasets.Dataset`, columns exactly as in the files."""
     import datasets
 
     from dcd_megatron.data import load_rows
-    from dcd_megatron.data.config import DataConfig
     from dcd_megatron.data.loading import RAW_JSON_COLUMN
 
-    plain = DataConfig(tokenizer=cfg.data.tokenizer, split=cfg.data.split, on_bad_row=cfg.data.on_bad_row)
-    ds = load_rows(cfg.data_path, plain, cache_dir=cfg.data.resolved_cache_dir())
+    ds = load_rows(cfg.data_path, _reading_config(cfg), cache_dir=cfg.data.resolved_cache_dir())
     if RAW_JSON_COLUMN in ds.column_names:  # a JSONL file `datasets` could not type: rebuild from the lines
         ds = datasets.Dataset.from_list([json.loads(s) for s in ds[RAW_JSON_COLUMN]])
     if len(ds) == 0:
@@ -227,13 +241,19 @@ def _score_locked(cfg: ScoreConfig, teacher: _Teacher, facts, info, layout, *, p
 def _checked_teacher(cfg: ScoreConfig) -> _Teacher:
     """The teacher's config, vocabulary and length limits against the request and the student's tokenizer."""
     from dcd_megatron.checkpoint import read_checkpoint_config
-    from dcd_megatron.data import load_tokenizer
+    from dcd_megatron.data.tokenizer import load_tokenizer_of
     from dcd_megatron.runtime.layout import check_model_split
     from dcd_megatron.score.vocabulary import check_teacher_vocabulary
 
-    student = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type)
+    student = load_tokenizer_of("the student's", cfg.data.tokenizer, cfg.data.tokenizer_type,
+                                "pass --student-tokenizer PATH, or fix data.tokenizer in the student's --config")
     teacher_path, tcfg, tmeta = read_checkpoint_config(Path(cfg.teacher))
-    vocab_note = check_teacher_vocabulary(student, load_tokenizer(tcfg.data.tokenizer, tcfg.data.tokenizer_type))
+    teacher_tok = load_tokenizer_of(
+        "the teacher's", cfg.teacher_tokenizer or tcfg.data.tokenizer, tcfg.data.tokenizer_type,
+        "pass --teacher-tokenizer PATH (the tokenizer the teacher was trained with)"
+        + ("" if cfg.teacher_tokenizer else f"; the path is data.tokenizer in {teacher_path}'s training config"),
+    )
+    vocab_note = check_teacher_vocabulary(student, teacher_tok)
     vocab = tcfg.model.vocab_size or student.vocab_size
     if cfg.top_k > vocab:
         raise ScoreError(f"top_k={cfg.top_k} exceeds the teacher's vocabulary of {vocab}")
@@ -308,7 +328,6 @@ def _score_shards(cfg: ScoreConfig, teacher: _Teacher, ds, ranges, todo, done_be
     from tqdm import tqdm
 
     from dcd_megatron.convert.model_io import load_megatron_model
-    from dcd_megatron.data import BadRowError
 
     out = Path(cfg.out_dir)
     tp_rank, tp_group = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group()
@@ -336,7 +355,7 @@ def _score_shards(cfg: ScoreConfig, teacher: _Teacher, ds, ranges, todo, done_be
             elif cfg.data.on_bad_row == "skip":
                 skipped[result.reason] += 1
             else:
-                raise BadRowError(cfg.data_path, start + i + 1, result.reason, result.detail)
+                raise _bad_row(cfg, start + i, result)
         batches = plan_batches(rows, cfg.batch_tokens)
         scores = _score_batches(
             module, batches, pad_id=teacher.student.pad_id, device=facts.device, on_batch=bar.update,
