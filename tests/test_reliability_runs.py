@@ -119,3 +119,23 @@ def test_links_in_checkpoints_are_never_loaded_or_deleted_through(trained, tmp_p
     saved = ckpts / "iter_0000002"
     assert saved.is_dir() and not saved.is_symlink() and (saved / "manifest.json").is_file()
     assert (ckpts / "iter_0000002.foreign-1").is_symlink()  # moved aside, not followed
+
+
+def test_dcd_eval_and_dcd_convert_refuse_a_damaged_checkpoint_in_one_line(trained, tmp_path, capsys):
+    from dcd_megatron.cli.convert import main as convert_main
+    from dcd_megatron.eval.cli import main as eval_main
+
+    out = _copy(trained, tmp_path)
+    newest = out / "checkpoints" / "iter_0000004"
+    (newest / ".metadata").unlink()  # megatron: "AssertionError: metadata is None"
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "1+1?", "answer": "1+1=2\n#### 2"}) + "\n")
+    capsys.readouterr()
+    assert convert_main(["mcore-to-hf", "--checkpoint", str(newest), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "iter_0000004" in x]  # one line (beside the TE/Apex notice)
+    assert ".metadata is missing" in line and "Traceback" not in err
+    rc = eval_main(["--benchmark", f"gsm8k={bench}", "--checkpoint", str(newest), "--no-mlflow", "--no-progress",
+                    "--output-dir", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "iter_0000004: .metadata is missing" in err and "Traceback" not in err
