@@ -139,3 +139,22 @@ def test_dcd_eval_and_dcd_convert_refuse_a_damaged_checkpoint_in_one_line(traine
                     "--output-dir", str(tmp_path / "eval")])
     err = capsys.readouterr().err
     assert rc == 2 and "iter_0000004: .metadata is missing" in err and "Traceback" not in err
+
+
+def test_a_run_whose_lock_was_taken_over_stops_before_writing_a_checkpoint(trained, tmp_path, capsys, monkeypatch):
+    from dcd_megatron.runtime import output_lock
+
+    out = _copy(trained, tmp_path)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    monkeypatch.setattr(output_lock.OutputLock, "held", lambda self: False)  # as if another run took the directory
+    rc, log = _train(out, ["train.steps=6", "train.resume_changes=[schedule]"], capsys, monkeypatch)
+    assert rc == 2 and "was taken over by another run" in log and "without writing a checkpoint" in log
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_resume_never_does_not_write_a_new_run_over_an_old_one(trained, tmp_path, capsys, monkeypatch):
+    out = _copy(trained, tmp_path)
+    record = (out / "metrics.jsonl").read_text()
+    rc, log = _train(out, ["train.steps=4", "train.resume=never"], capsys, monkeypatch)
+    assert rc == 2 and "already holds a run (checkpoints up to iter_0000004, metrics.jsonl)" in log
+    assert (out / "metrics.jsonl").read_text() == record

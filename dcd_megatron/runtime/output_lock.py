@@ -259,6 +259,13 @@ class OutputLock:
             except OSError:
                 pass  # a slow or flaky filesystem: try again next beat
 
+    def held(self) -> bool:
+        """Whether the lock file is still this run's (read now; a save asks before it writes)."""
+        try:
+            return self.path.read_text().strip() == self._text
+        except OSError:
+            return False
+
     def release(self) -> bool:
         """Remove the lock if it is still ours (re-read first); True when removed. Safe to call twice."""
         if self._stop.is_set():
@@ -287,6 +294,9 @@ class NoLock:
     """What a rank other than 0 holds: rank 0 holds the run's lock."""
 
     lost = False
+
+    def held(self) -> bool:
+        return True
 
     def release(self) -> bool:
         return False

@@ -164,8 +164,15 @@ def evaluate(state: TrainState, step: int) -> dict:
 def save(state: TrainState, step: int) -> Path:
     """A checkpoint of the run at `step` (collective); it becomes `state.checkpoint`."""
     from dcd_megatron.checkpoint import save_checkpoint
+    from dcd_megatron.runtime.distributed import share_object
+    from dcd_megatron.runtime.output_lock import OutputDirBusyError
 
     run = state.run
+    if not share_object(state.lock is None or state.lock.held(), src=0):
+        raise OutputDirBusyError(
+            f"the lock on train.output_dir={run.output_dir} was taken over by another run (see its .dcd.lock) while "
+            f"this one was stalled; stopping at step {step} without writing a checkpoint over that run's files"
+        )
     meta = {
         "consumed_samples": state.train_iter.consumed_samples,
         "config": run.config_text,

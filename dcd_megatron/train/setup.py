@@ -259,6 +259,8 @@ def _verified_resume(run: RunFacts) -> Path | None:
     from dcd_megatron.runtime.distributed import all_gather_lists
 
     root = run.checkpoint_root
+    if run.cfg.train.resume == "never":
+        _refuse_a_used_directory(run)
     if run.is_logger:
         ckpt.warn_foreign(root, say=lambda line: print(f"warning: {line}", flush=True))
     part = (run.process.rank, run.process.world_size)
@@ -270,6 +272,21 @@ def _verified_resume(run: RunFacts) -> Path | None:
             ckpt.move_aside(damaged, "damaged")
     torch.distributed.barrier()
     return selection.chosen
+
+
+def _refuse_a_used_directory(run: RunFacts) -> None:
+    """`train.resume=never` starts a new run: never over another run's checkpoints and metrics.jsonl."""
+    from dcd_megatron import checkpoint as ckpt
+    from dcd_megatron.runtime.output_lock import OutputDirError
+
+    found = ckpt.candidates(run.checkpoint_root)
+    held = ([f"checkpoints up to {found[0].name}"] if found else []) + (
+        ["metrics.jsonl"] if (run.output_dir / "metrics.jsonl").is_file() else [])
+    if held:
+        raise OutputDirError(
+            f"train.output_dir={run.output_dir} already holds a run ({', '.join(held)}); train.resume=never would "
+            "write a new run over its files: use a new train.output_dir, or train.resume=auto to go on with it"
+        )
 
 
 @dataclass(frozen=True)
