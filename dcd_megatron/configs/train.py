@@ -66,8 +66,8 @@ class LoopConfig:
     keep_checkpoints: int = 2  # newest complete checkpoints kept (0 = keep all)
     stop_after: int = 0  # stop with a checkpoint once this many steps are done (0 = run to `steps`)
     output_dir: str = "runs/dcd"  # checkpoints/, metrics.jsonl, final_metrics.json, cache/
-    resume: str = "auto"  # auto (newest checkpoint in output_dir that verifies, if any) | never | a path
-    resume_changes: list[str] = field(default_factory=list)  # what a resume may change: data, loss, optim, schedule, model, all (docs/checkpoints.md)
+    resume: str = "auto"  # auto (the newest checkpoint in output_dir that verifies, if any), never, or a path
+    resume_changes: list[str] = field(default_factory=list)  # what a resume may change (data, loss, optim, schedule, model, all); see docs/checkpoints.md
 
     def __post_init__(self) -> None:
         self.validate()
