@@ -161,6 +161,27 @@ def test_tracker_replays_the_steps_a_dead_server_missed_once_it_answers(store, t
     assert any("caught up" in r.getMessage() for r in caplog.records)
 
 
+def test_steps_dropped_from_a_full_queue_are_replayed(store, tmp_path):
+    """A slow store (here: blocked) fills the queue of `tracking.max_pending` steps; the oldest are dropped."""
+    import threading
+
+    outage, run_dir = Outage(store), tmp_path / "run"
+    tracker = Tracker(TrackingConfig(tracking_uri=store, experiment="rel", metrics_flush_s=0, max_pending=2),
+                      is_logging_rank=True, client_factory=lambda uri: outage)
+    tracker.start({"a": 1}, "a: 1\n", run_dir, record=run_dir / "metrics.jsonl")
+    assert tracker.flush(60)
+    gate = threading.Event()
+    log_batch = outage.client.log_batch
+    outage.client.log_batch = lambda *a, **k: (gate.wait(30), log_batch(*a, **k))
+    sink = Sink(tracker, run_dir / "metrics.jsonl")
+    for step in range(1, 9):
+        sink.log(step)
+    assert tracker.stats.dropped > 0
+    gate.set()
+    assert tracker.finish("FINISHED") is True
+    assert _steps(store, tracker.run_id) == list(range(1, 9)) and _steps(store, tracker.run_id, "ce") == list(range(1, 9))
+
+
 def test_sync_tracking_finishes_a_run_whose_server_was_down_at_the_end(store, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 

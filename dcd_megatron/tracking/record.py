@@ -45,34 +45,33 @@ def truncate_record(path: Path, keep_up_to: int) -> int:
     path = Path(path)
     if not path.is_file():
         return 0
-    kept, dropped = [], 0
+
+    def kept(line: str) -> bool:
+        try:
+            return int(json.loads(line)["step"]) <= keep_up_to
+        except (ValueError, KeyError, TypeError):
+            return False
+
     with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                keep = int(json.loads(line)["step"]) <= keep_up_to
-            except (ValueError, KeyError, TypeError):
-                keep = False
-            if keep:
-                kept.append(line if line.endswith("\n") else line + "\n")
-            else:
-                dropped += bool(line.strip())
-    if dropped:
+        dropped = sum(1 for line in fh if line.strip() and not kept(line))
+    if dropped:  # a second pass streams the rest into a new file: a long run's record is never all in memory
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(kept)
-            fh.flush()
-            os.fsync(fh.fileno())
+        with open(path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+            dst.writelines(line if line.endswith("\n") else line + "\n" for line in src if kept(line))
+            dst.flush()
+            os.fsync(dst.fileno())
         os.replace(tmp, path)
     return dropped
 
 
-def values_by_key(records: Iterable[dict], before_step: int | None = None) -> dict[str, dict[int, float]]:
-    """``{metric: {step: value}}`` of the numeric values of ``records`` (steps < ``before_step``
-    when given); a later record of a step replaces an earlier one."""
+def values_by_key(records: Iterable[dict], before_step: int | None = None,
+                  from_step: int = 0) -> dict[str, dict[int, float]]:
+    """``{metric: {step: value}}`` of the numeric values of ``records`` at steps ``from_step`` to
+    ``before_step`` (excluded; None: no end); a later record of a step replaces an earlier one."""
     out: dict[str, dict[int, float]] = {}
     for record in records:
         step = record["step"]
-        if before_step is not None and step >= before_step:
+        if step < from_step or (before_step is not None and step >= before_step):
             continue
         for key, value in record.items():
             if key == "step" or isinstance(value, (str, list, dict)) or value is None:

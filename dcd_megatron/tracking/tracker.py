@@ -137,7 +137,7 @@ class Tracker:
         self._run_dir: Path | None = None
         self._record: Path | None = None  # the local record of every step, to replay what the store missed
         self._start_step = 0
-        self._behind = False  # some logged metrics may not have reached the store (worker thread only)
+        self._gap_from: int | None = None  # the first step the store may lack (None: none; worker thread only)
         self._stored_ahead: set[tuple[str, int]] = set()  # (key, step) past start_step the store already has
         self._metrics: deque[list] = deque(maxlen=self.config.max_pending)
         self._metrics_lock = threading.Lock()
@@ -147,7 +147,7 @@ class Tracker:
         self._failures = 0
         self._skipped = 0
         self._dropped_metrics = 0
-        self._dropped_metrics_unseen = 0  # dropped since the last send (that send then replays them)
+        self._dropped_from: int | None = None  # the first step dropped since the last send (it replays them)
         self._failures_since_warning = 0
         self._last_warning = -math.inf
         self._failing = False
@@ -210,16 +210,13 @@ class Tracker:
             return True
         self._finished = True
         atexit.unregister(self._at_exit)
-        self._queue_metrics_flush()
-        if self._record is not None:
-            self._worker.submit("catch up", lambda: self._catch_up(None), essential=True)
         end_tags = {str(k): redact_text(str(v))[:5000] for k, v in (tags or {}).items()}
-        self._worker.submit("finish run", lambda: self._set_terminated(status, end_tags), essential=True)
+        self._worker.submit("finish run", lambda: self._finish_run(status, end_tags), essential=True)
         timeout_s = self.config.finish_timeout_s if timeout_s is None else timeout_s
         flushed = self._worker.close(timeout_s)
         stats = self.stats
         if not flushed or stats.failed or stats.dropped or self._skipped:
-            behind = not flushed or self._behind
+            behind = not flushed or self._gap_from is not None
             self._warn(
                 f"MLflow run {self.run_id} finishing as {status}: {stats.failed} logging calls failed, "
                 f"{stats.dropped} dropped, {self._skipped} skipped"
@@ -268,7 +265,8 @@ class Tracker:
         with self._metrics_lock:
             if len(self._metrics) == self._metrics.maxlen:
                 self._dropped_metrics += 1
-                self._dropped_metrics_unseen += 1
+                oldest = self._metrics[0][0][3]
+                self._dropped_from = oldest if self._dropped_from is None else min(self._dropped_from, oldest)
                 self._warn("MLflow is behind: dropped the oldest queued step of metrics")
             self._metrics.append(entries)
         self._queue_metrics_flush(force=False)
@@ -397,7 +395,7 @@ class Tracker:
             if self.run_id is None:
                 self._create_or_resume()
                 if self.resumed and self._record is not None:
-                    self._behind = True  # the process before may have missed steps: check on the first send
+                    self._gap_from = 0  # the process before may have missed steps: check them at the first send
                     self._find_stored_ahead()
             if not self._params_done:
                 self._log_params()
@@ -527,8 +525,8 @@ class Tracker:
             pending = list(self._metrics)
             self._metrics.clear()
             self._metrics_task_queued = False
-            dropped, self._dropped_metrics_unseen = self._dropped_metrics_unseen, 0
-        self._behind = self._behind or dropped > 0
+            dropped_from, self._dropped_from = self._dropped_from, None
+        self._note_gap(dropped_from)
         entries = [Metric(k, v, ts, step) for batch in pending for (k, v, ts, step) in batch
                    if (k, step) not in self._stored_ahead]
         try:
@@ -536,20 +534,26 @@ class Tracker:
             for chunk in batched(entries, MAX_METRICS_PER_BATCH):
                 self._client.log_batch(run_id, metrics=list(chunk))
         except BaseException:
-            self._behind = True
+            self._note_gap(min((step for batch in pending for (_, _, _, step) in batch), default=None))
             raise
-        if self._behind and pending:
+        if self._gap_from is not None and pending:
             # Every record of a step before the newest one sent has been queued already (the sink queues
             # a step, then writes it): replaying those cannot race with a later send of the same value.
             self._catch_up(before_step=max(step for batch in pending for (_, _, _, step) in batch))
 
+    def _note_gap(self, step: int | None) -> None:
+        """The store may lack the values of ``step`` (None: nothing lost)."""
+        if step is not None:
+            self._gap_from = step if self._gap_from is None else min(self._gap_from, step)
+
     def _catch_up(self, before_step: int | None) -> None:
-        """Replay from the local record the values (of steps < ``before_step``, or all) the store lacks."""
-        if not self._behind or self._record is None:
+        """Replay from the local record the values of the steps from the gap (to ``before_step``, or all) the store lacks."""
+        if self._gap_from is None or self._record is None:
             return
         run_id = self._ensure_run()
-        sent = replay_missing(self._client, run_id, values_by_key(read_record(self._record), before_step))
-        self._behind = False
+        wanted = values_by_key(read_record(self._record), before_step, from_step=self._gap_from)
+        sent = replay_missing(self._client, run_id, wanted)
+        self._gap_from = None
         if sent:
             self._warn(f"MLflow caught up: replayed {sent} metric values the store had missed from {self._record}",
                        force=True)
@@ -560,6 +564,18 @@ class Tracker:
         keys = list(getattr(getattr(run, "data", None), "metrics", {}) or {})
         self._stored_ahead = {(key, step) for key in keys for step in stored_steps(self._client, self.run_id, key)
                               if step > self._start_step}
+
+    def _finish_run(self, status: str, tags: Mapping[str, str]) -> None:
+        """The last task: send what is buffered, replay what the store lacks, set the tags and the status
+        (each tried even if one before failed; the first failure is raised)."""
+        errors = []
+        for part in (self._send_metrics, lambda: self._catch_up(None), lambda: self._set_terminated(status, tags)):
+            try:
+                part()
+            except Exception as exc:  # noqa: BLE001 - reported by the worker, as any failed call
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def _set_terminated(self, status: str, tags: Mapping[str, str] | None = None) -> None:
         run_id = self._ensure_run()
