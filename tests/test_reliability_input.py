@@ -262,3 +262,26 @@ def test_dcd_score_names_whose_tokenizer_is_missing(tmp_path, capsys, monkeypatc
     line = _one_error_line(capsys.readouterr().err, "dcd-score")
     assert "the student's tokenizer:" in line and "--student-tokenizer" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_dcd_score_reads_a_mixed_type_teacher_column_and_names_any_other(tmp_path):
+    """The mixed-type JSONL that training reads row by row (item 10a) loads for scoring too: the stale
+    teacher columns are replaced anyway; another mixed column is one line naming it."""
+    from dcd_megatron.score import ScoreConfig, ScoreError
+    from dcd_megatron.score.runner import _load_input
+
+    def cfg(path):
+        return ScoreConfig(teacher="t", data_path=str(path), out_dir=str(tmp_path / "out"),
+                           data=DataConfig(tokenizer=str(DEMO_TOKENIZER), cache_dir=str(tmp_path / "cache")))
+
+    stale = _jsonl(tmp_path / "a.jsonl", [{"prompt": "1:", "response": "1", "teacher_logprobs": [-0.5, "-0.5"]},
+                                          {"prompt": "2:", "response": "2"}])
+    assert _load_input(cfg(stale)).column_names == ["prompt", "response"]
+    mixed = _jsonl(tmp_path / "b.jsonl", [{"prompt": "1:", "response": "1", "style": 3},
+                                          {"prompt": "2:", "response": "2", "style": "short"}])
+    with pytest.raises(ScoreError, match="column 'style' mixes value types"):
+        _load_input(cfg(mixed))
+    empty = tmp_path / "c.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ScoreError, match="holds no rows to score"):
+        _load_input(cfg(empty))

@@ -74,18 +74,39 @@ def _bad_row(cfg: ScoreConfig, index: int, problem) -> Exception:
     return BadRowError(source, row, problem.reason, problem.detail, fix=problem_fix(problem.reason, Path(cfg.out_dir)))
 
 
+def _mixed_column(rows: list[dict]) -> str | None:
+    """The first column Arrow cannot type (for the error message only)."""
+    import pyarrow as pa
+
+    for name in dict.fromkeys(k for r in rows for k in r):
+        try:
+            pa.array([r.get(name) for r in rows])
+        except (pa.ArrowException, TypeError, ValueError):
+            return name
+    return None
+
+
 def _load_input(cfg: ScoreConfig):
     """The input rows as one `datasets.Dataset`, columns exactly as in the files."""
     import datasets
+    import pyarrow as pa
 
     from dcd_megatron.data import load_rows
     from dcd_megatron.data.loading import RAW_JSON_COLUMN
 
     ds = load_rows(cfg.data_path, _reading_config(cfg), cache_dir=cfg.data.resolved_cache_dir())
     if RAW_JSON_COLUMN in ds.column_names:  # a JSONL file `datasets` could not type: rebuild from the lines
-        ds = datasets.Dataset.from_list([json.loads(s) for s in ds[RAW_JSON_COLUMN]])
+        stale = set(teacher_columns(cfg.data))  # replaced by the scores; often the column of mixed types
+        rows = [{k: v for k, v in json.loads(s).items() if k not in stale} for s in ds[RAW_JSON_COLUMN]]
+        try:
+            ds = datasets.Dataset.from_list(rows)
+        except (pa.ArrowException, TypeError, ValueError) as exc:
+            raise ScoreError(
+                f"{cfg.data_path}: column {_mixed_column(rows)!r} mixes value types across rows ({exc}); give "
+                "each column one type (the scored dataset keeps every input column)"
+            ) from None
     if len(ds) == 0:
-        raise ScoreError(f"{cfg.data_path} holds no rows to score")
+        raise ScoreError(f"{cfg.data_path} holds no rows to score (an empty file, blank lines, or no valid JSON line)")
     return ds
 
 
