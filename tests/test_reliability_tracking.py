@@ -244,6 +244,7 @@ def test_a_resumed_tracker_sends_each_step_once(store, tmp_path):
     sink = Sink(first, run_dir / "metrics.jsonl")
     for step in range(1, 8):
         sink.log(step)
+    assert first.flush(30) and _steps(store, first.run_id) == list(range(1, 8))
     outage.down = True
     first.finish("FAILED", timeout_s=5)  # as a killed process leaves it: RUNNING
     outage.down = False
