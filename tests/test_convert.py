@@ -177,7 +177,7 @@ def test_cli_reports_bad_input_in_one_line(models, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "already exists" in err and "reshards on load" in err
     assert main(["mcore-to-hf", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
-    assert "no complete dcd-train checkpoint" in capsys.readouterr().err
+    assert "holds no dcd-train checkpoint" in capsys.readouterr().err
 
 
 # ---- other layouts ----------------------------------------------------------------------------
