@@ -135,6 +135,24 @@ def damaged_error(where: Path, selection: Selection, fix: str) -> CheckpointErro
     return CheckpointError(f"no checkpoint under {where} verifies ({details}); {fix}")
 
 
+RESUME_FIX = ("restore the damaged files, point train.resume at a checkpoint that verifies, "
+              "or start over with train.resume=never in a new train.output_dir")
+READ_FIX = "restore the damaged files or pass a checkpoint that verifies"
+
+
+def _verified_or_raise(found: list[Path], fix: str, part: Part = (0, 1), gather=None) -> Selection:
+    """`select_verified`, or the one-line error naming each checkpoint tried when none verifies."""
+    selection = select_verified(found, part, gather)
+    if selection.chosen is None:
+        raise damaged_error(found[0].parent, selection, fix)
+    return selection
+
+
+def _found_under(path: Path) -> list[Path]:
+    """The checkpoints of a run dir or of its checkpoints/ folder, newest first."""
+    return candidates(path) or candidates(path / "checkpoints")
+
+
 def resolve_resume(resume: str, root: Path, part: Part = (0, 1), gather=None) -> Selection:
     """`auto`: the newest checkpoint under root that verifies; `never`: none; else that path.
 
@@ -143,29 +161,17 @@ def resolve_resume(resume: str, root: Path, part: Part = (0, 1), gather=None) ->
     """
     if resume == "never":
         return Selection(chosen=None)
-    fix = "restore the damaged files, point train.resume at a checkpoint that verifies, or start over with train.resume=never in a new train.output_dir"
     if resume == "auto":
         found = candidates(root)
-        selection = select_verified(found, part, gather)
-        if found and selection.chosen is None:
-            raise damaged_error(Path(root), selection, fix)
-        return selection
+        return _verified_or_raise(found, RESUME_FIX, part, gather) if found else Selection(chosen=None)
     path = Path(resume)
-    if is_ours(path):
-        selection = select_verified([path], part, gather)
-        if selection.chosen is None:
-            raise damaged_error(path.parent, selection, fix)
-        return selection
-    found = candidates(path) or candidates(path / "checkpoints")
+    found = [path] if is_ours(path) else _found_under(path)
     if not found:
         raise FileNotFoundError(
             f"train.resume={resume}: no checkpoint there (a run dir, its checkpoints/ or an iter_NNNNNNN "
             "directory written by dcd-train); use train.resume=auto or never"
         )
-    selection = select_verified(found, part, gather)
-    if selection.chosen is None:
-        raise damaged_error(path, selection, fix)
-    return selection
+    return _verified_or_raise(found, RESUME_FIX, part, gather)
 
 
 def _single_checkpoint(path: Path) -> bool:
@@ -180,23 +186,15 @@ def locate_verified(checkpoint: Path, say: Callable[[str], None] | None = None) 
     checkpoints/ folder (the newest checkpoint that verifies, naming any damaged newer one).
     """
     checkpoint = Path(checkpoint)
-    fix = "restore the damaged files or pass a checkpoint that verifies"
-    if _single_checkpoint(checkpoint):
-        selection = select_verified([checkpoint])
-        if selection.chosen is None:
-            raise damaged_error(checkpoint.parent, selection, fix)
-        return checkpoint
-    found = candidates(checkpoint) or candidates(checkpoint / "checkpoints")
+    found = [checkpoint] if _single_checkpoint(checkpoint) else _found_under(checkpoint)
     if not found:
         raise FileNotFoundError(
             f"{checkpoint} holds no dcd-train checkpoint (a directory with {META}); "
             "pass a run's output_dir, its checkpoints/ folder or one iter_NNNNNNN folder"
         )
-    selection = select_verified(found)
+    selection = _verified_or_raise(found, READ_FIX)
     for line in selection.fallback_lines():
         (say or log.warning)(line)
-    if selection.chosen is None:
-        raise damaged_error(found[0].parent, selection, fix)
     return selection.chosen
 
 
