@@ -43,10 +43,10 @@ def read_metrics(path: Path) -> list[dict]:
     return [r for r in records if "loss" in r]
 
 
-def submit(cluster, workdir: Path, steps: int) -> int:
+def submit(cluster, workdir: Path, steps: int, *extra: str) -> int:
     return cluster.submit(
         SCRIPT,
-        [*TRAIN_ARGS, f"data.cache_dir={workdir / 'cache'}", f"train.steps={steps}"],
+        [*TRAIN_ARGS, f"data.cache_dir={workdir / 'cache'}", f"train.steps={steps}", *extra],
         env={"DCD_NO_CONTAINER": "1", "DCD_PYTHON": sys.executable,
              "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"},
         sbatch_args=[*CPU_SBATCH_ARGS, f"--job-name={JOB_NAME}", f"--output={workdir}/%x-%j.out"],
@@ -75,7 +75,8 @@ def test_cpu_submission_trains_checkpoints_resumes_and_stops_on_usr1(slurm_clust
     assert find_latest(ckpt_dir) == checkpoint_dir(ckpt_dir, FIRST_STEPS), sorted(ckpt_dir.glob("*"))
     assert json.loads((out_dir / "final_metrics.json").read_text())["step"] == FIRST_STEPS
 
-    job = submit(slurm_cluster, tmp_path, SECOND_STEPS)
+    # a longer schedule than the checkpoint's is a change a resume must be told about
+    job = submit(slurm_cluster, tmp_path, SECOND_STEPS, "train.resume_changes=[schedule]")
     deadline = time.monotonic() + 900
     while len(read_metrics(metrics_path)) < FIRST_STEPS + 2:  # the resumed run is training
         assert slurm_cluster.job_info(job)["JobState"] in ("PENDING", "RUNNING"), slurm_cluster.job_output(job)
