@@ -45,15 +45,21 @@ def _copy(trained, tmp_path):
     return out
 
 
+def _shard(checkpoint):
+    """The name of a model/optimizer shard file (megatron-core versions name and split them differently)."""
+    return sorted(p.name for p in checkpoint.glob("*.distcp"))[-1]
+
+
 def test_a_damaged_newest_checkpoint_falls_back_and_the_run_goes_on_identically(trained, tmp_path, capsys, monkeypatch):
     out = _copy(trained, tmp_path)
     ckpts = out / "checkpoints"
-    (ckpts / "iter_0000004" / "__0_1.distcp").write_bytes(b"\0" * 10)  # truncated shard (EOFError deep in a load)
+    shard = _shard(ckpts / "iter_0000004")
+    (ckpts / "iter_0000004" / shard).write_bytes(b"\0" * 10)  # truncated shard (EOFError deep in a load)
     rc, log = _train(out, ["train.steps=4", "train.save_interval=2"], capsys, monkeypatch)
     assert rc == 0, log[-3000:]
-    assert "iter_0000004 is damaged (__0_1.distcp is 10 bytes" in log and "falling back to iter_0000002" in log
+    assert f"iter_0000004 is damaged ({shard} is 10 bytes" in log and "falling back to iter_0000002" in log
     assert "resumed from" in log and "iter_0000002 at step 2" in log
-    assert (ckpts / "iter_0000004.damaged-1" / "__0_1.distcp").stat().st_size == 10  # kept for inspection
+    assert (ckpts / "iter_0000004.damaged-1" / shard).stat().st_size == 10  # kept for inspection
     before, after = losses(trained), losses(out)
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]  # steps 3-4 again, each recorded once
     for step in (3, 4):
@@ -63,11 +69,11 @@ def test_a_damaged_newest_checkpoint_falls_back_and_the_run_goes_on_identically(
 def test_no_checkpoint_that_verifies_stops_with_one_line(trained, tmp_path, capsys, monkeypatch):
     out = _copy(trained, tmp_path)
     for step in (2, 4):
-        (out / "checkpoints" / f"iter_{step:07d}" / "common.pt").unlink()
+        (out / "checkpoints" / f"iter_{step:07d}" / ".metadata").unlink()
     rc, log = _train(out, ["train.steps=6"], capsys, monkeypatch)
     assert rc == 2
     (line,) = [x for x in log.splitlines() if x.startswith("dcd-train: error")]
-    assert "no checkpoint under" in line and "iter_0000004: common.pt is missing" in line and "train.resume=never" in line
+    assert "no checkpoint under" in line and "iter_0000004: .metadata is missing" in line and "train.resume=never" in line
     assert "Traceback" not in log
 
 
