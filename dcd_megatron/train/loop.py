@@ -39,10 +39,19 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
     import yaml
 
     state = setup(cfg, config_text or yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    try:
+        return _train_and_record(state)
+    finally:  # whatever happens after setup (the sink's start included), the directory is free again
+        state.lock.release()  # rank 0's lock on the output directory (a no-op on the other ranks)
+
+
+def _train_and_record(state: TrainState) -> TrainResult:
+    """The steps with every sink open, the run's end recorded whatever happens."""
     sink = MetricsSink(state.run, state.start_step)
     sink.say(_layout_line(state, sink))
     if state.resume_changes:  # approved by train.resume_changes: on the record beside the run
-        sink.tracker.log_text("\n".join(state.resume_changes) + "\n", f"config/resume-changes-step-{state.start_step}.txt")
+        name = f"config/resume-changes-step-{state.start_step}.txt"
+        sink.tracker.log_text("\n".join(state.resume_changes) + "\n", name)
     stop_signal = StopSignal(state.run.runtime.device)
     final_step, status, stop_reason = state.start_step, "FAILED", None
     try:
@@ -54,7 +63,6 @@ def train(cfg: TrainConfig, config_text: str | None = None) -> TrainResult:
     finally:
         sink.finish(status, final_step, state.metrics, stop_reason=stop_reason)  # stopped early: STOPPED
         stop_signal.restore()
-        state.lock.release()  # rank 0's lock on the output directory (a no-op on the other ranks)
     sink.summary()
     return TrainResult(
         step=final_step,
