@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from dcd_megatron.checkpoint.finding import (
-    META, CheckpointError, checkpoint_dir, complete_checkpoints, is_ours, move_aside, read_meta, warn_foreign,
+    META, CheckpointError, checkpoint_dir, complete_checkpoints, is_ours, move_aside, read_meta,
 )
 from dcd_megatron.checkpoint.manifest import hash_share, merge_shares, record_file, write_manifest
+from dcd_megatron.runtime.distributed import all_gather_lists
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,6 @@ def start_writer_helpers(ignoring: tuple = ()) -> None:
 def _clear_the_way(root: Path, final: Path, tmp: Path) -> None:
     """Rank 0, before a save: stale .tmp dirs of ours go, a re-saved step's old dir goes, links move aside."""
     root.mkdir(parents=True, exist_ok=True)
-    warn_foreign(root)
     for stale in root.glob("iter_*.tmp"):
         if stale.is_symlink() or not stale.is_dir():
             move_aside(stale, "foreign")
@@ -132,13 +132,6 @@ def _clear_the_way(root: Path, final: Path, tmp: Path) -> None:
     elif final.exists():  # a re-save of the same step (e.g. resumed at the end, or after a damaged one)
         shutil.rmtree(final)
     tmp.mkdir(parents=True)
-
-
-def _gather_to_zero(obj) -> list | None:
-    dist = torch.distributed
-    shares = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, shares, dst=0)
-    return shares
 
 
 def save_checkpoint(root: Path, step: int, model_chunks, optimizer, scheduler, meta: dict, keep: int) -> Path:
@@ -159,7 +152,7 @@ def save_checkpoint(root: Path, step: int, model_chunks, optimizer, scheduler, m
     rng_dir.mkdir(exist_ok=True)
     torch.save(_rng_state(), rng_dir / f"rank_{rank:05d}.pt")
     dist.barrier()
-    shares = _gather_to_zero(hash_share(tmp, (rank, world)))
+    shares = all_gather_lists([hash_share(tmp, (rank, world))])
     if rank == 0:
         record = dict(meta, step=step, scheduler=scheduler.state_dict(), world_size=world)
         _write_atomic(tmp / META, json.dumps(record, indent=1, default=str))

@@ -1,10 +1,11 @@
 """The history of a few scalar metrics over a run, for curve plots and the end-of-run summary."""
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from dcd_megatron.tracking.record import read_record
 
 
 class MetricHistory:
@@ -29,18 +30,7 @@ class MetricHistory:
         Later records of a step replace earlier ones (a run killed after its last checkpoint
         logged steps that the resumed run repeats); unreadable lines are skipped.
         """
-        if not Path(path).is_file():
-            return
-        by_step: dict[int, dict] = {}
-        with open(path) as fh:
-            for line in fh:
-                try:
-                    record = json.loads(line)
-                    step = int(record["step"])
-                except (ValueError, KeyError, TypeError):
-                    continue
-                if step <= up_to_step and any(k in record for k in self.keys):
-                    by_step[step] = record
+        by_step = {r["step"]: r for r in read_record(path) if r["step"] <= up_to_step and any(k in r for k in self.keys)}
         for step in sorted(by_step):
             self.add(step, by_step[step])
 

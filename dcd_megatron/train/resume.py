@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from dcd_megatron.configs import to_dict
 from dcd_megatron.configs.overrides import ConfigError
-from dcd_megatron.configs.train import RESUME_CHANGE_GROUPS, TrainConfig
+from dcd_megatron.configs.train import TrainConfig
 
 # Fields that do not change what the run learns from here on.
 FREE = {
@@ -119,4 +119,4 @@ def change_lines(check: ResumeCheck, approved: list[str]) -> list[str]:
     return lines + [f"[free] {line}" for line in check.free]
 
 
-__all__ = ["RESUME_CHANGE_GROUPS", "ResumeCheck", "change_lines", "checked_resume", "compare"]
+__all__ = ["ResumeCheck", "change_lines", "checked_resume", "compare"]
