@@ -301,6 +301,34 @@ def test_eos_is_trained_only_with_a_known_teacher_logprob(tmp_path, sp, tok_dirs
     assert bad.meta["skipped"] == {"logprob_count_mismatch": 1}  # n+1 log-probs without an eos
 
 
+def test_initial_student_logprobs_are_cached_beside_the_teachers_with_their_scorer(tmp_path, sp, tok_dirs):
+    resp = "answer 7"
+    n = len(sp.encode(resp))
+    rows = [
+        {"prompt": "q", "response": resp, "teacher_logprobs": [-0.25] * (n + 1),
+         "student_ref_logprobs": [-0.5] * n + [-1.5], "student_ref_checkpoint": "iter_0000010@abc"},
+        {"prompt": "q", "response": resp, "teacher_logprobs": [-0.25] * (n + 1)},  # no reference
+        {"prompt": "q", "response": resp, "teacher_logprobs": [-0.25] * n,  # eos untrained: both cover n
+         "student_ref_logprobs": [-0.5] * n, "student_ref_checkpoint": "iter_0000010@abc"},
+    ]
+    cache = build(make_cfg(tmp_path, write_jsonl(tmp_path / "ref.jsonl", rows), tok_dirs["sp"]), sp)
+    spans = [(cache.doc_offsets[d], cache.doc_offsets[d + 1]) for d in range(cache.n_docs)]
+    ref = [np.array(cache.student_ref_logprobs[a:b]) for a, b in spans]
+    mask = [np.array(cache.loss_mask[a:b]) for a, b in spans]
+    assert ref[0][-1] == pytest.approx(-1.5) and np.all(ref[0][mask[0] == 1] <= -0.5)  # aligned as the teacher's
+    assert np.isnan(ref[1]).all() and np.isnan(ref[0][mask[0] == 0]).all()
+    assert mask[2][-1] == 0 and np.isfinite(ref[2][mask[2] == 1]).all()
+    assert cache.meta["has_student_ref_logprobs_fraction"] == pytest.approx(2 / 3)
+    assert cache.meta["counts"]["student_ref_checkpoint"] == {"iter_0000010@abc": 2}  # what setup checks
+    # a reference over other tokens than the teacher's is refused by row, like a teacher count mismatch
+    write_jsonl(tmp_path / "bad.jsonl", [dict(rows[0], student_ref_logprobs=[-0.5] * n)])
+    with pytest.raises(BadRowError, match="student_ref_logprobs values but .* teacher_logprobs"):
+        build(make_cfg(tmp_path, tmp_path / "bad.jsonl", tok_dirs["sp"]), sp)
+    write_jsonl(tmp_path / "pos.jsonl", [dict(rows[1], student_ref_logprobs=[0.5] * (n + 1))])
+    with pytest.raises(BadRowError, match=r"student_ref_logprobs\[0\] = 0.5 > 0"):
+        build(make_cfg(tmp_path, tmp_path / "pos.jsonl", tok_dirs["sp"]), sp)
+
+
 # ---- the cache ------------------------------------------------------------------------------
 
 

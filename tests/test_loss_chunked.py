@@ -31,6 +31,11 @@ CONFIGS = {
     "gated": DCDConfig(method="gated", gate_power=4.0, tau=0.5),
     "gated_entropy": DCDConfig(method="gated", gate="entropy", gate_power=2.0, floor=0.05),
     "gated_median": DCDConfig(method="gated", gate="entropy", bias_mode="median", cap=0.9),
+    "gated_trajectory": DCDConfig(method="gated", gate_power=4.0, tau=0.5, trajectory=True),
+    # the weights come from the batch alone: fused even though the trajectory looks along the row
+    "gated_reference_trajectory": DCDConfig(method="gated", gate_power=4.0, tau=0.5, trajectory=True,
+                                            reference="initial"),
+    "sequence_reference": DCDConfig(method="sequence", reference="initial"),
 }
 K = 4  # teacher top-k entries per token (read by the entropy gate)
 
@@ -52,6 +57,7 @@ def make_batch(seed=0, b=B, s=S, vocab=V, h=H, dtype=torch.float32):
     topk = torch.log_softmax(torch.randn(b, s, vocab, generator=g) * 3, -1).topk(K, dim=-1).values
     topk[:, 0] = float("nan")  # masked-out: no top-k
     batch["teacher_topk_logprobs"] = topk
+    batch["student_ref_logprobs"] = -torch.rand(b, s, generator=g) * 4  # the frozen initial student's
     return batch, hidden, weight
 
 
@@ -166,6 +172,9 @@ DIST_CONFIGS = {
     "gated": DCDConfig(method="gated", gate_power=4.0, normalize="micro", chunk_size=3),
     "gated_entropy_median": DCDConfig(method="gated", gate="entropy", bias_mode="median", chunk_size=3),
     "gated_bf16": DCDConfig(method="gated", gate="entropy", normalize="micro", chunk_size=5),
+    "gated_trajectory": DCDConfig(method="gated", gate_power=4.0, trajectory=True, normalize="micro", chunk_size=3),
+    "gated_reference_trajectory": DCDConfig(method="gated", gate_power=4.0, trajectory=True, reference="initial",
+                                            chunk_size=3),
 }
 DIST_S = 16  # CP=2, load-balanced: 4 chunks of 4 positions
 

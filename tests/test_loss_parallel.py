@@ -29,12 +29,18 @@ CP_CONFIGS = {
     "sigmoid_median": DCDConfig(method="sigmoid", bias_mode="median", normalize="micro"),
     "gated_median": DCDConfig(method="gated", gate_power=2.0, bias_mode="median", normalize="micro"),
     "gated_entropy_median": DCDConfig(method="gated", gate="entropy", bias_mode="median", tau=0.5),
+    "gated_trajectory": DCDConfig(method="gated", gate_power=2.0, trajectory=True, normalize="micro"),
+    "sigmoid_trajectory_median": DCDConfig(method="sigmoid", trajectory=True, bias_mode="median"),
+    "gated_reference_trajectory": DCDConfig(method="gated", gate_power=2.0, reference="initial", trajectory=True),
 }
 GLOBAL_CONFIGS = {
     "sequence": DCDConfig(method="sequence"),
     "sigmoid": DCDConfig(tau=0.5),
     "gated": DCDConfig(method="gated", gate_power=4.0, tau=0.5),
     "gated_entropy": DCDConfig(method="gated", gate="entropy", gate_power=2.0),
+    "gated_trajectory": DCDConfig(method="gated", gate_power=4.0, tau=0.5, trajectory=True),
+    "gated_reference_trajectory": DCDConfig(method="gated", gate_power=4.0, tau=0.5, reference="initial",
+                                            trajectory=True),
 }
 TOPK = 3  # teacher top-k entries per token (the entropy gate reads them)
 DP, CP, MICRO, MICRO_ROWS, CP_SEQ, HIDDEN, SMALL_VOCAB = 2, 2, 3, 2, 16, 8, 13
@@ -80,6 +86,7 @@ def packed_rows(seed, rows, length, vocab):
         "segment_ids": seg,
         "student_logprobs": -torch.rand(rows, length, generator=g) * 4,
         "teacher_topk_logprobs": _topk(seed, rows, length),
+        "student_ref_logprobs": -torch.rand(rows, length, generator=g) * 4,  # the frozen initial student's
     }
 
 
@@ -168,7 +175,7 @@ def _cp_part(rank, groups):
             w = dcd_weights(
                 local["student_logprobs"], local["teacher_logprobs"], local["loss_mask"], cfg,
                 segment_ids=local["segment_ids"], cp_group=cp_group, cp_layout=layout,
-                teacher_topk_logprobs=local["teacher_topk_logprobs"],
+                teacher_topk_logprobs=local["teacher_topk_logprobs"], reference_logprobs=local["student_ref_logprobs"],
             )
             if cfg.normalize == "micro":
                 w = normalize_weights(w, local["loss_mask"], "micro", group=cp_group)
@@ -314,7 +321,8 @@ def test_context_parallel_weights_are_exact(results, layout, name):
     data = packed_rows(7, 2, 16, VOCAB)
     cfg = CP_CONFIGS[name]
     ref = dcd_weights(data["student_logprobs"], data["teacher_logprobs"], data["loss_mask"], cfg,
-                      segment_ids=data["segment_ids"], teacher_topk_logprobs=data["teacher_topk_logprobs"])
+                      segment_ids=data["segment_ids"], teacher_topk_logprobs=data["teacher_topk_logprobs"],
+                      reference_logprobs=data["student_ref_logprobs"])
     if cfg.normalize == "micro":
         ref = normalize_weights(ref, data["loss_mask"], "micro")
     for cp_rank in (0, 1):
@@ -343,7 +351,8 @@ def test_global_normalisation_over_dp_cp_and_micro_batches(results, name):
     for batch in batches:
         s = torch.log_softmax(model(batch["tokens"]), -1).gather(-1, batch["labels"][..., None]).squeeze(-1)
         us.append(dcd_weights(s.detach(), batch["teacher_logprobs"], batch["loss_mask"], cfg,
-                              segment_ids=batch["segment_ids"], teacher_topk_logprobs=batch["teacher_topk_logprobs"]))
+                              segment_ids=batch["segment_ids"], teacher_topk_logprobs=batch["teacher_topk_logprobs"],
+                              reference_logprobs=batch["student_ref_logprobs"]))
         terms.append(-s)
         masks.append(batch["loss_mask"])
     u, term, mask = torch.cat(us), torch.cat(terms), torch.cat(masks)

@@ -23,7 +23,7 @@ from dcd_megatron.checkpoint.finding import (
     select_verified,
     warn_foreign,
 )
-from dcd_megatron.checkpoint.manifest import MANIFEST, verify, write_manifest
+from dcd_megatron.checkpoint.manifest import MANIFEST, fingerprint, verify, write_manifest
 from dcd_megatron.checkpoint.saving import (
     load_checkpoint,
     save_checkpoint,
@@ -33,7 +33,8 @@ from dcd_megatron.checkpoint.saving import (
 
 __all__ = [
     "META", "MANIFEST", "CheckpointError", "Selection", "candidates", "checkpoint_dir", "complete_checkpoints",
-    "find_latest", "foreign_entries", "is_ours", "locate_verified", "move_aside", "read_checkpoint_config", "read_meta",
+    "find_latest",
+    "fingerprint", "foreign_entries", "is_ours", "locate_verified", "move_aside", "read_checkpoint_config", "read_meta",
     "resolve_resume", "select_verified", "warn_foreign", "verify", "write_manifest", "load_checkpoint",
     "save_checkpoint", "start_writer_helpers", "use_in_process_write_results",
 ]

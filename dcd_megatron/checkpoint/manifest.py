@@ -67,6 +67,13 @@ def write_manifest(directory: Path, files: dict | None = None) -> None:
     os.replace(tmp, directory / MANIFEST)
 
 
+def fingerprint(directory: Path) -> str:
+    """A short content identity of a checkpoint: its folder name and the sha256 of its manifest
+    (which holds every file's sha256), so a copy has the same identity and a re-save another."""
+    digest = hashlib.sha256((Path(directory) / MANIFEST).read_bytes()).hexdigest()[:16]
+    return f"{Path(directory).name}@{digest}"
+
+
 def read_manifest(directory: Path) -> tuple[dict | None, str | None]:
     """(files, None), or (None, why the manifest cannot be read)."""
     path = Path(directory) / MANIFEST

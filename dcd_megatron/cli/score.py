@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the teacher's tokenizer, to check it against the student's (default: the path its checkpoint records)")
     p.add_argument("--temperature", type=float, default=1.0, help="score log_softmax(logits / T) (default 1)")
     p.add_argument("--top-k", type=int, default=0, help="also store the top-k ids and log-probs per token")
+    p.add_argument("--reference", action="store_true",
+                   help="score as the frozen initial student for loss.reference=initial: --teacher is the checkpoint "
+                   "the run starts from (model.init_checkpoint); writes student_ref_logprobs, keeps the teacher columns")
     p.add_argument("--rows-per-shard", type=int, default=256)
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
     p.add_argument("--max-length", type=int, help="longest row in tokens (default: the teacher's max positions)")
@@ -67,6 +70,7 @@ def resolve_config(args: argparse.Namespace):
         teacher=args.teacher, data_path=args.data, out_dir=args.out, data=data, teacher_tokenizer=args.teacher_tokenizer,
         temperature=args.temperature, top_k=args.top_k, rows_per_shard=args.rows_per_shard,
         batch_tokens=args.batch_tokens, max_length=args.max_length, tp=args.tp, pp=args.pp, device=args.device,
+        reference=args.reference,
     )
 
 

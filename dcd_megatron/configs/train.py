@@ -139,6 +139,12 @@ class TrainConfig:
                 f"data.seq_length={self.data.seq_length} exceeds "
                 f"model.max_position_embeddings={self.model.max_position_embeddings}"
             )
+        if self.loss.needs_reference and not self.model.init_checkpoint:
+            raise ValueError(
+                "loss.reference=initial compares the teacher with the checkpoint the run starts from, but "
+                "model.init_checkpoint is not set: set it to the checkpoint that scored the traces' "
+                f"{self.data.field_student_ref_logprobs} (`dcd-score --reference`), or use loss.reference=live"
+            )
         readers = [name for name, reads in (("loss.term=topk_kl", self.loss.term == "topk_kl"),
                                             ("loss.gate=entropy", self.loss.entropy_gate)) if reads]
         if readers and self.data.topk < 1:

@@ -33,9 +33,9 @@ from dcd_megatron.loss.contract import TOPK_KEYS
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 3  # 2: optional teacher top-k arrays; 3: unknown-character counts in meta.json
+CACHE_FORMAT = 4  # 2: optional teacher top-k arrays; 3: unknown-character counts; 4: student_ref_logprobs
 ARRAY_NAMES = (
-    "tokens", "loss_mask", "teacher_logprobs", "doc_offsets",
+    "tokens", "loss_mask", "teacher_logprobs", "student_ref_logprobs", "doc_offsets",
     "response_start", "response_tokens", "doc_rows",
 )
 TOPK_ARRAY_NAMES = TOPK_KEYS  # the batch keys of the teacher's top-k; only when data.topk > 0
@@ -61,7 +61,8 @@ def _key_config(cfg: DataConfig, tokenizer: Tokenizer) -> dict:
         "split": cfg.split,
         "fields": [
             cfg.field_prompt, cfg.field_messages, cfg.field_response, cfg.field_teacher_logprobs,
-            cfg.field_teacher_topk_ids, cfg.field_teacher_topk_logprobs,
+            cfg.field_teacher_topk_ids, cfg.field_teacher_topk_logprobs, cfg.field_student_ref_logprobs,
+            cfg.field_student_ref_checkpoint,
         ],
         "count_fields": list(cfg.count_fields),
         "topk": cfg.topk,
@@ -87,6 +88,7 @@ class TokenCache:
     tokens: np.ndarray
     loss_mask: np.ndarray
     teacher_logprobs: np.ndarray
+    student_ref_logprobs: np.ndarray  # float32, the initial student's log-probs, NaN where unknown
     doc_offsets: np.ndarray
     response_start: np.ndarray
     response_tokens: np.ndarray
@@ -146,7 +148,7 @@ def _workers(cfg: DataConfig, n_rows: int) -> int | None:
 
 def _tokenize_sources(sources: list[Source], cfg: DataConfig, tokenizer: Tokenizer, work: Path) -> list:
     encoder = RowEncoder(cfg, tokenizer)
-    features = output_features(list(cfg.count_fields))
+    features = output_features(cfg.counted_fields())
     mapped = []
     for i, src in enumerate(sources):
         ds = src.dataset
@@ -203,7 +205,7 @@ def _write_arrays(sources: list[Source], mapped: list, cfg: DataConfig, out: Pat
     arrays = _open_token_arrays(out, n_tokens, cfg.topk)
     docs = {"lengths": [], "response_start": [], "response_tokens": [], "rows": []}
     stats = Counter()
-    counts: dict[str, Counter] = {name: Counter() for name in cfg.count_fields}
+    counts: dict[str, Counter] = {name: Counter() for name in cfg.counted_fields()}
     unknown = {"chars": 0, "unknown_chars": 0, "by_file": {}, "example": None}
     cursor = 0
     row_base = 0
@@ -221,7 +223,7 @@ def _write_arrays(sources: list[Source], mapped: list, cfg: DataConfig, out: Pat
             if src.row_numbers is not None:  # rows were dropped at load: use original row numbers
                 local_rows = src.row_numbers[local_rows] - 1
             docs["rows"].append(row_base + local_rows)
-            _count_batch(stats, counts, cfg.count_fields, batch, kept)
+            _count_batch(stats, counts, cfg.counted_fields(), batch, kept)
             _count_unknown(unknown, src, row_in_source, batch, kept)
             row_in_source += batch.num_rows
         row_base += row_in_source if src.row_numbers is None else int(src.row_numbers.max(initial=0))
@@ -239,6 +241,8 @@ def _open_token_arrays(out: Path, n_tokens: int, k: int) -> dict[str, np.ndarray
         "tokens": fmt.open_memmap(out / "tokens.npy", mode="w+", dtype=np.int32, shape=(n_tokens,)),
         "loss_mask": fmt.open_memmap(out / "loss_mask.npy", mode="w+", dtype=np.uint8, shape=(n_tokens,)),
         "teacher_logprobs": fmt.open_memmap(out / "teacher_logprobs.npy", mode="w+", dtype=np.float32, shape=(n_tokens,)),
+        "student_ref_logprobs": fmt.open_memmap(out / "student_ref_logprobs.npy", mode="w+", dtype=np.float32,
+                                                shape=(n_tokens,)),
     }
     if k:
         ids_name, lp_name = TOPK_ARRAY_NAMES
@@ -259,12 +263,12 @@ def _write_token_block(arrays: dict, cursor: int, batch, ids, lengths: np.ndarra
     local = np.arange(n, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     tok_rs, tok_ntr = np.repeat(rs, lengths), np.repeat(ntr, lengths)
     arrays["loss_mask"][cursor : cursor + n] = (local >= tok_rs) & (local < tok_rs + tok_ntr)
-    has_teacher = batch.column("has_teacher").to_numpy(zero_copy_only=False)
-    block = np.full(n, np.nan, dtype=np.float32)
-    if has_teacher.any():
-        values = batch.column("teacher").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        block[np.repeat(has_teacher, lengths)] = values
-    arrays["teacher_logprobs"][cursor : cursor + n] = block
+    for array, column in (("teacher_logprobs", "teacher"), ("student_ref_logprobs", "reference")):
+        has = batch.column(f"has_{column}").to_numpy(zero_copy_only=False)
+        block = np.full(n, np.nan, dtype=np.float32)
+        if has.any():
+            block[np.repeat(has, lengths)] = batch.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        arrays[array][cursor : cursor + n] = block
     if k:
         has_topk = batch.column("topk_ids").combine_chunks()
         flat_ids = has_topk.flatten().to_numpy(zero_copy_only=False)
@@ -286,6 +290,7 @@ def _count_batch(stats: Counter, counts: dict[str, Counter], names, batch, kept:
     stats["truncated"] += int((trunc > 0).sum())
     stats["truncated_tokens"] += int(trunc.sum())
     stats["with_teacher"] += int(batch.column("has_teacher").to_numpy(zero_copy_only=False)[kept].sum())
+    stats["with_reference"] += int(batch.column("has_reference").to_numpy(zero_copy_only=False)[kept].sum())
     stats["with_topk"] += int(batch.column("has_topk").to_numpy(zero_copy_only=False)[kept].sum())
     stats["eos_untrained"] += int(batch.column("eos_untrained").to_numpy(zero_copy_only=False)[kept].sum())
     for name in names:
@@ -356,6 +361,7 @@ def _write_document_index(out: Path, docs: dict, stats: Counter, counts: dict, n
         "truncated_tokens": stats["truncated_tokens"],
         "has_teacher_logprobs_fraction": stats["with_teacher"] / len(lengths_all),
         "has_teacher_topk_fraction": stats["with_topk"] / len(lengths_all),
+        "has_student_ref_logprobs_fraction": stats["with_reference"] / len(lengths_all),
         "eos_untrained": stats["eos_untrained"],
         "counts": {name: dict(sorted(c.items())) for name, c in counts.items()},
     }

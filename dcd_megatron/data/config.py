@@ -41,6 +41,8 @@ class DataConfig:
     field_messages: str = "messages"  # column holding the messages
     field_response: str = "response"  # column holding the response
     field_teacher_logprobs: str = "teacher_logprobs"  # column holding the teacher logprobs
+    field_student_ref_logprobs: str = "student_ref_logprobs"  # column holding the initial student's logprobs (loss.reference=initial)
+    field_student_ref_checkpoint: str = "student_ref_checkpoint"  # column naming the checkpoint that scored them
     field_teacher_topk_ids: str = "teacher_topk_ids"  # column holding the teacher topk ids
     field_teacher_topk_logprobs: str = "teacher_topk_logprobs"  # column holding the teacher topk logprobs
     field_answer: str = "answer"  # column holding the answer
@@ -99,12 +101,17 @@ class DataConfig:
             raise DataConfigError(f"data.chat_template: {exc}") from None
         for name in (
             "field_prompt", "field_messages", "field_response", "field_teacher_logprobs",
-            "field_teacher_topk_ids", "field_teacher_topk_logprobs", "field_answer",
+            "field_student_ref_logprobs", "field_student_ref_checkpoint", "field_teacher_topk_ids", "field_teacher_topk_logprobs", "field_answer",
         ):
             if not getattr(self, name):
                 raise DataConfigError(f"data.{name} is empty: give the column name it reads")
 
     # ---- derived values ----------------------------------------------------------------
+    def counted_fields(self) -> list[str]:
+        """The metadata columns whose values the cache counts: ``count_fields`` and the column naming
+        the checkpoint that scored ``student_ref_logprobs`` (a run checks it against its init checkpoint)."""
+        return list(dict.fromkeys([*self.count_fields, self.field_student_ref_checkpoint]))
+
     def resolved_num_proc(self) -> int:
         """Tokenization workers: ``num_proc`` or min(4, usable cpus)."""
         if self.num_proc is not None:

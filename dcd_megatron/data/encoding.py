@@ -30,12 +30,14 @@ def output_features(count_fields: list[str]):
     feats = {
         "input_ids": seq(datasets.Value("int32")),
         "teacher": seq(datasets.Value("float32")),
+        "reference": seq(datasets.Value("float32")),  # the initial student's log-probs, aligned like teacher
         "response_start": datasets.Value("int32"),
         "n_trained": datasets.Value("int32"),
         "reason": datasets.Value("string"),
         "detail": datasets.Value("string"),
         "truncated_tokens": datasets.Value("int32"),
         "has_teacher": datasets.Value("bool"),
+        "has_reference": datasets.Value("bool"),
         "has_topk": datasets.Value("bool"),
         "eos_untrained": datasets.Value("bool"),
         "chars": datasets.Value("int64"),  # characters encoded (prompt as rendered, response)
@@ -57,6 +59,7 @@ class EncodedRow:
     response_start: int
     n_trained: int
     teacher: np.ndarray | None  # float32 aligned to input_ids, NaN where unknown; None: row has none
+    reference: np.ndarray | None = None  # the initial student's log-probs, aligned as teacher
     truncated_tokens: int = 0
     has_topk: bool = False
     eos_untrained: bool = False
@@ -92,12 +95,12 @@ class RowEncoder:
         if RAW_JSON_COLUMN in row:  # a JSONL file read line by line (see loading.py)
             row = json.loads(row[RAW_JSON_COLUMN])
         out = {
-            "input_ids": [], "teacher": _NO_TEACHER, "response_start": 0, "n_trained": 0,
+            "input_ids": [], "teacher": _NO_TEACHER, "reference": _NO_TEACHER, "response_start": 0, "n_trained": 0,
             "reason": "", "detail": "", "truncated_tokens": 0,
-            "has_teacher": False, "has_topk": False, "eos_untrained": False,
+            "has_teacher": False, "has_reference": False, "has_topk": False, "eos_untrained": False,
             "topk_ids": _NO_TOPK_IDS, "topk_logprobs": _NO_TEACHER, "chars": 0, "unknown_chars": 0,
         }
-        for name in self.cfg.count_fields:
+        for name in self.cfg.counted_fields():
             value = row.get(name)
             out[f"meta::{name}"] = "" if value is None else str(value)
         result = self.encode(row)
@@ -107,10 +110,12 @@ class RowEncoder:
         out.update(
             input_ids=result.input_ids,
             teacher=_NO_TEACHER if result.teacher is None else result.teacher,
+            reference=_NO_TEACHER if result.reference is None else result.reference,
             response_start=result.response_start,
             n_trained=result.n_trained,
             truncated_tokens=result.truncated_tokens,
             has_teacher=result.teacher is not None,
+            has_reference=result.reference is not None,
             has_topk=result.has_topk,
             eos_untrained=result.eos_untrained,
             chars=result.chars,
@@ -205,6 +210,16 @@ class RowEncoder:
             ids = [tok.bos_id, *ids]
         return ids, len(text), unknown
 
+    def _logprob_column(self, row: dict, name: str, n: int) -> np.ndarray | None:
+        """The checked per-response-token log-probs of column ``name`` (None when the row has none)."""
+        raw = row.get(name)
+        if raw is None:
+            return None
+        values, problem = check_teacher_logprobs(raw, n, self.cfg.add_eos, name=name)
+        if problem:
+            raise _Problem(problem.reason, problem.detail)
+        return values
+
     def _encode(self, row: dict) -> EncodedRow:
         cfg, tok = self.cfg, self.tokenizer
         messages, response = self._split_prompt_response(row)
@@ -214,12 +229,11 @@ class RowEncoder:
             raise _Problem("empty_response", "the response tokenizes to no tokens")
         n = len(resp_ids)
 
-        teacher = None
-        raw = row.get(cfg.field_teacher_logprobs)
-        if raw is not None:
-            teacher, problem = check_teacher_logprobs(raw, n, cfg.add_eos)
-            if problem:
-                raise _Problem(problem.reason, problem.detail)
+        teacher = self._logprob_column(row, cfg.field_teacher_logprobs, n)
+        reference = self._logprob_column(row, cfg.field_student_ref_logprobs, n)
+        if teacher is not None and reference is not None and len(teacher) != len(reference):
+            raise _Problem("logprob_count_mismatch", f"{len(reference)} {cfg.field_student_ref_logprobs} values but "
+                           f"{len(teacher)} {cfg.field_teacher_logprobs}: score both over the same tokens")
         topk_ids = row.get(cfg.field_teacher_topk_ids)
         topk_lp = row.get(cfg.field_teacher_topk_logprobs)
         problem = check_topk(topk_ids, topk_lp, n, cfg.add_eos)
@@ -227,7 +241,7 @@ class RowEncoder:
             raise _Problem(problem.reason, problem.detail)
 
         with_eos = cfg.add_eos
-        eos_trained = with_eos and (teacher is None or len(teacher) == n + 1)
+        eos_trained = with_eos and all(c is None or len(c) == n + 1 for c in (teacher, reference))
         total = len(prompt_ids) + n + int(with_eos)
         truncated = 0
         if total > cfg.seq_length:
@@ -244,8 +258,8 @@ class RowEncoder:
             truncated = total - cfg.seq_length
             resp_ids = resp_ids[:keep]
             with_eos = eos_trained = False
-            if teacher is not None:
-                teacher = teacher[:keep]
+            teacher = None if teacher is None else teacher[:keep]
+            reference = None if reference is None else reference[:keep]
             if topk_ids is not None:
                 topk_ids, topk_lp = topk_ids[:keep], topk_lp[:keep]
 
@@ -253,12 +267,6 @@ class RowEncoder:
         if with_eos:
             ids.append(tok.eos_id)
         n_resp = len(resp_ids)
-        aligned = None
-        if teacher is not None:
-            aligned = np.full(len(ids), np.nan, dtype=np.float32)
-            aligned[len(prompt_ids) : len(prompt_ids) + n_resp] = teacher[:n_resp]
-            if eos_trained:
-                aligned[-1] = teacher[n_resp]
         top_ids = top_lp = None
         if cfg.topk and topk_ids is not None:
             top_ids, top_lp = self._aligned_topk(topk_ids, topk_lp, len(ids), len(prompt_ids), n_resp, eos_trained)
@@ -268,10 +276,22 @@ class RowEncoder:
             topk_logprobs=top_lp,
             response_start=len(prompt_ids),
             n_trained=n_resp + int(eos_trained),
-            teacher=aligned,
+            teacher=_aligned(teacher, len(ids), len(prompt_ids), n_resp, eos_trained),
+            reference=_aligned(reference, len(ids), len(prompt_ids), n_resp, eos_trained),
             truncated_tokens=truncated,
             has_topk=topk_ids is not None,
             eos_untrained=with_eos and not eos_trained,
             chars=prompt_chars + len(response),
             unknown_chars=prompt_unknown + resp_unknown,
         )
+
+
+def _aligned(values: np.ndarray | None, n_ids: int, start: int, n_resp: int, eos_trained: bool) -> np.ndarray | None:
+    """Per-response-token ``values`` as float32 aligned to the input ids (NaN elsewhere; the eos's last)."""
+    if values is None:
+        return None
+    out = np.full(n_ids, np.nan, dtype=np.float32)
+    out[start : start + n_resp] = values[:n_resp]
+    if eos_trained:
+        out[-1] = values[n_resp]
+    return out

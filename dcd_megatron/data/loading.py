@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 CANONICAL_FIELDS = (
-    "prompt", "messages", "response", "teacher_logprobs",
+    "prompt", "messages", "response", "teacher_logprobs", "student_ref_logprobs",
     "teacher_topk_ids", "teacher_topk_logprobs", "answer",
 )
 

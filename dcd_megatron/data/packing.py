@@ -51,6 +51,7 @@ def empty_sample(seq_length: int, pad_id: int, topk: int = 0) -> dict[str, np.nd
         "labels": np.full(seq_length, pad_id, dtype=np.int64),
         "loss_mask": np.zeros(seq_length, dtype=np.float32),
         "teacher_logprobs": np.full(seq_length, np.nan, dtype=np.float32),
+        "student_ref_logprobs": np.full(seq_length, np.nan, dtype=np.float32),
         "segment_ids": np.full(seq_length, -1, dtype=np.int64),
         "position_ids": np.zeros(seq_length, dtype=np.int64),
         "response_frac": np.zeros(seq_length, dtype=np.float32),
@@ -80,6 +81,7 @@ def assemble_sample(cache: TokenCache, docs: np.ndarray, seq_length: int, pad_id
         mask = cache.loss_mask[a + 1 : b].astype(np.float32)
         out["loss_mask"][lo:hi] = mask
         out["teacher_logprobs"][lo:hi] = cache.teacher_logprobs[a + 1 : b]
+        out["student_ref_logprobs"][lo:hi] = cache.student_ref_logprobs[a + 1 : b]
         if topk:  # like the log-probs: the entry of the label token
             out["teacher_topk_ids"][lo:hi] = cache.teacher_topk_ids[a + 1 : b]
             out["teacher_topk_logprobs"][lo:hi] = cache.teacher_topk_logprobs[a + 1 : b]

@@ -131,9 +131,11 @@ def allowed_counts(n_response_tokens: int, add_eos: bool) -> tuple[int, ...]:
     return (n_response_tokens, n_response_tokens + 1) if add_eos else (n_response_tokens,)
 
 
-def check_teacher_logprobs(values, n_response_tokens: int, add_eos: bool) -> tuple[np.ndarray | None, RowProblem | None]:
-    """Types, count against the student-tokenized response, finiteness and sign."""
-    logprobs, problem = _numbers(values, "teacher_logprobs")
+def check_teacher_logprobs(values, n_response_tokens: int, add_eos: bool,
+                           name: str = "teacher_logprobs") -> tuple[np.ndarray | None, RowProblem | None]:
+    """Types, count against the student-tokenized response, finiteness and sign of the per-token
+    log-prob column ``name`` (the teacher's, or the initial student's ``student_ref_logprobs``)."""
+    logprobs, problem = _numbers(values, name)
     if problem:
         return None, problem
     allowed = allowed_counts(n_response_tokens, add_eos)
@@ -141,16 +143,16 @@ def check_teacher_logprobs(values, n_response_tokens: int, add_eos: bool) -> tup
         extra = f" ({n_response_tokens + 1} with eos)" if add_eos else ""
         return None, RowProblem(
             "logprob_count_mismatch",
-            f"{len(logprobs)} teacher log-probs but the response tokenizes to {n_response_tokens} "
+            f"{len(logprobs)} {name} values but the response tokenizes to {n_response_tokens} "
             f"student tokens{extra}",
         )
     bad = np.flatnonzero(~np.isfinite(logprobs))
     if len(bad):
-        return None, RowProblem("nonfinite_logprob", f"teacher_logprobs[{bad[0]}] = {logprobs[bad[0]]}")
+        return None, RowProblem("nonfinite_logprob", f"{name}[{bad[0]}] = {logprobs[bad[0]]}")
     if len(logprobs) and logprobs.max() > POSITIVE_LOGPROB_TOLERANCE:
         i = int(logprobs.argmax())
         return None, RowProblem(
-            "positive_logprob", f"teacher_logprobs[{i}] = {logprobs[i]:.4g} > 0 is not a log-probability"
+            "positive_logprob", f"{name}[{i}] = {logprobs[i]:.4g} > 0 is not a log-probability"
         )
     return logprobs, None
 

@@ -22,6 +22,9 @@ Two exact gradient schemes, both ``torch.autograd.Function``s:
   it at once into the hidden-state and weight gradients (two matmuls), as Liger-Kernel's
   fused linear cross-entropy does for plain CE. The output-layer work is one forward and two
   backward matmuls, as in the unchunked path; backward only scales the stored gradients.
+  With ``reference="initial"`` every weight is a function of the data alone (the frozen initial
+  student's log-probs, the teacher's): the weights, those that look along the row included,
+  are computed before the chunks and the fused scheme applies to every method.
 - **recompute** (any weight, e.g. ``prefix``/``sequence``/median bias, which need every
   token's log-prob first): the forward pass keeps only the per-token log-sum-exp and returns
   the ``[b, s, m]`` log-probs, from which the weights and the term are computed with autograd
@@ -47,7 +50,14 @@ from dcd_megatron.loss.config import DCDConfig
 from dcd_megatron.loss.contract import GatheredTerm, OnLogProbs, TokenTerm, checked_teacher, gate_entropy, validate_batch
 from dcd_megatron.loss.logprobs import _combine_shards, _group_rank_size, _ids_grad_into, _local_ids
 from dcd_megatron.loss.report import build_report
-from dcd_megatron.loss.weights import _looks_along_rows, compute_weights, mean_one_factor, normalize_weights, weight_totals
+from dcd_megatron.loss.weights import (
+    REFERENCE_KEY,
+    _looks_along_rows,
+    compute_weights,
+    mean_one_factor,
+    normalize_weights,
+    weight_totals,
+)
 
 # chunk_loss(log-probs of the chunk's ids [c, m] fp32, index of its rows [c])
 #   -> (the chunk's loss, a scalar; d loss / d log-probs [c, m])
@@ -249,6 +259,11 @@ def per_token_weights(config) -> bool:
     return not _looks_along_rows(config)
 
 
+def weights_before_forward(config) -> bool:
+    """Whether the weights are known from the batch alone (the frozen initial student's log-probs)."""
+    return config.needs_reference
+
+
 def _gathered_term(term: TokenTerm, batch: Mapping[str, torch.Tensor], shape) -> tuple[torch.Tensor | None, OnLogProbs]:
     """``(the ids the term reads [b, s, k] or None, the term from the log-probs of (label, ids) a row)``."""
     if not isinstance(term, GatheredTerm):
@@ -286,7 +301,8 @@ def chunked_loss(
     labels, teacher = batch["labels"], batch.get("teacher_logprobs")
     valid = batch["loss_mask"] > 0
 
-    teacher = checked_teacher(config, labels, teacher, valid, weight.shape[0] * _group_rank_size(tp_group)[1])
+    reference = batch.get(REFERENCE_KEY)
+    teacher = checked_teacher(config, labels, teacher, valid, weight.shape[0] * _group_rank_size(tp_group)[1], reference)
     term_ids, on_logprobs = _gathered_term(term, batch, labels.shape)
 
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).to(torch.long)
@@ -296,16 +312,27 @@ def chunked_loss(
     chunk = config.chunk_size or max(1, labels.numel())  # 0: one chunk of every token
     frac = batch.get("response_frac")
     entropy = gate_entropy(batch, config)
-    fused = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad) and per_token_weights(config)
+    rows_kw = dict(segment_ids=batch.get("segment_ids"), cp_group=cp_group, cp_layout_name=cp_layout, step=step,
+                   want_response_frac=frac is None, entropy=entropy, reference_logprobs=reference)
+    known = weights_before_forward(config)
+    result = compute_weights(reference, teacher, valid, config, **rows_kw) if known else None
+    fused = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad) and (
+        known or per_token_weights(config))
     if fused:
         flat_teacher = teacher.reshape(-1) if teacher is not None else None
         flat_entropy = entropy.reshape(-1) if entropy is not None else None
+        flat_u = result.weights.reshape(-1) if known else None
 
-        def chunk_loss(logprobs: torch.Tensor, rows: torch.Tensor):
+        def chunk_weights(logprobs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            if flat_u is not None:
+                return flat_u[rows]
             t = flat_teacher[rows][None] if flat_teacher is not None else None
             h = flat_entropy[rows][None] if flat_entropy is not None else None
             ones = torch.ones(logprobs.shape[:1], dtype=torch.bool, device=logprobs.device)[None]
-            u = compute_weights(logprobs[None, :, 0], t, ones, config, step=step, entropy=h).weights[0]
+            return compute_weights(logprobs[None, :, 0], t, ones, config, step=step, entropy=h).weights[0]
+
+        def chunk_loss(logprobs: torch.Tensor, rows: torch.Tensor):
+            u = chunk_weights(logprobs, rows)
             with torch.enable_grad():  # the term's gradient w.r.t. the chunk's [c, 1 + k] log-probs
                 x = logprobs.detach().requires_grad_()
                 value = (u.double() * on_logprobs(x, rows).double()).sum()
@@ -318,10 +345,8 @@ def chunked_loss(
     else:  # the recompute scheme (or no gradient): log-probs first, the loss from them with autograd
         logprobs = chunked_logprobs(hidden, weight, ids, tp_group, chunk_size=chunk, mask=valid)
     student = logprobs[..., 0]
-    result = compute_weights(
-        student, teacher, valid, config, segment_ids=batch.get("segment_ids"), cp_group=cp_group,
-        cp_layout_name=cp_layout, step=step, want_response_frac=frac is None, entropy=entropy,
-    )
+    if result is None:
+        result = compute_weights(student, teacher, valid, config, **rows_kw)
     if fused:  # sum_t u_t * term_t, already summed chunk by chunk
         if config.normalize == "micro":  # one factor for every weight: count / sum u over the CP group
             loss_sum = loss_sum * mean_one_factor(weight_totals(result.weights, valid), cp_group).to(torch.float32)

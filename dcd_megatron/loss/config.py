@@ -13,6 +13,11 @@ METHODS: tuple[str, ...] = ("sft", "sigmoid", "student_only", "tis", "prefix", "
 # Methods whose weights are a function of the teacher log-probs.
 NEEDS_TEACHER: frozenset[str] = frozenset({"sigmoid", "tis", "prefix", "sequence", "gated"})
 GATES: tuple[str, ...] = ("token", "entropy")
+REFERENCES: tuple[str, ...] = ("live", "initial")
+# Methods whose weights read the student's log-prob (every one but sft).
+READS_STUDENT: frozenset[str] = frozenset(METHODS) - {"sft"}
+# Methods with a fork factor for the trajectory discount: sigmoid-shaped in the log-ratio.
+TRAJECTORY_METHODS: tuple[str, ...] = ("sigmoid", "gated")
 NORMALIZE_SCOPES: tuple[str, ...] = ("global", "micro", "none")
 
 
@@ -66,6 +71,14 @@ class DCDConfig:
     gate: Literal["token", "entropy"] = "token"
     # gated: the gate's sharpness; 0 = plain SFT, larger keeps full weight only where the teacher was sure
     gate_power: float = 16.0
+    # the student the weights compare with the teacher: live = the model being trained;
+    # initial = the checkpoint the run starts from, frozen (the traces' student_ref_logprobs
+    # column, scored once: dcd-score --reference). Ignored by sft.
+    reference: Literal["live", "initial"] = "live"
+    # multiply each weight by the product over the earlier response tokens of its document of
+    # the fork factor f = g + (1 - g) * min(1, 2 sigmoid((clip(l) - bias) / tau)): a fork the
+    # student rejects discounts the rest of that trace (sigmoid and gated only; g = 0 for sigmoid)
+    trajectory: bool = False
     # where the weights are made mean-1: global batch, micro-batch, or not at all
     normalize: Literal["global", "micro", "none"] = "global"
     # tau schedule: linear from tau to tau_end over tau_anneal_steps optimizer steps
@@ -111,6 +124,12 @@ class DCDConfig:
                 f"must be an integer >= 0, got {self.prefix_window!r}",
                 "use 0 for the whole prefix or k > 0 for the last k response tokens",
             )
+        _check_choice("reference", self.reference, REFERENCES)
+        if not isinstance(self.trajectory, bool):
+            _fail("trajectory", f"expected true or false, got {self.trajectory!r}", "set trajectory=true or false")
+        if self.trajectory and self.method not in TRAJECTORY_METHODS:
+            _fail("trajectory", f"needs a fork factor, which method {self.method!r} has not",
+                  f"use method in {list(TRAJECTORY_METHODS)} or trajectory=false")
         _check_choice("normalize", self.normalize, NORMALIZE_SCOPES)
         if self.tau_end is not None:
             _check_finite("tau_end", self.tau_end)
@@ -132,6 +151,11 @@ class DCDConfig:
     def needs_teacher(self) -> bool:
         """Whether this method's weights need teacher log-probs."""
         return self.method in NEEDS_TEACHER
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the weights read the frozen initial student's log-probs (``student_ref_logprobs``)."""
+        return self.reference == "initial" and self.method in READS_STUDENT
 
     @property
     def entropy_gate(self) -> bool:

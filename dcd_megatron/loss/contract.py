@@ -19,7 +19,15 @@ from typing import Protocol, TypedDict, runtime_checkable
 import torch
 
 from dcd_megatron.loss.config import DCDConfig
-from dcd_megatron.loss.weights import check_teacher, checked_entropy, nonfinite_teacher_count, raise_for_nonfinite_teacher
+from dcd_megatron.loss.weights import (
+    REFERENCE_KEY,
+    check_reference,
+    check_teacher,
+    checked_entropy,
+    nonfinite_teacher_count,
+    raise_for_nonfinite_reference,
+    raise_for_nonfinite_teacher,
+)
 
 
 class DCDBatch(TypedDict, total=False):
@@ -30,6 +38,7 @@ class DCDBatch(TypedDict, total=False):
     labels: torch.Tensor  # int64 next-token targets (required)
     loss_mask: torch.Tensor  # float32, 1 on trained tokens (required)
     teacher_logprobs: torch.Tensor  # float32 teacher log-prob of each label, NaN where unknown
+    student_ref_logprobs: torch.Tensor  # float32 the initial student's log-prob of each label, NaN where unknown
     segment_ids: torch.Tensor  # int64 packed-document index, -1 on padding
     response_frac: torch.Tensor  # float32 position of each label in its response, in [0, 1)
     teacher_topk_ids: torch.Tensor  # int64 [b, s, k] the teacher's top-k ids, -1 where unknown
@@ -37,11 +46,11 @@ class DCDBatch(TypedDict, total=False):
 
 
 INT_KEYS = ("tokens", "labels", "position_ids", "segment_ids", "teacher_topk_ids")
-FLOAT_KEYS = ("loss_mask", "teacher_logprobs", "response_frac", "teacher_topk_logprobs")
+FLOAT_KEYS = ("loss_mask", "teacher_logprobs", REFERENCE_KEY, "response_frac", "teacher_topk_logprobs")
 REQUIRED_KEYS = ("labels", "loss_mask")
 TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs")
 # the [b, s] tensors the loss checks, and what each must hold
-_PER_TOKEN = {"labels": "integer", "loss_mask": "any", "teacher_logprobs": "float",
+_PER_TOKEN = {"labels": "integer", "loss_mask": "any", "teacher_logprobs": "float", REFERENCE_KEY: "float",
               "segment_ids": "integer", "response_frac": "float"}
 
 # term(logits [b, s, V/tp], batch, student_logprobs [b, s] fp32) -> per-token loss [b, s]
@@ -109,6 +118,7 @@ def validate_batch(batch: Mapping[str, torch.Tensor], logits: torch.Tensor, conf
         if kind == "float" and not t.is_floating_point():
             raise ValueError(f"DCD loss: batch[{key!r}] must be floating point, got {t.dtype}")
     check_teacher(config, batch.get("teacher_logprobs"))
+    check_reference(config, batch.get(REFERENCE_KEY))
 
 
 def gate_entropy(batch: Mapping[str, torch.Tensor], config: DCDConfig) -> torch.Tensor | None:
@@ -116,11 +126,14 @@ def gate_entropy(batch: Mapping[str, torch.Tensor], config: DCDConfig) -> torch.
     return checked_entropy(batch.get("teacher_topk_logprobs"), batch["loss_mask"] > 0, config)
 
 
-def checked_teacher(config: DCDConfig, labels, teacher, valid, vocab: int):
-    """Masked-in labels inside the vocabulary ``[0, vocab)`` and finite teacher log-probs (one host
-    sync for both); returns the teacher log-probs to use: None where the method never reads them."""
+def checked_teacher(config: DCDConfig, labels, teacher, valid, vocab: int, reference=None):
+    """Masked-in labels inside the vocabulary ``[0, vocab)``, finite teacher log-probs and, where the
+    weights read them, finite initial-student log-probs ``reference`` (one host sync for all);
+    returns the teacher log-probs to use: None where the method never reads them."""
     bad_labels = (((labels < 0) | (labels >= vocab)) & valid).sum()
-    n_labels, n_teacher = torch.stack([bad_labels, nonfinite_teacher_count(teacher, valid)]).tolist()
+    ref = reference if config.needs_reference else None
+    counts = [bad_labels, nonfinite_teacher_count(teacher, valid), nonfinite_teacher_count(ref, valid)]
+    n_labels, n_teacher, n_reference = torch.stack(counts).tolist()
     if n_labels:
         raise ValueError(
             f"DCD loss: {n_labels} loss-masked-in label(s) are outside the vocabulary [0, {vocab}); "
@@ -131,4 +144,5 @@ def checked_teacher(config: DCDConfig, labels, teacher, valid, vocab: int):
         # fine; the log-ratio diagnostic is then left out for this micro-batch.
         teacher, n_teacher = None, 0
     raise_for_nonfinite_teacher(n_teacher)
+    raise_for_nonfinite_reference(n_reference)
     return teacher

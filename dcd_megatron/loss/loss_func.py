@@ -20,7 +20,7 @@ from dcd_megatron.loss.config import DCDConfig
 from dcd_megatron.loss.contract import TokenTerm, checked_teacher, gate_entropy, nll_term, validate_batch
 from dcd_megatron.loss.logprobs import _group_rank_size, vocab_parallel_logprobs
 from dcd_megatron.loss.report import build_report
-from dcd_megatron.loss.weights import compute_weights, normalize_weights
+from dcd_megatron.loss.weights import REFERENCE_KEY, compute_weights, normalize_weights
 
 __all__ = ["DCDLossFunction", "TokenTerm", "make_loss_func", "nll_term", "validate_batch"]
 
@@ -62,7 +62,9 @@ class DCDLossFunction:
         labels, teacher = batch["labels"], batch.get("teacher_logprobs")
         valid = batch["loss_mask"] > 0
 
-        teacher = checked_teacher(self.config, labels, teacher, valid, logits.shape[-1] * _group_rank_size(self.tp_group)[1])
+        reference = batch.get(REFERENCE_KEY)
+        teacher = checked_teacher(self.config, labels, teacher, valid, logits.shape[-1] * _group_rank_size(self.tp_group)[1],
+                                  reference)
 
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
         student = vocab_parallel_logprobs(logits, safe_labels, group=self.tp_group, chunk_elements=self.chunk_elements)
@@ -71,7 +73,7 @@ class DCDLossFunction:
             student, teacher, valid, self.config,
             segment_ids=batch.get("segment_ids"), cp_group=self.cp_group,
             cp_layout_name=self.cp_layout, step=self.step, want_response_frac=frac is None,
-            entropy=gate_entropy(batch, self.config),
+            entropy=gate_entropy(batch, self.config), reference_logprobs=reference,
         )
         weights = result.weights
         if self.config.normalize == "micro":

@@ -36,6 +36,18 @@ def prefix_mean(values: torch.Tensor, valid: torch.Tensor, docs: torch.Tensor, w
     ``window=0`` averages the whole prefix; ``window=k`` the last ``k`` response tokens.
     Returns ``(mean, count)`` ``[b, S]``; the mean is 0 where the count is 0 (no prior token).
     """
+    total, count = _prefix_total(values, valid, docs, window)
+    mean = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+    return mean.view(values.shape), count.view(values.shape)
+
+
+def prefix_sum(values: torch.Tensor, valid: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+    """Sum (float64) of ``values`` over the earlier response tokens of the same document (exclusive)."""
+    return _prefix_total(values, valid, docs, 0)[0].view(values.shape)
+
+
+def _prefix_total(values: torch.Tensor, valid: torch.Tensor, docs: torch.Tensor, window: int):
+    """Flat ``(sum, count)`` of ``values`` over each token's earlier response tokens of its document."""
     n = values.numel()
     flat_valid = valid.flatten()
     before, start = _counts_before(valid, docs)
@@ -45,10 +57,7 @@ def prefix_mean(values: torch.Tensor, valid: torch.Tensor, docs: torch.Tensor, w
     cum = torch.zeros(n + 2, dtype=torch.float64, device=values.device).index_put_((slot,), v)
     cum = cum[: n + 1].cumsum(0)
     low = start if window == 0 else torch.maximum(before - window, start)
-    count = before - low
-    total = cum[before] - cum[low]
-    mean = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
-    return mean.view(values.shape), count.view(values.shape)
+    return cum[before] - cum[low], before - low
 
 
 def document_mean(values: torch.Tensor, valid: torch.Tensor, docs: torch.Tensor):

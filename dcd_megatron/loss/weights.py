@@ -2,7 +2,9 @@
 
 Layout: every per-token tensor here is ``[b, s]`` (batch first, as megatron's GPTModel
 returns logits when ``labels=None``); with context parallelism ``s`` is this CP rank's part.
-All weight math uses ``sg(l)``, ``l = s - a`` (student minus teacher log-prob). The raw
+All weight math uses ``sg(l)``, ``l = s - a`` (student minus teacher log-prob; with
+``reference="initial"`` ``s`` is the frozen initial student's log-prob, a column of the data,
+so the weights are known before the forward pass). The raw
 weights ``u`` are clamped to ``[floor, cap]`` (except ``sft``) and are 0 on masked-out tokens;
 making them mean-1 is ``normalize_weights`` or, for the global batch,
 ``global_norm.rescale_grads_for_global_weight_mean``.
@@ -37,6 +39,27 @@ def check_teacher(config: DCDConfig, teacher_logprobs: torch.Tensor | None) -> N
             f"DCD method {config.method!r} needs teacher log-probs (batch key 'teacher_logprobs'): "
             "add per-token teacher log-probs to the traces, or compute them with `dcd-score`; "
             "methods 'sft' and 'student_only' need none"
+        )
+
+
+REFERENCE_KEY = "student_ref_logprobs"
+
+
+def check_reference(config: DCDConfig, reference_logprobs: torch.Tensor | None) -> None:
+    """A clear error when the weights should read the initial student's log-probs and none were given."""
+    if reference_logprobs is None and config.needs_reference:
+        raise ValueError(
+            f"loss.reference=initial needs the initial student's log-probs (batch key {REFERENCE_KEY!r}): "
+            "score the traces once with the checkpoint the run starts from (`dcd-score --reference "
+            "--teacher INIT_CHECKPOINT ...`), or set loss.reference=live"
+        )
+
+
+def raise_for_nonfinite_reference(count: int) -> None:
+    if count:
+        raise ValueError(
+            f"{REFERENCE_KEY} has {count} NaN/inf value(s) on loss-masked-in tokens; score every trained "
+            "token with the initial student (`dcd-score --reference`) or set loss.reference=live"
         )
 
 
@@ -121,11 +144,13 @@ def raw_weights_on_rows(
     method = config.method
     if method == "sft":
         return torch.ones_like(s)
-    if method == "sigmoid":
-        return _sigmoid_weight(l.clamp(-c, c), valid, config, tau)
-    if method == "gated":
-        g = gate_values(s - l if gate_in is None else gate_in, config)
-        return g + (1.0 - g) * _sigmoid_weight(l.clamp(-c, c), valid, config, tau)
+    if method in ("sigmoid", "gated"):
+        g = gate_values(s - l if gate_in is None else gate_in, config) if method == "gated" else torch.zeros_like(s)
+        sig = _sigmoid_weight(l.clamp(-c, c), valid, config, tau)
+        u = g + (1.0 - g) * sig
+        if config.trajectory:
+            u = u * trajectory_discount(g + (1.0 - g) * (2.0 * sig).clamp(max=1.0), valid, segment_ids)
+        return u
     if method == "student_only":
         if config.student_only_form == "power":
             return torch.exp(config.beta * s)  # p ** beta
@@ -145,9 +170,17 @@ def raw_weights_on_rows(
     raise ValueError(f"unknown DCD method {method!r}")  # DCDConfig validates; guards additions
 
 
+def trajectory_discount(fork: torch.Tensor, valid: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """``prod_{k < t} fork_k`` over the earlier response tokens of each token's document (1 at
+    its first), from a prefix sum of ``log fork`` that resets at every packed-document boundary."""
+    docs = segments.document_ids(segment_ids, fork.shape, fork.device)
+    log_fork = torch.where(valid, fork.to(torch.float64).clamp(min=1e-300).log(), 0.0)
+    return segments.prefix_sum(log_fork, valid, docs).exp().to(fork.dtype)
+
+
 def _looks_along_rows(config: DCDConfig) -> bool:
     """Whether a weight depends on other tokens of the micro-batch (needs full rows under CP)."""
-    if config.method in ("prefix", "sequence"):
+    if config.method in ("prefix", "sequence") or config.trajectory:
         return True
     sigmoid_shaped = config.method in ("sigmoid", "gated") or (
         config.method == "student_only" and config.student_only_form == "sigmoid"
@@ -167,15 +200,19 @@ def compute_weights(
     step: int = 0,
     want_response_frac: bool = False,
     entropy: torch.Tensor | None = None,
+    reference_logprobs: torch.Tensor | None = None,
 ) -> WeightResult:
     """Raw weights plus diagnostics; inputs must already be validated (see dcd_weights).
+
+    With ``config.reference="initial"`` the student statistic is ``reference_logprobs`` (the frozen
+    initial student's, ``[b, s]``) instead of ``student_logprobs``.
 
     Under context parallelism, weights that look along the sequence are evaluated on the
     full rows (one all-gather of per-token numbers over ``cp_group``) and sliced back.
     ``entropy`` ``[b, s]`` is the teacher's entropy (``teacher_entropy``), read only by the
     gated method's entropy gate.
     """
-    s = student_logprobs.detach().to(torch.float32)
+    s = (reference_logprobs if config.needs_reference else student_logprobs).detach().to(torch.float32)
     zeros = torch.zeros_like(s)
     s = torch.where(valid, s, zeros)
     l = None
@@ -244,6 +281,7 @@ def dcd_weights(
     cp_layout: str | None = None,
     step: int = 0,
     teacher_topk_logprobs: torch.Tensor | None = None,
+    reference_logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Raw (un-normalised), detached DCD weights ``u`` ``[b, s]``; 0 where ``loss_mask`` is 0.
 
@@ -252,20 +290,25 @@ def dcd_weights(
     ``cp_layout`` ("load_balanced" by default, or "contiguous") and prefix, document and
     median statistics are exact over the full sequence (raw weights never look across
     data-parallel ranks). ``step`` is the optimizer step for the tau schedule. ``teacher_topk_logprobs``
-    ``[b, s, k]`` feeds the gated method's entropy gate (``loss.gate=entropy``).
+    ``[b, s, k]`` feeds the gated method's entropy gate (``loss.gate=entropy``); ``reference_logprobs``
+    ``[b, s]`` is the initial student's log-prob of each label (read with ``reference="initial"``).
     """
     validate_token_tensors(
         {"student_logprobs": student_logprobs, "teacher_logprobs": teacher_logprobs,
-         "loss_mask": loss_mask, "segment_ids": segment_ids},
+         "loss_mask": loss_mask, "segment_ids": segment_ids, REFERENCE_KEY: reference_logprobs},
         "student_logprobs",
     )
     check_teacher(config, teacher_logprobs)
+    check_reference(config, reference_logprobs)
     valid = loss_mask > 0
     raise_for_nonfinite_teacher(int(nonfinite_teacher_count(teacher_logprobs, valid)))
+    if config.needs_reference:
+        raise_for_nonfinite_reference(int(nonfinite_teacher_count(reference_logprobs, valid)))
     entropy = checked_entropy(teacher_topk_logprobs, valid, config)
     return compute_weights(
         student_logprobs, teacher_logprobs, valid, config,
         segment_ids=segment_ids, cp_group=cp_group, cp_layout_name=cp_layout, step=step, entropy=entropy,
+        reference_logprobs=reference_logprobs,
     ).weights
 
 

@@ -27,6 +27,9 @@ class ScoreConfig:
     tp: int = 1  # tensor parallel size for big teachers
     pp: int = 1  # pipeline parallel size for teachers too big for one TP group (divides its layers)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # score as the frozen initial student (loss.reference=initial): write student_ref_logprobs and the
+    # checkpoint's identity (student_ref_checkpoint) beside the teacher columns, which are kept
+    reference: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -54,5 +57,10 @@ class ScoreConfig:
         for name in ("tp", "pp"):
             if getattr(self, name) < 1:
                 raise ScoreError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.reference and (self.top_k or self.temperature != 1.0):
+            raise ScoreError(
+                f"--reference scores the student's own distribution at temperature 1 with no top-k, got "
+                f"--temperature {self.temperature} --top-k {self.top_k}: drop those flags"
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ScoreError(f"device must be auto, cpu or cuda, got {self.device!r}")

@@ -36,13 +36,21 @@ def teacher_columns(cfg: DataConfig) -> tuple[str, str, str]:
     return cfg.field_teacher_logprobs, cfg.field_teacher_topk_ids, cfg.field_teacher_topk_logprobs
 
 
+def scored_columns(cfg: DataConfig, reference: bool) -> tuple[str, ...]:
+    """The columns a scoring run (re)writes: the teacher's, or (``--reference``) the initial student's."""
+    if reference:
+        return cfg.field_student_ref_logprobs, cfg.field_student_ref_checkpoint
+    return teacher_columns(cfg)
+
+
 class ScoringEncoder:
     """Row dict -> `RowToScore` or a `RowProblem`, with the student's data settings."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, max_length: int):
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, max_length: int, reference: bool = False):
         strict = dataclasses.replace(cfg, seq_length=max_length, on_long_row="error")
         self.encoder = RowEncoder(strict, tokenizer)
-        self.drop = set(teacher_columns(cfg))
+        # a reference scoring keeps the teacher's columns: its log-probs then cover the same tokens
+        self.drop = set(scored_columns(cfg, reference))
         self.max_length = max_length
 
     def __call__(self, index: int, row: dict) -> RowToScore | RowProblem:

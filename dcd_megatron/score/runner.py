@@ -21,7 +21,7 @@ import torch
 
 from dcd_megatron.configs import to_dict
 from dcd_megatron.score.config import ScoreConfig, ScoreError
-from dcd_megatron.score.rows import RowToScore, ScoringEncoder, plan_batches, problem_fix, teacher_columns
+from dcd_megatron.score.rows import RowToScore, ScoringEncoder, plan_batches, problem_fix, scored_columns
 from dcd_megatron.score import shards as sh
 
 POSITIONS_PER_CHUNK = 4096  # logits rows turned into fp32 at once (bounds memory for big vocabularies)
@@ -40,12 +40,15 @@ class ScoreResult:
 
 
 def _manifest(cfg: ScoreConfig, teacher_path: Path, teacher_meta: dict, n_rows: int, student_fp: str) -> dict:
+    from dcd_megatron.checkpoint import fingerprint
+
     data = cfg.data
     encoding = {k: v for k, v in to_dict(data).items() if k.startswith("field_") or k in ("add_bos", "add_eos", "split")}
     encoding["chat_template_sha256"] = hashlib.sha256(data.template_text().encode()).hexdigest()
     return {
         "teacher": str(teacher_path.resolve()),
         "teacher_step": teacher_meta.get("step"),
+        "teacher_identity": fingerprint(teacher_path),
         "data_path": str(Path(cfg.data_path).resolve()) if Path(cfg.data_path).exists() else cfg.data_path,
         "input_rows": n_rows,
         "temperature": cfg.temperature,
@@ -55,6 +58,7 @@ def _manifest(cfg: ScoreConfig, teacher_path: Path, teacher_meta: dict, n_rows: 
         "student_tokenizer": student_fp,
         "encoding": encoding,
         "on_bad_row": data.on_bad_row,
+        "reference": cfg.reference,
     }
 
 
@@ -96,7 +100,7 @@ def _load_input(cfg: ScoreConfig):
 
     ds = load_rows(cfg.data_path, _reading_config(cfg), cache_dir=cfg.data.resolved_cache_dir())
     if RAW_JSON_COLUMN in ds.column_names:  # a JSONL file `datasets` could not type: rebuild from the lines
-        stale = set(teacher_columns(cfg.data))  # replaced by the scores; often the column of mixed types
+        stale = set(scored_columns(cfg.data, cfg.reference))  # replaced by the scores; often the column of mixed types
         rows = [{k: v for k, v in json.loads(s).items() if k not in stale} for s in ds[RAW_JSON_COLUMN]]
         try:
             ds = datasets.Dataset.from_list(rows)
@@ -184,14 +188,17 @@ def _score_batches(module, batches: list[list[RowToScore]], *, pad_id, device, o
     return scores
 
 
-def _shard_table(ds, start: int, stop: int, kept: list[int], scores: dict, cfg: ScoreConfig):
-    """The input rows of the shard that were scored, with the teacher columns (re)placed."""
+def _shard_table(ds, start: int, stop: int, kept: list[int], scores: dict, cfg: ScoreConfig, scorer: str):
+    """The input rows of the shard that were scored, with the scored columns (re)placed (``scorer``:
+    the scoring checkpoint's identity, recorded per row by a reference scoring)."""
     import pyarrow as pa
 
     table = ds.with_format("arrow")[start:stop].take(pa.array([i - start for i in kept], type=pa.int64()))
-    names = teacher_columns(cfg.data)
+    names = scored_columns(cfg.data, cfg.reference)
     table = table.drop_columns([n for n in names if n in table.column_names])
     table = table.append_column(names[0], pa.array([scores[i][0] for i in kept], type=pa.list_(pa.float32())))
+    if cfg.reference:
+        return table.append_column(names[1], pa.array([scorer] * len(kept), type=pa.string()))
     if cfg.top_k:
         table = table.append_column(names[1], pa.array([scores[i][1] for i in kept], type=pa.list_(pa.list_(pa.int32()))))
         table = table.append_column(names[2], pa.array([scores[i][2] for i in kept], type=pa.list_(pa.list_(pa.float32()))))
@@ -209,6 +216,7 @@ class _Teacher:
     vocab: int
     max_length: int
     vocab_note: str | None
+    identity: str  # checkpoint.fingerprint: what a reference scoring records per row
 
 
 def score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreResult:
@@ -261,7 +269,7 @@ def _score_locked(cfg: ScoreConfig, teacher: _Teacher, facts, info, layout, *, p
 
 def _checked_teacher(cfg: ScoreConfig) -> _Teacher:
     """The teacher's config, vocabulary and length limits against the request and the student's tokenizer."""
-    from dcd_megatron.checkpoint import read_checkpoint_config
+    from dcd_megatron.checkpoint import fingerprint, read_checkpoint_config
     from dcd_megatron.data.tokenizer import load_tokenizer_of
     from dcd_megatron.runtime.layout import check_model_split
     from dcd_megatron.score.vocabulary import check_teacher_vocabulary
@@ -287,7 +295,7 @@ def _checked_teacher(cfg: ScoreConfig) -> _Teacher:
         num_query_groups=tcfg.model.query_groups, ffn_hidden_size=tcfg.model.ffn_size,
         tp_name="--tp", pp_name="--pp", whose="the teacher's ",
     )
-    return _Teacher(teacher_path, tcfg, tmeta, student, vocab, max_length, vocab_note)
+    return _Teacher(teacher_path, tcfg, tmeta, student, vocab, max_length, vocab_note, fingerprint(teacher_path))
 
 
 def _start_processes(cfg: ScoreConfig):
@@ -355,7 +363,7 @@ def _score_shards(cfg: ScoreConfig, teacher: _Teacher, ds, ranges, todo, done_be
     writer = ps.is_pipeline_last_stage() and tp_rank == 0  # one writer per DP rank: it holds the scores
     module, _, _, _ = load_megatron_model(teacher.path, layout=layout, device=facts.device, use_te=facts.has_te)
     module.config.variable_seq_lengths = True  # pipeline stages exchange each batch's shape
-    encoder = ScoringEncoder(cfg.data, teacher.student, teacher.max_length)
+    encoder = ScoringEncoder(cfg.data, teacher.student, teacher.max_length, reference=cfg.reference)
     bar = tqdm(
         total=sum(ranges[i][1] - ranges[i][0] for i in todo), unit="row", disable=not (is_main and progress),
         desc=f"scoring (rank 0 of dp={layout.dp})", dynamic_ncols=True,
@@ -384,5 +392,5 @@ def _score_shards(cfg: ScoreConfig, teacher: _Teacher, ds, ranges, todo, done_be
         ) if batches else {}
         bar.update(sum(skipped.values()))
         if writer:
-            sh.write_shard(out, index, _shard_table(ds, start, stop, sorted(scores), scores, cfg), dict(skipped))
+            sh.write_shard(out, index, _shard_table(ds, start, stop, sorted(scores), scores, cfg, teacher.identity), dict(skipped))
     bar.close()

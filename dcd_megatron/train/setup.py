@@ -102,7 +102,8 @@ def _set_up(cfg: TrainConfig, config_text: str, facts: RuntimeFacts, info: Proce
     data = _load_data(run, tokenizer)
     chunks, optimizer, scheduler = _build_model(run)
     summary = _data_summary(data.train_meta, tokenizer)
-    start_step, consumed, resumed_from, changes = _restore(run, chunks, optimizer, scheduler, summary)
+    scored_by = data.train_meta.get("counts", {}).get(cfg.data.field_student_ref_checkpoint, {})
+    start_step, consumed, resumed_from, changes = _restore(run, chunks, optimizer, scheduler, summary, scored_by)
     return TrainState(
         run=run, chunks=chunks, optimizer=optimizer, scheduler=scheduler,
         train_iter=_train_iterator(run, data.train, consumed), valid_samples=data.valid,
@@ -175,10 +176,20 @@ def _load_data(run: RunFacts, tokenizer):
 
 
 def _check_teacher_coverage(cfg: TrainConfig, meta: dict) -> None:
-    """Methods that weight by the teacher need its log-probs on every trace: say so before step 1."""
+    """Methods that weight by the teacher (or by the initial student) need its log-probs on every
+    trace: say so before step 1."""
+    from dcd_megatron.data import DataConfigError
+
+    reference = float(meta.get("has_student_ref_logprobs_fraction", 0.0))
+    if cfg.loss.needs_reference and reference < 1.0:
+        raise DataConfigError(
+            f"loss.reference=initial weights tokens by the initial student's log-probs, but only {reference:.1%} of "
+            f"the kept training rows in {cfg.data.train_path} have `{cfg.data.field_student_ref_logprobs}`; score them "
+            "once with the checkpoint the run starts from (`dcd-score --reference --teacher INIT_CHECKPOINT ...`, "
+            "docs/scoring.md), or set loss.reference=live"
+        )
     if not cfg.loss.needs_teacher:
         return
-    from dcd_megatron.data import DataConfigError
 
     fraction = float(meta.get("has_teacher_logprobs_fraction", 1.0))
     if fraction < 1.0:
@@ -222,9 +233,11 @@ def _build_model(run: RunFacts):
     return chunks, optimizer, build_scheduler(cfg.optim, optimizer, cfg.train.steps)
 
 
-def _restore(run: RunFacts, chunks, optimizer, scheduler, summary: dict) -> tuple[int, int, Path | None, list[str]]:
+def _restore(run: RunFacts, chunks, optimizer, scheduler, summary: dict,
+             scored_by: dict) -> tuple[int, int, Path | None, list[str]]:
     """(steps done, samples consumed, the checkpoint resumed from, what the resume changes):
-    `train.resume`, else `model.init_checkpoint`."""
+    `train.resume`, else `model.init_checkpoint` (``scored_by``: the traces' reference-scoring
+    checkpoints and their row counts, which must be it under loss.reference=initial)."""
     from dcd_megatron import checkpoint as ckpt
 
     cfg = run.cfg
@@ -246,6 +259,7 @@ def _restore(run: RunFacts, chunks, optimizer, scheduler, summary: dict) -> tupl
         return start_step, consumed, resume_from, changes.lines
     if cfg.model.init_checkpoint:
         init_from = _checked_init_checkpoint(cfg)
+        _check_reference_source(cfg, init_from, scored_by)
         ckpt.load_checkpoint(init_from, chunks, None, None, load_optimizer=False)
         if run.is_logger:
             print(f"initialised the student from {init_from}", flush=True)
@@ -329,6 +343,24 @@ def _data_summary(train_meta: dict, tokenizer) -> dict:
         "response_tokens": train_meta.get("response_tokens"),
         "cache_key": train_meta.get("key"),
     }
+
+
+def _check_reference_source(cfg: TrainConfig, init_from: Path, scored_by: dict) -> None:
+    """Under loss.reference=initial every trace's reference log-probs come from this init checkpoint."""
+    if not cfg.loss.needs_reference:
+        return
+    from dcd_megatron.checkpoint import fingerprint
+    from dcd_megatron.configs.overrides import ConfigError
+
+    mine = fingerprint(init_from)
+    others = {source: n for source, n in scored_by.items() if source != mine}
+    if others or not scored_by:
+        found = ", ".join(f"{s} ({n} rows)" for s, n in sorted(others.items())) or "no checkpoint recorded"
+        raise ConfigError(
+            f"loss.reference=initial: the traces' {cfg.data.field_student_ref_logprobs} were scored by {found}, "
+            f"but the run starts from {init_from} ({mine}); rescore them with it (`dcd-score --reference "
+            f"--teacher {init_from} ...`) or set model.init_checkpoint to the checkpoint that scored them"
+        )
 
 
 def _checked_init_checkpoint(cfg: TrainConfig) -> Path:
