@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dcd_megatron.checkpoint import checkpoint_dir, find_latest
+from dcd_megatron.tracking.record import read_record
 from tests.slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
 
 # Not rerun by `make test-latest`: on megatron-core 0.19.2 / torch 2.14.1 one run of the second job
@@ -36,11 +37,9 @@ SECOND_STEPS = 2000  # far more than it will run: SIGUSR1 stops it
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The training-step records of metrics.jsonl (validation records carry no `loss`)."""
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if "loss" in r]
+    """The training-step records of metrics.jsonl (validation records carry no `loss`); a line still
+    being written is skipped, as the trainer skips it."""
+    return [r for r in read_record(path) if "loss" in r]
 
 
 def submit(cluster, workdir: Path, steps: int, *extra: str) -> int:

@@ -171,8 +171,9 @@ def test_worker_drops_oldest_when_full_keeps_essential_and_survives_errors():
     gate = threading.Event()
     ran, errors = [], []
     worker = BackgroundWorker(max_pending=3, on_error=lambda name, exc: errors.append((name, str(exc))))
-    worker.submit("blocker", gate.wait)
-    time.sleep(0.2)  # let the worker pick up the blocker; then the queue itself holds 3
+    started = threading.Event()
+    worker.submit("blocker", lambda: (started.set(), gate.wait()))
+    assert started.wait(30)  # the worker holds the blocker; from now on the queue itself holds 3
     worker.submit("setup", lambda: ran.append("setup"), essential=True)
     for i in range(5):
         worker.submit(f"m{i}", lambda i=i: ran.append(f"m{i}"))

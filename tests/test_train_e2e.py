@@ -1,6 +1,8 @@
 """End-to-end training on CPU with the real command: loss goes down, MLflow has it, checkpoints resume."""
 
 import json
+import os
+import signal
 
 import pytest
 
@@ -91,17 +93,22 @@ def test_training_survives_the_tracking_server_dying(tmp_path):
         proc = start_train(out, ["train.steps=30"], env=train_env(tmp_path, tracking_uri=server.uri))
         try:
             wait_for_step(out, 6, proc)
+            # frozen while the server dies, so the run has steps left to send to a dead server
+            # however fast it trains (on an idle machine 30 tiny steps take a few seconds)
+            os.killpg(proc.pid, signal.SIGSTOP)
+            stopped_at = metrics(out)[-1]["step"]
             client = MlflowClient(server.uri)
             exp = client.get_experiment_by_name("dcd-demo")
             (run,) = client.search_runs(exp.experiment_id)
             server.stop()
+            os.killpg(proc.pid, signal.SIGCONT)
             assert proc.wait(timeout=600) == 0, (out.parent / "run.log").read_text()[-4000:]
         finally:
             if proc.poll() is None:
                 kill_group(proc)
     log = (out.parent / "run.log").read_text()
     assert metrics(out)[-1]["step"] == 30
-    assert "warn" in log.lower()
+    assert stopped_at < 30 and "warn" in log.lower(), (stopped_at, log[-3000:])
     stored = MlflowClient(server.backend_uri).get_metric_history(run.info.run_id, "loss")
     assert len(stored) >= 1 and all(1 <= m.step <= 30 for m in stored)
 

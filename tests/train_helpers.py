@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -10,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from dcd_megatron.tracking.record import read_record
 from tests.dist import free_port
 
 # Small and quick: the tiny recipe, 64-token samples, 8 samples a step, plots off.
@@ -68,11 +68,9 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 
 def metrics(out: Path) -> list[dict]:
-    """Training-step records of metrics.jsonl (validation records have no 'loss')."""
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip()) if "loss" in r]
+    """Training-step records of metrics.jsonl (validation records have no 'loss'); a line torn by a
+    kill, or still being written, is skipped as the trainer itself skips it."""
+    return [r for r in read_record(out / "metrics.jsonl") if "loss" in r]
 
 
 def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
