@@ -11,7 +11,11 @@ the output-layer weight shard ``[V/tp, h]``), for:
 - ``DCD chunked prefix``: the same with ``prefix`` weights (the recompute scheme: one extra
   matmul per chunk);
 - optional (``--impls``), ``DCD full topk`` / ``DCD chunked topk``: ``DCD full`` / ``DCD
-  chunked`` with ``loss.term=topk_kl`` (``--topk`` teacher ids per token, random).
+  chunked`` with ``loss.term=topk_kl`` (``--topk`` teacher ids per token, random);
+- optional (``--impls``), the drift lab's gated arms on the chunked path: ``DCD chunked gated``
+  (per token: fused), ``DCD chunked gated_traj`` (the trajectory discount from the live student:
+  the recompute scheme), ``DCD chunked gated_ref`` / ``DCD chunked gated_ref_traj`` (weights from
+  the batch's ``student_ref_logprobs``: fused, the trajectory included).
 
 CPU mode (default): TP=2 ranks over gloo, one thread each, CPU seconds (``time.process_time``)
 and peak memory from torch.profiler's memory events (every allocation and free torch makes:
@@ -44,6 +48,9 @@ from benchmarks._harness import (  # noqa: E402
 SECTION = "## Loss from hidden states: sequence-length sweep"
 IMPLS = ("megatron CE", "DCD full", "DCD chunked", "DCD chunked prefix")
 TOPK_IMPLS = ("DCD full topk", "DCD chunked topk")  # only when asked for (--impls)
+GATED = {"gated": {}, "gated_traj": {"trajectory": True}, "gated_ref": {"reference": "initial"},
+         "gated_ref_traj": {"reference": "initial", "trajectory": True}}
+GATED_IMPLS = tuple(f"DCD chunked {name}" for name in GATED)  # only when asked for (--impls)
 
 
 def make_impls(args, tp_group, tp_rank: int, tp: int, device):
@@ -88,6 +95,9 @@ def make_impls(args, tp_group, tp_rank: int, tp: int, device):
     impls = {"megatron CE": megatron_ce, "DCD full": dcd_full(full),
              "DCD chunked": dcd_chunked(chunked), "DCD chunked prefix": dcd_chunked(prefix),
              "DCD full topk": dcd_full(full_topk), "DCD chunked topk": dcd_chunked(chunked_topk)}
+    for name, extra in GATED.items():
+        impls[f"DCD chunked {name}"] = dcd_chunked(make_loss_func(
+            DCDConfig(method="gated", chunk_size=args.chunk, **extra), tp_group=tp_group))
     return {k: impls[k] for k in args.impls}
 
 
@@ -106,6 +116,7 @@ def measure(args, tp_group, tp_rank: int, tp: int, device, barrier) -> dict:
             "loss_mask": torch.ones(b, seq, device=device),
             "teacher_logprobs": (-torch.rand(b, seq, generator=g) * 3).to(device),
             "segment_ids": torch.zeros(b, seq, dtype=torch.long, device=device),
+            "student_ref_logprobs": (-torch.rand(b, seq, generator=g) * 3).to(device),
         }
         if set(TOPK_IMPLS) & set(impls):  # k distinct ids a token, spread over the shards; teacher mass 0.9
             first = torch.randint(0, args.vocab, (b, seq, 1), generator=g)
@@ -283,7 +294,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads per rank")
-    parser.add_argument("--impls", nargs="+", choices=IMPLS + TOPK_IMPLS, default=list(IMPLS))
+    parser.add_argument("--impls", nargs="+", choices=IMPLS + TOPK_IMPLS + GATED_IMPLS, default=list(IMPLS))
     parser.add_argument("--topk", type=int, default=8, help="teacher top-k ids per token (for the topk impls)")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="GPU: for MFU")
     parser.add_argument("--write", type=Path, help="rewrite this section of a markdown file (CPU mode)")

@@ -43,11 +43,13 @@ def test_tiny_lab_runs_every_stage_and_logs_to_mlflow(tmp_path):
     everything = {(r["condition"], r["arm"], r["seed"]): r for r in results["records"]}
     skipped = {(c, a) for c, info in results["conditions"].items() for a in info["skipped_arms"]}
     assert skipped <= {("trained", "oracle")}  # the tiny teacher may write no verbose trace; a counted skip
-    assert set(everything) == {(c, a, s) for c in ("trained", "strong") for a in cfg.arms for s in cfg.seeds
+    conditions = ("trained", "strong", "skip_heavy")
+    assert set(everything) == {(c, a, s) for c in conditions for a in cfg.arms for s in cfg.seeds
                                if (c, a) not in skipped}
     runs = {(a, s): r for (c, a, s), r in everything.items() if c == "trained"}
     eval_ks = {str(k) for k in (*cfg.eval.known_k, *cfg.eval.new_k, *cfg.eval.longer_k)}
-    steps = {"trained": cfg.distill.steps, "strong": cfg.strong.distill.steps}
+    steps = {"trained": cfg.distill.steps, "strong": cfg.strong.distill.steps,
+             "skip_heavy": cfg.skip_heavy.distill.steps}
     for (condition, _, _), rec in everything.items():
         assert set(rec["accuracy"]) == eval_ks
         assert all(0 <= a["correct"] <= a["n"] == sum(a["styles"].values()) for a in rec["accuracy"].values())
@@ -62,6 +64,25 @@ def test_tiny_lab_runs_every_stage_and_logs_to_mlflow(tmp_path):
     oracle_rows = (out / "data" / "traces_strong-verbose.jsonl").read_text().splitlines()
     assert 0 < len(oracle_rows) == sum(t["style"] == "verbose" for t in strong)
     assert results["references"]["strong teacher"]["accuracy"][str(cfg.eval.known_k[0])]["correct"] > 0
+
+    # the reference arm's traces: each condition's, scored once per seed by that seed's prior through
+    # dcd-score --reference, the teacher's log-probs kept, the scorer recorded (the trainer checked it)
+    import pyarrow.parquet as pq
+
+    from dcd_megatron.checkpoint import fingerprint
+
+    for condition in conditions:
+        for seed in cfg.seeds:
+            scored = pq.read_table(out / "reference" / f"{condition}-seed{seed}" / "scored.parquet").to_pylist()
+            source = [json.loads(line) for line in (out / "data" / (
+                "traces.jsonl" if condition == "trained" else f"traces_{condition}.jsonl")).read_text().splitlines()]
+            assert [r["response"] for r in scored] == [r["response"] for r in source]
+            prior = results["priors"][str(cfg.seeds[0] if not cfg.student.prior_per_seed else seed)]["checkpoint"]
+            for r, src in zip(scored, source, strict=True):
+                assert r["teacher_logprobs"] == pytest.approx(src["teacher_logprobs"], abs=1e-6)
+                assert len(r["student_ref_logprobs"]) == len(r["teacher_logprobs"])
+                assert all(x <= 0 for x in r["student_ref_logprobs"])
+                assert r["student_ref_checkpoint"] == fingerprint(Path(prior))
 
     # the KV-cached copy reproduces megatron's GPTModel on every trained checkpoint it loaded
     diffs = [r["kv_max_abs_diff"] for r in results["records"]]
@@ -102,9 +123,10 @@ def test_tiny_lab_runs_every_stage_and_logs_to_mlflow(tmp_path):
             run = mlruns[f"{arm}-seed{seed}"]
             assert run.data.tags["lab.arm"] == arm and run.data.tags["lab.seed"] == str(seed)
             assert mlruns[f"strong-{arm}-seed{seed}"].data.tags["lab.condition"] == "strong"
+            assert mlruns[f"skip_heavy-{arm}-seed{seed}"].data.tags["lab.condition"] == "skip_heavy"
             assert f"eval/acc_k{cfg.eval.known_k[0]}" in run.data.metrics and "ce" in run.data.metrics
 
     text = doc.read_text()
     assert all(f"| {arm} |" in text for arm in cfg.arms)
-    assert len(list((doc.parent / "img").glob("drift-lab-*.png"))) == 8  # four per condition
+    assert len(list((doc.parent / "img").glob("drift-lab-*.png"))) == 12  # four per condition
     assert "## The decision" in text and "Chosen by this run" in text

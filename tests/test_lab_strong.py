@@ -10,7 +10,7 @@ import pytest
 
 from dcd_megatron.lab import task
 from dcd_megatron.lab.scripted import EOS, ScriptedTeacher, greedy_accuracy, scripted_traces
-from dcd_megatron.lab.stats import choose_default
+from dcd_megatron.lab.stats import choose_default, oracle_share
 
 
 def _all_continuations(teacher: ScriptedTeacher, digits: str) -> dict[str, float]:
@@ -89,27 +89,42 @@ def _groups(known, known_verdict, new, new_verdict):
                        "new": {"diff_mean": new, "verdict": new_verdict}}}
 
 
-def test_the_default_is_the_largest_known_gain_among_arms_never_worse_on_new():
+def test_the_default_is_the_largest_gain_among_arms_never_worse_on_known_or_new():
     summaries = {
         "trained": {"sft": _groups(0, "reference", 0, "reference"),
-                    "a": _groups(0.30, "better", -0.20, "worse"),  # the biggest gain, but starves: out
+                    "a": _groups(0.30, "better", -0.20, "worse"),  # the biggest known gain, but starves: out
                     "b": _groups(0.10, "better", 0.00, "tie"),
                     "c": _groups(0.05, "tie", 0.02, "tie"),
+                    "d": _groups(0.40, "better", 0.10, "better"),
                     "oracle": _groups(0.50, "better", 0.1, "better")},  # a reference, never chosen
         "strong": {"sft": _groups(0, "reference", 0, "reference"),
                    "a": _groups(0.30, "better", 0.0, "tie"),
                    "b": _groups(0.20, "better", -0.01, "tie"),
                    "c": _groups(0.05, "tie", 0.0, "tie"),
+                   "d": _groups(0.40, "better", 0.10, "better"),
                    "oracle": _groups(0.50, "better", 0.1, "better")},
+        "skip_heavy": {"sft": _groups(0, "reference", 0, "reference"),
+                       "a": _groups(0.10, "better", 0.0, "tie"),
+                       "b": _groups(0.10, "better", 0.0, "tie"),
+                       "c": _groups(0.05, "tie", 0.0, "tie"),
+                       "d": _groups(-0.10, "worse", 0.0, "tie"),  # flips the student where the teacher forks away
+                       "oracle": _groups(0.60, "better", 0.1, "better")},
     }
     out = choose_default(summaries)
-    assert out["choice"] == "b"
-    assert out["table"]["a"]["qualifies"] is False and out["table"]["b"]["gain"] == pytest.approx(0.15)
+    assert out["choice"] == "b", out
+    assert out["table"]["a"]["qualifies"] is False and out["table"]["d"]["qualifies"] is False
+    # the gain: the mean over conditions of the mean of the known and new gains
+    assert out["table"]["b"]["gain"] == pytest.approx(((0.10 + 0.0) / 2 + (0.20 - 0.01) / 2 + 0.05) / 3)
     assert "oracle" not in out["table"] and "sft" not in out["table"]
+    # the goal is reported, not required: b gets 0 of the oracle's new gain in `trained`
+    assert "trained: new 0.00 of the oracle's gain < 0.5" in out["table"]["b"]["missed"]
+    assert "misses the goal" in out["why"]
+    assert oracle_share(summaries["strong"], "d", "known") == pytest.approx(0.8)
+    assert not [m for m in out["table"]["d"]["missed"] if "skip_heavy" in m]  # the guard condition has no goal
     # an arm missing from one condition cannot qualify; no positive gain left -> sft
     del summaries["strong"]["b"]
-    summaries["trained"]["c"] = _groups(-0.01, "tie", 0.0, "tie")
-    summaries["strong"]["c"] = _groups(-0.02, "tie", 0.0, "tie")
+    for name in summaries:
+        summaries[name]["c"] = _groups(-0.01, "tie", 0.0, "tie")
     out = choose_default(summaries)
     assert out["choice"] == "sft" and "SFT-safe" in out["why"]
 

@@ -43,11 +43,24 @@ ARMS: dict[str, Arm] = {
                        {"method": "gated", "gate": "token", "gate_power": 4.0, "tau": 0.5}),
     "gated_entropy": Arm("gated with the entropy gate exp(-8 H_T) (H over the teacher's top-k + rest), tau=0.5",
                          {"method": "gated", "gate": "entropy", "gate_power": 8.0, "tau": 0.5}),
+    "gated_traj": Arm("gated with the trajectory discount: each weight times the product of the earlier tokens' "
+                      "fork factors g + (1 - g) min(1, 2 sigmoid(l / 0.5))",
+                      {"method": "gated", "gate": "token", "gate_power": 16.0, "tau": 0.5, "trajectory": True}),
+    "gated_ref": Arm("gated with l from the frozen initial student (the prior, scored once over the traces)",
+                     {"method": "gated", "gate": "token", "gate_power": 16.0, "tau": 0.5, "reference": "initial"}),
+    "gated_ref_traj": Arm("gated_ref with the trajectory discount",
+                          {"method": "gated", "gate": "token", "gate_power": 16.0, "tau": 0.5, "reference": "initial",
+                           "trajectory": True}),
     "oracle": Arm("SFT on the prior's style only (an oracle filter of the traces, not a method)",
                   {"method": "sft"}, only_style=True),
 }
 # The published lab's arms: today's candidates, the baselines a user would pick instead, references.
-DEFAULT_ARMS: tuple[str, ...] = ("sft", "sigmoid", "dft", "sequence", "gated", "gated_soft", "gated_entropy", "oracle")
+DEFAULT_ARMS: tuple[str, ...] = ("sft", "dft", "sequence", "gated", "gated_traj", "gated_ref", "gated_ref_traj", "oracle")
+
+
+def needs_reference(name: str) -> bool:
+    """Whether arm `name` reads the initial student's log-probs (its traces are scored by the prior first)."""
+    return ARMS[name].loss.get("reference") == "initial"
 
 
 def arm_loss(name: str, steps: int) -> DCDConfig:

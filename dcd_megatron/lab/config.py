@@ -116,7 +116,7 @@ class StudentConfig:
 
     net: NetConfig = field(default_factory=lambda: NetConfig(2, 96, 4, 2, 256))
     prior_train: StageConfig = field(default_factory=lambda: StageConfig(
-        steps=400, global_batch_size=16, micro_batch_size=16, lr=3e-3, min_lr=1e-4, warmup_steps=20))
+        steps=600, global_batch_size=16, micro_batch_size=16, lr=3e-3, min_lr=1e-4, warmup_steps=20))
     prior_rows: int = 6000
     prior_k: list[int] = field(default_factory=lambda: [2, 6])
     prior_style: str = "verbose"
@@ -130,7 +130,7 @@ class EvalConfig:
     known_k: list[int] = field(default_factory=lambda: [4, 6])
     new_k: list[int] = field(default_factory=lambda: [8, 10])
     longer_k: list[int] = field(default_factory=lambda: [12])
-    problems: int = 250  # greedy accuracy: problems per k
+    problems: int = 200  # greedy accuracy: problems per k
     exposure_k: list[int] = field(default_factory=lambda: [6, 8, 10])
     exposure_prompts: int = 100  # ExAccErr: prompts (spread over exposure_k), student sampled at T=1
     exposure_max_len: int = 40
@@ -152,6 +152,11 @@ class LabConfig:
     distill: StageConfig = field(default_factory=lambda: StageConfig(
         steps=250, global_batch_size=8, micro_batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=10))
     strong: StrongConfig = field(default_factory=StrongConfig)
+    # the third condition: a scripted teacher that takes the student's untaken fork 80 % of the time
+    # (verbose, the prior's style, only 20 %), over a long run: where a leaky weight flips the student
+    skip_heavy: StrongConfig = field(default_factory=lambda: StrongConfig(
+        styles={"verbose": 0.2, "skip2": 0.45, "skip3": 0.35}, count=1200, distill=StageConfig(
+            steps=400, global_batch_size=8, micro_batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=10)))
     arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: bool = True
@@ -186,18 +191,8 @@ class LabConfig:
                   f"use styles from {list(STYLES)}")
         if self.student.prior_style not in STYLES:
             _fail("student.prior_style", f"{self.student.prior_style!r} is unknown", f"use one of {list(STYLES)}")
-        _check_range("strong.k", self.strong.k)
-        sbad = [s for s in self.strong.styles if s not in STYLES]
-        if sbad or not self.strong.styles or any(w < 0 for w in self.strong.styles.values()) \
-                or sum(self.strong.styles.values()) <= 0:
-            _fail("strong.styles", f"{self.strong.styles!r} needs non-negative weights on known styles, not all 0",
-                  f"use styles from {list(STYLES)}")
-        eps = [*self.strong.result_eps.values(), self.strong.copy_eps]
-        if set(self.strong.result_eps) != set(STYLES) or any(not 0 <= e < 0.5 for e in eps):
-            _fail("strong.result_eps", f"{self.strong.result_eps!r} (copy_eps {self.strong.copy_eps}) needs a rate "
-                  f"in [0, 0.5) for each of {list(STYLES)}", "use e.g. 0.01 to 0.05")
-        if self.strong.count < 1:
-            _fail("strong.count", f"must be >= 1, got {self.strong.count}", "use a positive count")
+        for name in ("strong", "skip_heavy"):
+            _check_scripted(name, getattr(self, name))
         if self.traces.temperature <= 0:
             _fail("traces.temperature", f"must be > 0, got {self.traces.temperature}", "use 1.0")
         ev = self.eval
@@ -221,6 +216,21 @@ class LabConfig:
     def eval_groups(self) -> dict[str, list[int]]:
         """Digit counts by what they are to the student: known to the prior, new in the traces, longer."""
         return {"known": list(self.eval.known_k), "new": list(self.eval.new_k), "longer": list(self.eval.longer_k)}
+
+
+def _check_scripted(name: str, sc: StrongConfig) -> None:
+    """The settings of one scripted-teacher condition (`strong`, `skip_heavy`)."""
+    _check_range(f"{name}.k", sc.k)
+    bad = [s for s in sc.styles if s not in STYLES]
+    if bad or not sc.styles or any(w < 0 for w in sc.styles.values()) or sum(sc.styles.values()) <= 0:
+        _fail(f"{name}.styles", f"{sc.styles!r} needs non-negative weights on known styles, not all 0",
+              f"use styles from {list(STYLES)}")
+    eps = [*sc.result_eps.values(), sc.copy_eps]
+    if set(sc.result_eps) != set(STYLES) or any(not 0 <= e < 0.5 for e in eps):
+        _fail(f"{name}.result_eps", f"{sc.result_eps!r} (copy_eps {sc.copy_eps}) needs a rate "
+              f"in [0, 0.5) for each of {list(STYLES)}", "use e.g. 0.01 to 0.05")
+    if sc.count < 1:
+        _fail(f"{name}.count", f"must be >= 1, got {sc.count}", "use a positive count")
 
 
 def trace_tokens(k: int) -> int:
@@ -250,7 +260,9 @@ def tiny_lab_config(out_dir: str) -> LabConfig:
         distill=StageConfig(steps=4, global_batch_size=2, micro_batch_size=2, **stage),
         strong=StrongConfig(k=[2, 3], count=12, distill=StageConfig(steps=6, global_batch_size=2, micro_batch_size=2,
                                                                      **stage)),
-        arms=["sft", "gated", "gated_entropy", "oracle"],
+        skip_heavy=StrongConfig(k=[2, 3], count=12, styles={"verbose": 0.2, "skip2": 0.45, "skip3": 0.35},
+                                distill=StageConfig(steps=6, global_batch_size=2, micro_batch_size=2, **stage)),
+        arms=["sft", "gated", "gated_entropy", "gated_ref_traj", "oracle"],
         eval=EvalConfig(known_k=[2], new_k=[3], longer_k=[4], problems=8, exposure_k=[3], exposure_prompts=6,
                         exposure_max_len=12, weight_traces_per_style=3, batch_size=16),
         experiment="dcd-drift-lab-test",

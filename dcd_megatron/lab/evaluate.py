@@ -98,8 +98,10 @@ def student_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-def weights_by_style(model, tok, rows: list[dict], loss: DCDConfig, *, step: int) -> dict[str, dict]:
+def weights_by_style(model, tok, rows: list[dict], loss: DCDConfig, *, step: int, reference=None) -> dict[str, dict]:
     """Mean DCD weight per trace style, relative to the mean over all sampled tokens (so 1 = average).
+
+    `reference` is the frozen initial student (the prior) whose log-probs loss.reference=initial reads.
 
     `mean`: over all response tokens of that style; `branch`: at the style-choosing token; also
     the mean log-ratio l = s - a there. Computed with `dcd_weights` on a fixed sample of training
@@ -111,7 +113,11 @@ def weights_by_style(model, tok, rows: list[dict], loss: DCDConfig, *, step: int
     topk = topk_batch(rows, mask) if loss.entropy_gate else None
     with torch.no_grad():
         s = student_logprobs(model, ids)
-        w = dcd_weights(s, a if loss.needs_teacher else None, mask, loss, step=step, teacher_topk_logprobs=topk)
+        ref = student_logprobs(reference, ids) if loss.needs_reference else None
+        w = dcd_weights(s, a if loss.needs_teacher else None, mask, loss, step=step, teacher_topk_logprobs=topk,
+                        reference_logprobs=ref)
+        if ref is not None:
+            s = ref  # the log-ratio the weights saw
     valid = mask > 0
     overall = float(w[valid].mean())
     scale = 1.0 / overall if overall > 0 else math.nan

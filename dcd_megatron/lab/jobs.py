@@ -199,6 +199,35 @@ def sample_job(spec: SampleSpec) -> dict:
 
 
 @dataclass
+class ReferenceSpec:
+    """A condition's traces scored once by a seed's prior (`dcd-score --reference`), for the arms with
+    loss.reference=initial; the first job that needs them scores and caches, the others wait on `lock`."""
+
+    traces: str  # the condition's traces (JSONL)
+    out_dir: str  # dcd-score --out: out_dir/scored.parquet is the arm's train_path
+    lock: str
+
+
+def ensure_reference(ref: ReferenceSpec, train: TrainSpec) -> dict:
+    """Score `ref.traces` with the prior (`train.init_checkpoint`) through the product's scoring job and
+    build the token cache `train` reads, once per condition x seed; returns the CPU seconds spent here."""
+    from filelock import FileLock
+
+    from dcd_megatron.data import build_caches
+    from dcd_megatron.score import ScoreConfig, score
+    from dcd_megatron.score.shards import SCORED
+
+    c0 = time.process_time()
+    data = train_config(train).data
+    with FileLock(ref.lock):
+        if not (Path(ref.out_dir) / SCORED).is_file():
+            score(ScoreConfig(teacher=train.init_checkpoint, data_path=ref.traces, out_dir=ref.out_dir, data=data,
+                              reference=True, device="cpu"), progress=False)
+        build_caches(data)
+    return {"cpu_s": time.process_time() - c0}
+
+
+@dataclass
 class DistillSpec:
     """One arm x seed: distil from the prior, then evaluate against held-out problems."""
 
@@ -213,6 +242,7 @@ class DistillSpec:
     batch_size: int
     lab_id: str = ""
     condition: str = "trained"
+    reference: ReferenceSpec | None = None  # loss.reference=initial: the traces scored by the prior first
 
 
 def distill_job(spec: DistillSpec) -> dict:
@@ -220,9 +250,11 @@ def distill_job(spec: DistillSpec) -> dict:
     from dcd_megatron.lab import evaluate as ev
 
     record: dict = {"arm": spec.arm, "seed": spec.train.seed, "condition": spec.condition}
+    scoring = ensure_reference(spec.reference, spec.train) if spec.reference else {"cpu_s": 0.0}
     trained = train_job(spec.train)
     record["train_seconds"] = trained["seconds"]
-    record["train_cpu_s"] = trained["cpu_s"]
+    record["train_cpu_s"] = trained["cpu_s"] + scoring["cpu_s"]
+    record["reference_cpu_s"] = scoring["cpu_s"]
     record["final"] = trained["final"]
     t0, c0 = time.perf_counter(), time.process_time()
     student, tok, diff = load_kv(trained["checkpoint"])
@@ -236,8 +268,9 @@ def distill_job(spec: DistillSpec) -> dict:
                                               max_len=spec.exposure_max_len, seed=spec.train.seed,
                                               batch_size=spec.batch_size)
     loss = spec.train.loss
-    record["weights_init"] = ev.weights_by_style(prior, tok, spec.weight_rows, loss, step=0)
-    record["weights_final"] = ev.weights_by_style(student, tok, spec.weight_rows, loss, step=spec.train.stage.steps)
+    record["weights_init"] = ev.weights_by_style(prior, tok, spec.weight_rows, loss, step=0, reference=prior)
+    record["weights_final"] = ev.weights_by_style(student, tok, spec.weight_rows, loss, step=spec.train.stage.steps,
+                                                  reference=prior)
     record["series"] = metric_series(Path(spec.train.output_dir) / "metrics.jsonl")
     record["eval_seconds"] = time.perf_counter() - t0
     record["eval_cpu_s"] = time.process_time() - c0

@@ -18,18 +18,20 @@ import random
 import shutil
 import sys
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from dcd_megatron.lab import data as labdata
 from dcd_megatron.lab import scripted, task
-from dcd_megatron.lab.arms import ARMS, arm_loss
-from dcd_megatron.lab.config import LabConfig, StageConfig, tiny_lab_config
+from dcd_megatron.lab.arms import ARMS, arm_loss, needs_reference
+from dcd_megatron.lab.config import LabConfig, StageConfig, StrongConfig, tiny_lab_config
 from dcd_megatron.lab.stats import idle_wall_estimate
+from dcd_megatron.score.shards import SCORED
 from dcd_megatron.lab.jobs import (
     DistillSpec,
+    ReferenceSpec,
     SampleSpec,
     TrainSpec,
     distill_job,
@@ -175,7 +177,7 @@ def run_lab(cfg: LabConfig) -> dict:
         futures = _submit_arms(pool, lab, conditions, teacher, priors)
         references = {name: _result(f, f"evaluate {name}") for name, f in ref_fs.items()}
         if "strong" in conditions:
-            references["strong teacher"] = {"accuracy": scripted.greedy_accuracy(_scripted(cfg), lab.problems),
+            references["strong teacher"] = {"accuracy": scripted.greedy_accuracy(_scripted(cfg.strong), lab.problems),
                                             "cpu_s": 0.0, "kv_max_abs_diff": 0.0}
         records = []
         for (condition, arm, seed), f in futures.items():
@@ -228,9 +230,24 @@ def _teachers_priors_traces(pool, lab: LabRun, clock: Stopwatch):
     if cfg.teacher.checkpoint is None:
         teacher_f = pool.submit(train_job, lab.spec("teacher", cfg.teacher.net, cfg.teacher.train, teacher_path,
                                                     cfg.data_seed + 1000, "teacher"))
-    prior_fs = {s: pool.submit(train_job, lab.spec(f"prior-seed{s}", cfg.student.net, cfg.student.prior_train,
-                                                   prior_path, s, f"prior-seed{s}"))
-                for s in prior_seeds}
+    waiting, prior_fs = list(prior_seeds), {}
+
+    def submit_priors(n: int) -> None:
+        for s in [waiting.pop(0) for _ in range(min(n, len(waiting)))]:
+            prior_fs[s] = pool.submit(train_job, lab.spec(f"prior-seed{s}", cfg.student.net, cfg.student.prior_train,
+                                                          prior_path, s, f"prior-seed{s}"))
+
+    # the priors share the workers with the teacher one at a time, so that the sampling, which
+    # waits for the teacher, is queued ahead of the priors still waiting (not behind all of them)
+    submit_priors(cfg.workers - 1 if teacher_f is not None else len(waiting))
+    while teacher_f is not None and not teacher_f.done():
+        running = [f for f in prior_fs.values() if not f.done()]
+        if not running and waiting:
+            submit_priors(1)
+            continue
+        wait([teacher_f, *running], return_when=FIRST_COMPLETED)
+        if not teacher_f.done():
+            submit_priors(cfg.workers - 1 - sum(not f.done() for f in prior_fs.values()))
     if teacher_f is None:
         teacher = {"name": "teacher", "checkpoint": cfg.teacher.checkpoint, "seconds": 0.0, "cpu_s": 0.0,
                    "final": {}, "reused": True}
@@ -238,16 +255,24 @@ def _teachers_priors_traces(pool, lab: LabRun, clock: Stopwatch):
     else:
         teacher = _result(teacher_f, "teacher training")
         clock.mark("teacher trained")
-    traces, sampling = sample_traces(pool, cfg, teacher["checkpoint"], lab.exclude, rng)
+    traces, sampling = sample_traces(pool, cfg, teacher["checkpoint"], lab.exclude, rng,
+                                     after_submit=lambda: submit_priors(len(waiting)))
+    submit_priors(len(waiting))
     conditions = {"trained": Condition(
         "trained", traces, labdata.write_jsonl(data_dir / "traces.jsonl", traces), cfg.distill, teacher["checkpoint"],
         "the lab's trained teacher, sampled at temperature 1; a short run")}
     clock.mark(f"{len(traces)} teacher traces kept")
-    if cfg.strong.enabled:
-        strong = _strong_traces(cfg, lab.exclude, rng)
-        conditions["strong"] = Condition(
-            "strong", strong, labdata.write_jsonl(data_dir / "traces_strong.jsonl", strong), cfg.strong.distill, None,
-            "a strong (scripted) teacher, always right when greedy; a long run over fewer traces")
+    scripted_conditions = (
+        ("strong", cfg.strong, "a strong (scripted) teacher, always right when greedy; a long run over fewer traces"),
+        ("skip_heavy", cfg.skip_heavy, "a scripted teacher that writes the prior's style only "
+         f"{cfg.skip_heavy.styles.get(cfg.student.prior_style, 0):.0%} of the time: it takes the student's untaken "
+         "fork with high probability; a long run"),
+    )
+    for name, sc, description in scripted_conditions:
+        if sc.enabled:
+            rows = _scripted_traces(sc, cfg, lab.exclude, rng)
+            conditions[name] = Condition(name, rows, labdata.write_jsonl(data_dir / f"traces_{name}.jsonl", rows),
+                                         sc.distill, None, description)
     priors = {s: _result(f, f"prior seed {s}") for s, f in prior_fs.items()}
     clock.mark("priors trained")
     for c in conditions.values():
@@ -282,19 +307,26 @@ def _submit_arms(pool, lab: LabRun, conditions: dict[str, Condition], teacher: d
         weight_rows = labdata.style_sample(c.traces, ev.weight_traces_per_style, cfg.data_seed)
         for seed in cfg.seeds:
             prior = priors[seed if cfg.student.prior_per_seed else prior_seeds[0]]
-            for arm in cfg.arms:
+            for arm in _submission_order(cfg.arms):
                 run_name = f"{arm}-seed{seed}" if c.name == "trained" else f"{c.name}-{arm}-seed{seed}"
                 only = ARMS[arm].only_style
                 if only not in c.caches:
                     c.skipped.add(arm)
                     continue
-                train = lab.spec(run_name, cfg.student.net, c.stage, c.paths[only], seed, run_name,
+                path, cache, ref = c.paths[only], c.caches[only], None
+                if needs_reference(arm):  # the traces scored by this seed's prior (one job scores, the rest wait)
+                    ref_dir = lab.out / "reference" / f"{c.name}-seed{seed}"
+                    ref_dir.parent.mkdir(parents=True, exist_ok=True)
+                    ref = ReferenceSpec(traces=str(path), out_dir=str(ref_dir), lock=f"{ref_dir}.lock")
+                    path, cache = ref_dir / SCORED, lab.out / "cache" / f"{c.name}-reference-seed{seed}"
+                train = lab.spec(run_name, cfg.student.net, c.stage, path, seed, run_name,
                                  loss=arm_loss(arm, c.stage.steps), init_checkpoint=prior["checkpoint"],
-                                 cache_dir=str(c.caches[only]), plot_interval=c.stage.steps, topk=cfg.topk)
+                                 cache_dir=str(cache), plot_interval=c.stage.steps, topk=cfg.topk)
                 futures[(c.name, arm, seed)] = pool.submit(distill_job, DistillSpec(
                     arm=arm, train=train, teacher=c.teacher, prior=prior["checkpoint"], problems=lab.problems,
                     exposure_digits=exposure_digits, exposure_max_len=ev.exposure_max_len,
-                    weight_rows=weight_rows, batch_size=ev.batch_size, lab_id=lab.lab_id, condition=c.name))
+                    weight_rows=weight_rows, batch_size=ev.batch_size, lab_id=lab.lab_id, condition=c.name,
+                    reference=ref))
     return futures
 
 
@@ -316,20 +348,26 @@ def _cpu_record(main_cpu0: float, teacher: dict, priors: dict, sampling: dict, r
     }
 
 
-def _scripted(cfg: LabConfig) -> scripted.ScriptedTeacher:
-    return scripted.ScriptedTeacher(styles=dict(cfg.strong.styles), result_eps=dict(cfg.strong.result_eps),
-                                    copy_eps=cfg.strong.copy_eps)
+def _submission_order(arms: list[str]) -> list[str]:
+    """The arms of one seed in submission order: those that read the prior's scoring apart, so the
+    second does not wait on the first's scoring while the other worker is busy too."""
+    refs = [a for a in arms if needs_reference(a)]
+    return refs[:1] + [a for a in arms if not needs_reference(a)] + refs[1:]
 
 
-def _strong_traces(cfg: LabConfig, exclude: set[str], rng: random.Random) -> list[dict]:
-    """`strong.count` kept traces of the scripted teacher (drawn in rounds until enough are right)."""
-    teacher, kept, round_ = _scripted(cfg), [], 0
-    while len(kept) < cfg.strong.count and round_ < 8:
-        digits = labdata.training_digits(2 * (cfg.strong.count - len(kept)) + 8, cfg.strong.k, exclude, rng)
+def _scripted(sc: StrongConfig) -> scripted.ScriptedTeacher:
+    return scripted.ScriptedTeacher(styles=dict(sc.styles), result_eps=dict(sc.result_eps), copy_eps=sc.copy_eps)
+
+
+def _scripted_traces(sc: StrongConfig, cfg: LabConfig, exclude: set[str], rng: random.Random) -> list[dict]:
+    """`sc.count` kept traces of a scripted teacher (drawn in rounds until enough are right)."""
+    teacher, kept, round_ = _scripted(sc), [], 0
+    while len(kept) < sc.count and round_ < 8:
+        digits = labdata.training_digits(2 * (sc.count - len(kept)) + 8, sc.k, exclude, rng)
         rows, _ = scripted.scripted_traces(teacher, digits, seed=cfg.data_seed + round_, topk=cfg.topk)
         kept += rows
         round_ += 1
-    return kept[: cfg.strong.count]
+    return kept[: sc.count]
 
 
 def _epochs(c: Condition, seq_length: int) -> float:
@@ -338,8 +376,9 @@ def _epochs(c: Condition, seq_length: int) -> float:
     return c.stage.steps * c.stage.global_batch_size * seq_length / max(tokens, 1)
 
 
-def sample_traces(pool, cfg: LabConfig, teacher_ckpt: str, exclude: set[str], rng: random.Random):
-    """Correct teacher samples until `traces.count` are kept (at most four rounds), in shards per worker."""
+def sample_traces(pool, cfg: LabConfig, teacher_ckpt: str, exclude: set[str], rng: random.Random, after_submit=None):
+    """Correct teacher samples until `traces.count` are kept (at most four rounds), in shards per worker;
+    `after_submit()` is called once the first round is queued (the lab queues the last priors behind it)."""
     kept: list[dict] = []
     stats = {"drawn": 0, "dropped": {}, "kept_with_wrong_step": 0, "rounds": 0, "seconds": 0.0, "cpu_s": 0.0,
              "kv_max_abs_diff": 0.0}
@@ -352,6 +391,8 @@ def sample_traces(pool, cfg: LabConfig, teacher_ckpt: str, exclude: set[str], rn
                                                  temperature=cfg.traces.temperature, batch_size=cfg.eval.batch_size,
                                                  topk=cfg.topk))
               for i, shard in enumerate(shards) if shard]
+        if after_submit is not None and stats["rounds"] == 0:
+            after_submit()
         got, round_cpu = 0, 0.0
         for f in fs:
             res = _result(f, "teacher sampling")

@@ -274,6 +274,33 @@ def _gathered_term(term: TokenTerm, batch: Mapping[str, torch.Tensor], shape) ->
     return term.gathered(batch, shape)
 
 
+def _fused_loss(hidden, weight, ids, valid, on_logprobs: OnLogProbs, config: DCDConfig, *, step: int, chunk: int,
+                tp_group, teacher, entropy, known):
+    """``(sum_t u_t * term_t, log-probs)`` by the fused scheme: ``u`` from ``known`` (weights computed
+    from the batch before the forward pass) or, per token, from each chunk's own log-probs."""
+    flat_teacher = teacher.reshape(-1) if teacher is not None else None
+    flat_entropy = entropy.reshape(-1) if entropy is not None else None
+    flat_u = known.reshape(-1) if known is not None else None
+
+    def chunk_weights(logprobs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if flat_u is not None:
+            return flat_u[rows]
+        t = flat_teacher[rows][None] if flat_teacher is not None else None
+        h = flat_entropy[rows][None] if flat_entropy is not None else None
+        ones = torch.ones(logprobs.shape[:1], dtype=torch.bool, device=logprobs.device)[None]
+        return compute_weights(logprobs[None, :, 0], t, ones, config, step=step, entropy=h).weights[0]
+
+    def chunk_loss(logprobs: torch.Tensor, rows: torch.Tensor):
+        u = chunk_weights(logprobs, rows)
+        with torch.enable_grad():  # the term's gradient w.r.t. the chunk's [c, 1 + k] log-probs
+            x = logprobs.detach().requires_grad_()
+            value = (u.double() * on_logprobs(x, rows).double()).sum()
+            (grad,) = torch.autograd.grad(value, x)
+        return value.detach(), grad
+
+    return fused_chunked_loss(hidden, weight, ids, chunk_loss, tp_group, chunk_size=chunk, mask=valid)
+
+
 def chunked_loss(
     batch: Mapping[str, torch.Tensor],
     hidden: torch.Tensor,
@@ -319,29 +346,9 @@ def chunked_loss(
     fused = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad) and (
         known or per_token_weights(config))
     if fused:
-        flat_teacher = teacher.reshape(-1) if teacher is not None else None
-        flat_entropy = entropy.reshape(-1) if entropy is not None else None
-        flat_u = result.weights.reshape(-1) if known else None
-
-        def chunk_weights(logprobs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            if flat_u is not None:
-                return flat_u[rows]
-            t = flat_teacher[rows][None] if flat_teacher is not None else None
-            h = flat_entropy[rows][None] if flat_entropy is not None else None
-            ones = torch.ones(logprobs.shape[:1], dtype=torch.bool, device=logprobs.device)[None]
-            return compute_weights(logprobs[None, :, 0], t, ones, config, step=step, entropy=h).weights[0]
-
-        def chunk_loss(logprobs: torch.Tensor, rows: torch.Tensor):
-            u = chunk_weights(logprobs, rows)
-            with torch.enable_grad():  # the term's gradient w.r.t. the chunk's [c, 1 + k] log-probs
-                x = logprobs.detach().requires_grad_()
-                value = (u.double() * on_logprobs(x, rows).double()).sum()
-                (grad,) = torch.autograd.grad(value, x)
-            return value.detach(), grad
-
-        loss_sum, logprobs = fused_chunked_loss(
-            hidden, weight, ids, chunk_loss, tp_group, chunk_size=chunk, mask=valid
-        )
+        loss_sum, logprobs = _fused_loss(hidden, weight, ids, valid, on_logprobs, config, step=step, chunk=chunk,
+                                         tp_group=tp_group, teacher=teacher, entropy=entropy,
+                                         known=result.weights if known else None)
     else:  # the recompute scheme (or no gradient): log-probs first, the loss from them with autograd
         logprobs = chunked_logprobs(hidden, weight, ids, tp_group, chunk_size=chunk, mask=valid)
     student = logprobs[..., 0]
