@@ -55,7 +55,7 @@ ARMS: dict[str, Arm] = {
                   {"method": "sft"}, only_style=True),
 }
 # The published lab's arms: today's candidates, the baselines a user would pick instead, references.
-DEFAULT_ARMS: tuple[str, ...] = ("sft", "dft", "sequence", "gated", "gated_traj", "gated_ref", "gated_ref_traj", "oracle")
+DEFAULT_ARMS: tuple[str, ...] = ("sft", "dft", "gated", "gated_traj", "gated_ref", "gated_ref_traj", "oracle")
 
 
 def needs_reference(name: str) -> bool:

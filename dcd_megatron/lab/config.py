@@ -116,7 +116,7 @@ class StudentConfig:
 
     net: NetConfig = field(default_factory=lambda: NetConfig(2, 96, 4, 2, 256))
     prior_train: StageConfig = field(default_factory=lambda: StageConfig(
-        steps=600, global_batch_size=16, micro_batch_size=16, lr=3e-3, min_lr=1e-4, warmup_steps=20))
+        steps=500, global_batch_size=16, micro_batch_size=16, lr=3e-3, min_lr=1e-4, warmup_steps=20))
     prior_rows: int = 6000
     prior_k: list[int] = field(default_factory=lambda: [2, 6])
     prior_style: str = "verbose"
@@ -130,9 +130,9 @@ class EvalConfig:
     known_k: list[int] = field(default_factory=lambda: [4, 6])
     new_k: list[int] = field(default_factory=lambda: [8, 10])
     longer_k: list[int] = field(default_factory=lambda: [12])
-    problems: int = 200  # greedy accuracy: problems per k
+    problems: int = 150  # greedy accuracy: problems per k
     exposure_k: list[int] = field(default_factory=lambda: [6, 8, 10])
-    exposure_prompts: int = 100  # ExAccErr: prompts (spread over exposure_k), student sampled at T=1
+    exposure_prompts: int = 60  # ExAccErr: prompts (spread over exposure_k), student sampled at T=1
     exposure_max_len: int = 40
     weight_traces_per_style: int = 64  # per-style weight diagnostics on training traces
     batch_size: int = 256
@@ -155,8 +155,8 @@ class LabConfig:
     # the third condition: a scripted teacher that takes the student's untaken fork 80 % of the time
     # (verbose, the prior's style, only 20 %), over a long run: where a leaky weight flips the student
     skip_heavy: StrongConfig = field(default_factory=lambda: StrongConfig(
-        styles={"verbose": 0.2, "skip2": 0.45, "skip3": 0.35}, count=1200, distill=StageConfig(
-            steps=400, global_batch_size=8, micro_batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=10)))
+        styles={"verbose": 0.2, "skip2": 0.45, "skip3": 0.35}, count=1000, distill=StageConfig(
+            steps=300, global_batch_size=8, micro_batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=10)))
     arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: bool = True
