@@ -115,7 +115,9 @@ if [[ -n $wheelhouse ]]; then
     export PATH=$out/site/bin:$PATH
 fi
 tracking=()
-"$DCD_PYTHON" -c 'import mlflow' >/dev/null 2>&1 || tracking=(tracking.enabled=false)
+if (( ! dry_run )) && ! "$DCD_PYTHON" -c 'import mlflow' >/dev/null 2>&1; then
+    tracking=(tracking.enabled=false)  # no mlflow set in the wheelhouse: training without tracking
+fi
 
 smoke=("$repo/scripts/gpu_smoke.sh")
 run_part bf16-dcd 90 env DCD_SMOKE_PARTS="bf16 decode" DCD_SMOKE_STEPS=30 DCD_SMOKE_TIMEOUT=75 \

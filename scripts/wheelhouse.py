@@ -69,20 +69,24 @@ def canonical(names) -> set[str]:
     return {canonicalize_name(n) for n in names}
 
 
-def stand_in_wheel(folder: Path, name: str, version: str) -> None:
-    """A wheel that installs nothing and requires nothing: the image's copy of ``name``, for the resolver."""
+def stand_in_wheel(folder: Path, name: str, version: str, requires_dist: tuple[str, ...] = ()) -> Path:
+    """A wheel that installs nothing (and requires nothing, by default): the image's copy of ``name``."""
     dist = re.sub(r"[-.]+", "_", name)
     info = f"{dist}-{version}.dist-info"
-    files = {f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
+        f"Requires-Dist: {r}\n" for r in requires_dist)
+    files = {f"{info}/METADATA": meta,
              f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: dcd-wheelhouse\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
     record = []
-    for path, text in files.items():
+    for member, text in files.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
-        record.append(f"{path},sha256={digest},{len(text.encode())}")
+        record.append(f"{member},sha256={digest},{len(text.encode())}")
     files[f"{info}/RECORD"] = "\n".join(record + [f"{info}/RECORD,,"]) + "\n"
-    with zipfile.ZipFile(folder / f"{dist}-{version}-py3-none-any.whl", "w") as zf:
-        for path, text in files.items():
-            zf.writestr(path, text)
+    path = folder / f"{dist}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, text in files.items():
+            zf.writestr(member, text)
+    return path
 
 
 def pip(*args: str) -> None:
