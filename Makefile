@@ -20,17 +20,29 @@ TORCH_LATEST ?= 2.14.1
 MCORE_LATEST ?= 0.19.2
 STAMP_LATEST := $(VENV_LATEST)/.dcd-installed
 
+# make wheelhouse: the offline wheelhouse for an image with torch (docs/offline.md). PY: the node's
+# Python (NGC PyTorch: 3.12); SETS: core image (default), mlflow, nemo-run.
+PY ?= 3.12
+WHEELHOUSE ?= dist/wheelhouse
+SETS ?= core image
+CORE_MAX_MIB ?= 60
+# make test-offline: the CPU route, a torch-only venv as the "image" (the local torch wheel is cp311)
+OFFLINE_PY ?= 3.11
+VENV_OFFLINE := .venv-offline
+
 PYTEST_ARGS ?=
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 DEMO_ARGS ?=
 
-.PHONY: help venv test test-latest test-container lint-workflows demo bench bench-loss bench-loss-sweep bench-train-step bench-decode bench-checkpoint bench-drift clean
+.PHONY: help venv wheelhouse test-offline test test-latest test-container lint-workflows demo bench bench-loss bench-loss-sweep bench-train-step bench-decode bench-checkpoint bench-drift clean
 
 help:
 	@echo "make demo         train the tiny student end to end on CPU (bootstraps .venv)"
 	@echo "make test         run the test suite (bootstraps .venv)"
 	@echo "make test-latest  run the megatron-core tests against megatron-core $(MCORE_LATEST) on Python 3.12"
+	@echo "make wheelhouse   download the offline wheelhouse into $(WHEELHOUSE) (PY=$(PY), SETS=\"$(SETS)\") and report its size"
+	@echo "make test-offline the offline route on CPU: wheelhouse (Python $(OFFLINE_PY)), install with no network, train 2 steps"
 	@echo "make test-container  build the CPU image with buildah and run the demo in it (root; needs buildah podman debootstrap)"
 	@echo "make bench        run the benchmarks and rewrite docs/performance.md"
 	@echo "make bench-drift  run the drift lab (~25 min on 2 idle cores: 8 seeds x 8 arms x 2 conditions) and rewrite docs/results.md"
@@ -49,6 +61,20 @@ $(ACTIONLINT): $(STAMP)
 
 test: $(STAMP) $(ACTIONLINT)
 	$(VENV)/bin/python -m pytest -m "not container" $(PYTEST_ARGS)
+
+wheelhouse: $(STAMP)
+	rm -rf $(WHEELHOUSE)
+	$(VENV)/bin/python scripts/wheelhouse.py build --python-version $(PY) --dest $(WHEELHOUSE) --sets $(SETS)
+	$(VENV)/bin/python scripts/wheelhouse.py report --dest $(WHEELHOUSE) --max-mib core=$(CORE_MAX_MIB) | tee $(WHEELHOUSE)/REPORT.txt
+
+# The "image" is a venv with torch alone; the install and the 2 training steps run with no network
+# (a new network namespace, where unshare can make one).
+test-offline: $(STAMP)
+	$(MAKE) wheelhouse PY=$(OFFLINE_PY) WHEELHOUSE=dist/wheelhouse-py$(OFFLINE_PY) SETS="core image"
+	@test -x $(VENV_OFFLINE)/bin/python || $(PYTHON) -m venv $(VENV_OFFLINE)
+	$(VENV_OFFLINE)/bin/python -m pip install -q "torch==$(TORCH_VERSION)"
+	if unshare -rn true 2>/dev/null; then nonet="unshare -rn"; else nonet=; echo "unshare -rn is not allowed here: the network stays up"; fi; \
+	  DCD_SMOKE_CPU=1 DCD_PYTHON=$(VENV_OFFLINE)/bin/python $$nonet scripts/gpu_smoke.sh --wheelhouse dist/wheelhouse-py$(OFFLINE_PY)
 
 # containers/Dockerfile.cpu built and run for real (tests/test_container_build.py, several minutes)
 test-container: $(STAMP)
@@ -90,4 +116,4 @@ bench-drift: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/python benchmarks/drift_lab.py --write docs/results.md
 
 clean:
-	rm -rf $(VENV) $(VENV_LATEST) .pytest_cache
+	rm -rf $(VENV) $(VENV_LATEST) $(VENV_OFFLINE) .pytest_cache

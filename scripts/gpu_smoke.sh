@@ -5,8 +5,13 @@
 # loads the BF16 run's checkpoint as dcd-eval does and checks the KV-cached decoder against
 # megatron's forward on that device (the Transformer Engine layer spec where TE imports).
 #
-#   scripts/gpu_smoke.sh [key=value ...]      # extra dcd-train overrides for both runs
+#   scripts/gpu_smoke.sh [--wheelhouse DIR] [key=value ...]   # extra dcd-train overrides for every run
 #                                             # (steps: DCD_SMOKE_STEPS, not train.steps)
+#
+# --wheelhouse DIR (or DCD_WHEELHOUSE=DIR): first install the project from that wheelhouse (make
+# wheelhouse, docs/offline.md) into OUT/site with no index, on top of DCD_PYTHON's packages, and run
+# from there (working directory OUT, so a checkout cannot shadow it; Hugging Face libraries offline;
+# MLflow tracking off where the wheelhouse has no mlflow set).
 #
 # Environment (all optional):
 #   DCD_SMOKE_STEPS    optimizer steps per run (default 40)
@@ -14,20 +19,31 @@
 #   DCD_SMOKE_OUT      output directory (default: a new temp dir, kept and printed)
 #   DCD_PYTHON         interpreter (default: <repo>/.venv/bin/python if present, else python)
 #   DCD_SMOKE_CPU=1    check the script itself without a GPU: tiny_cpu for 2 steps on CPU
+#   DCD_SMOKE_PARTS    which parts run (default "bf16 decode fp8"; scripts/gpu_check.sh picks them)
 #
 # Exit codes: 0 every run that was not skipped succeeded; 1 a run failed or timed out;
 # 2 no GPU visible (nothing was run).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+wheelhouse=${DCD_WHEELHOUSE:-}
+if [[ ${1:-} == --wheelhouse ]]; then
+    [[ -n ${2:-} ]] || { echo "[gpu-smoke] --wheelhouse needs a folder (make wheelhouse builds dist/wheelhouse)" >&2; exit 2; }
+    wheelhouse=$2
+    shift 2
+fi
 if [[ -z ${DCD_PYTHON:-} ]]; then
     if [[ -x $repo/.venv/bin/python ]]; then DCD_PYTHON=$repo/.venv/bin/python; else DCD_PYTHON=python; fi
 fi
+# absolute (the runs may change directory); the name is kept, not resolved, so a venv stays a venv
+[[ $DCD_PYTHON == */* ]] && DCD_PYTHON=$(cd "$(dirname "$DCD_PYTHON")" && pwd)/$(basename "$DCD_PYTHON")
 steps=${DCD_SMOKE_STEPS:-40}
 run_timeout=${DCD_SMOKE_TIMEOUT:-210}
 out=${DCD_SMOKE_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/dcd-gpu-smoke.XXXXXX")}
 cpu_mode=${DCD_SMOKE_CPU:-0}
+parts=" ${DCD_SMOKE_PARTS:-bf16 decode fp8} "
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$out/mlflow.db}
 export PYTHONUNBUFFERED=1
 
@@ -35,6 +51,22 @@ say() { echo "[gpu-smoke] $*"; }
 
 summary=()
 failed=0
+
+if [[ -n $wheelhouse ]]; then
+    [[ -d $wheelhouse ]] || { say "--wheelhouse: $wheelhouse is not a folder (make wheelhouse builds dist/wheelhouse)" >&2; exit 2; }
+    wheelhouse=$(cd "$wheelhouse" && pwd)
+    # shellcheck source=scripts/offline_install.sh
+    source "$repo/scripts/offline_install.sh"
+    say "installing from $wheelhouse into $out/site (no index; log $out/site.log)"
+    dcd_offline_install "$DCD_PYTHON" "$wheelhouse" "$out/site" "$out/site.log" || {
+        say "offline install FAILED (log $out/site.log)"; exit 1; }
+    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+    if ! "$DCD_PYTHON" -c 'import mlflow' >/dev/null 2>&1; then
+        say "mlflow is not installed (no mlflow set in the wheelhouse): tracking.enabled=false"
+        set -- tracking.enabled=false "$@"
+    fi
+    cd "$out"
+fi
 
 # One training run; appends "label: loss A -> B, N tokens/s" (or why it failed) to the summary.
 run_recipe() {
@@ -118,7 +150,7 @@ if [[ $cpu_mode == 1 ]]; then
     say "DCD_SMOKE_CPU=1: checking the script on CPU (tiny_cpu, $steps steps); no GPU is used"
     run_recipe cpu tiny_cpu runtime.device=cpu data.seq_length=64 train.global_batch_size=8 \
         train.micro_batch_size=2 train.log_interval=1 optim.warmup_steps=1 "$@"
-    check_decoder decode "$out/cpu" cpu
+    [[ $parts == *" decode "* ]] && check_decoder decode "$out/cpu" cpu
     summary+=("bf16: skipped (DCD_SMOKE_CPU=1)" "fp8: skipped (DCD_SMOKE_CPU=1)")
 else
     gpu_info=$("$DCD_PYTHON" -c '
@@ -136,10 +168,12 @@ if torch.cuda.is_available() and torch.cuda.device_count() > 0:
     say "GPU 0: $gpu_name (compute capability $cc_major.$cc_minor); python $DCD_PYTHON"
     export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 
-    run_recipe bf16 tiny_gpu_bf16 "$@"
-    check_decoder decode "$out/bf16" cuda
+    [[ $parts == *" bf16 "* ]] && run_recipe bf16 tiny_gpu_bf16 "$@"
+    [[ $parts == *" decode "* ]] && check_decoder decode "$out/bf16" cuda
 
-    if ! te_error=$("$DCD_PYTHON" -c 'import transformer_engine.pytorch' 2>&1); then
+    if [[ $parts != *" fp8 "* ]]; then
+        :
+    elif ! te_error=$("$DCD_PYTHON" -c 'import transformer_engine.pytorch' 2>&1); then
         reason="transformer_engine does not import ($(echo "$te_error" | tail -n 1))"
         say "fp8: skipped: $reason"
         summary+=("fp8: skipped: $reason")
