@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dcd_megatron.data import (
@@ -26,7 +27,7 @@ from dcd_megatron.data import (
     load_tokenizer,
     train_sentencepiece,
 )
-from dcd_megatron.data.validation import RowProblem, check_topk
+from dcd_megatron.data.validation import RowProblem, check_logprob_column, check_topk
 
 DEMO = Path(__file__).resolve().parents[1] / "dcd_megatron" / "assets" / "demo"
 DEMO_TOKENIZER = DEMO / "tokenizer.json"  # digits and + = , > : only; anything else is its unknown token (<pad>)
@@ -125,6 +126,57 @@ def test_top_k_ids_and_logprobs_must_be_numbers():
     assert check_topk([[1, 2], [3, 4]], [[-0.1, "-0.2"], [-0.3, -0.4]], 2, False) == RowProblem(
         "wrong_type", "teacher_topk_logprobs[0][1] must be a float, got '-0.2'")
     assert check_topk([[1, 2.5]], [[-0.1, -0.2]], 1, False).reason == "wrong_type"
+
+
+# ---- issue 24 item 1: booleans are never numbers; top-k ids in range; log-probs <= 0 -------------
+def test_booleans_out_of_range_ids_and_positive_logprobs_are_refused_per_row():
+    assert check_topk([[1, -1]], [[-0.1, float("nan")]], 1, False, vocab_size=8) is None  # -1 pads, NaN beside it
+    assert check_topk([[True, 2]], [[-0.1, -0.2]], 1, False) == RowProblem(
+        "wrong_type", "teacher_topk_ids[0][0] must be an integer, got True")
+    assert check_topk([[1, 2]], [[-0.1, False]], 1, False).detail.startswith("teacher_topk_logprobs[0][1] must be a float")
+    assert check_topk([[1], [2, -5]], [[-0.1], [-0.2, -0.3]], 2, False, vocab_size=8) == RowProblem(
+        "topk_id_out_of_range", "teacher_topk_ids[1][1] = -5 is neither -1 (padding) nor a token id [0, 8)")
+    assert check_topk([[8]], [[-0.1]], 1, False, vocab_size=8).reason == "topk_id_out_of_range"
+    assert check_topk([[1, 2]], [[-0.1, 0.5]], 1, False).detail.startswith("teacher_topk_logprobs[0][1] = 0.5 > 0")
+    assert check_topk([[1, 2]], [[-0.1, float("-inf")]], 1, False).reason == "nonfinite_logprob"
+    assert check_logprob_column("teacher_logprobs", [-0.5, False], 2, False)[1] == RowProblem(
+        "wrong_type", "teacher_logprobs[1] must be a float, got False")
+    assert check_logprob_column("teacher_logprobs", np.array([True, False]), 2, False)[1].reason == "wrong_type"
+    assert check_logprob_column("student_ref_logprobs", [-0.5, 0.00005], 2, False)[1] is None  # rounding
+    assert check_logprob_column("student_ref_logprobs", [-0.5, 0.01], 2, False)[1].detail.startswith(
+        "student_ref_logprobs[1] = 0.01 > 0")
+
+
+BAD_ROWS = {  # the issue's findings: each was stored silently before
+    "negative-id": ({"teacher_topk_ids": [[-5, 1]]}, "topk_id_out_of_range", r"teacher_topk_ids\[0\]\[0\] = -5"),
+    "true-id": ({"teacher_topk_ids": [[True, True]]}, "wrong_type", r"teacher_topk_ids\[0\]\[0\] must be an integer, got True"),
+    "false-logprob": ({"teacher_logprobs": [False]}, "wrong_type", r"teacher_logprobs\[0\] must be a float, got False"),
+}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "saved"])
+@pytest.mark.parametrize("bad", sorted(BAD_ROWS))
+def test_every_reader_refuses_the_bad_row_by_file_and_row_or_counts_it(tmp_path, demo_tok, fmt, bad):
+    import datasets
+
+    n = len(demo_tok.encode("5"))
+    good = _row(demo_tok, response="5", teacher_logprobs=[-0.5] * n, teacher_topk_ids=[[2, 1]] * n,
+                teacher_topk_logprobs=[[-0.5, -1.0]] * n)
+    change, reason, detail = BAD_ROWS[bad]
+    rows = [good, {**good, **change}, good]
+    if fmt == "jsonl":
+        path = _jsonl(tmp_path / "t.jsonl", rows)
+    else:  # typed columns: a column is one type, so the bad value makes the whole column that type
+        rows = [{**good, **change}] * 3
+        ds = datasets.Dataset.from_list(rows)
+        path = tmp_path / ("t.parquet" if fmt == "parquet" else "saved")
+        ds.to_parquet(str(path)) if fmt == "parquet" else ds.save_to_disk(str(path))
+    bad_row = 2 if fmt == "jsonl" else 1
+    with pytest.raises(BadRowError, match=rf"row {bad_row}: {reason}: {detail}"):
+        build_token_cache(str(path), _cfg(tmp_path, path, topk=2), demo_tok)
+    if fmt == "jsonl":
+        cache = TokenCache.open(build_token_cache(str(path), _cfg(tmp_path, path, topk=2, on_bad_row="skip"), demo_tok))
+        assert cache.meta["skipped"] == {reason: 1} and list(cache.doc_rows) == [0, 2]
 
 
 # ---- item 10b: characters the tokenizer cannot encode ----------------------------------------

@@ -24,6 +24,7 @@ from dcd_megatron.checkpoint.finding import (
 )
 from dcd_megatron.checkpoint.manifest import hash_share, merge_shares, record_file, write_manifest
 from dcd_megatron.runtime.distributed import all_gather_lists
+from dcd_megatron.tracking.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,8 @@ def save_checkpoint(root: Path, step: int, model_chunks, optimizer, scheduler, m
     dist.barrier()
     shares = all_gather_lists([hash_share(tmp, (rank, world))])
     if rank == 0:
-        record = dict(meta, step=step, scheduler=scheduler.state_dict(), world_size=world)
+        # redacted: a checkpoint is copied and shared, its config must hold no password or token
+        record = redact(dict(meta, step=step, scheduler=scheduler.state_dict(), world_size=world))
         _write_atomic(tmp / META, json.dumps(record, indent=1, default=str))
         files = merge_shares(shares)
         files[META] = record_file(tmp, META)

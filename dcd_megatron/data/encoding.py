@@ -16,7 +16,7 @@ from dcd_megatron.data.config import DataConfig, DataConfigError
 from dcd_megatron.data.loading import RAW_JSON_COLUMN
 from dcd_megatron.data.templates import TemplateError, render_prompt
 from dcd_megatron.data.tokenizer import Tokenizer
-from dcd_megatron.data.validation import RowProblem, check_messages, check_teacher_logprobs, check_topk
+from dcd_megatron.data.validation import RowProblem, check_logprob_column, check_messages, check_topk
 
 _NO_TEACHER = np.zeros(0, dtype=np.float32)  # same arrow type as real rows (float32), never double
 _NO_TOPK_IDS = np.zeros(0, dtype=np.int32)
@@ -153,14 +153,9 @@ class RowEncoder:
                     "topk_mismatch",
                     f"position {i} has {len(row_ids)} top-k entries, fewer than data.topk={k}",
                 )
-            values = np.asarray(row_lp[:k], dtype=np.float64)
-            if not np.isfinite(values).all() or (values > 1e-4).any():
-                raise _Problem("bad_topk_logprobs", f"position {i}: top-k log-probs must be finite and <= 0")
-            target = start + i if i < n_resp else n_ids - 1
+            target = start + i if i < n_resp else n_ids - 1  # values were checked by check_topk
             out_ids[target] = np.asarray(row_ids[:k], dtype=np.int64)
-            out_lp[target] = values
-        if (out_ids >= self.tokenizer.vocab_size).any():
-            raise _Problem("topk_mismatch", f"a top-k id is outside the tokenizer's vocabulary ({self.tokenizer.vocab_size})")
+            out_lp[target] = np.asarray(row_lp[:k], dtype=np.float64)
         return out_ids, out_lp
 
     def _split_prompt_response(self, row: dict) -> tuple[list[dict], str]:
@@ -215,7 +210,7 @@ class RowEncoder:
         raw = row.get(name)
         if raw is None:
             return None
-        values, problem = check_teacher_logprobs(raw, n, self.cfg.add_eos, name=name)
+        values, problem = check_logprob_column(name, raw, n, self.cfg.add_eos)
         if problem:
             raise _Problem(problem.reason, problem.detail)
         return values
@@ -236,7 +231,7 @@ class RowEncoder:
                            f"{len(teacher)} {cfg.field_teacher_logprobs}: score both over the same tokens")
         topk_ids = row.get(cfg.field_teacher_topk_ids)
         topk_lp = row.get(cfg.field_teacher_topk_logprobs)
-        problem = check_topk(topk_ids, topk_lp, n, cfg.add_eos)
+        problem = check_topk(topk_ids, topk_lp, n, cfg.add_eos, tok.vocab_size)
         if problem:
             raise _Problem(problem.reason, problem.detail)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -23,8 +24,9 @@ FIXES: dict[str, str] = {
         "recompute teacher log-probs with the STUDENT tokenizer on the response alone "
         "(one per response token, optionally one more for eos when data.add_eos=true)"
     ),
-    "nonfinite_logprob": "replace NaN/inf teacher log-probs (re-score the trace)",
+    "nonfinite_logprob": "replace NaN/inf log-probs (re-score the trace)",
     "positive_logprob": "store log-probabilities (<= 0), not probabilities or logits",
+    "topk_id_out_of_range": "store the student tokenizer's token ids (re-score the trace with dcd-score --top-k), -1 only as padding",
     "topk_mismatch": "give teacher_topk_ids and teacher_topk_logprobs one k-list per response token",
     "template_error": "fix data.chat_template for this row's messages",
     "invalid_json": "fix or remove the malformed line",
@@ -110,6 +112,24 @@ def check_messages(messages) -> RowProblem | None:
     return None
 
 
+_BOOL_TYPES = frozenset((bool, np.bool_))
+TOPK_PADDING_ID = -1  # a top-k id of -1 pads a position's list (its log-prob is not checked)
+
+
+def _has_bool(values) -> bool:
+    """Whether a flat list holds a boolean (numpy would read ``True`` as 1 and ``False`` as 0.0)."""
+    if isinstance(values, np.ndarray):
+        return values.dtype.kind == "b"
+    return not _BOOL_TYPES.isdisjoint(map(type, values))
+
+
+def _is_number(v, integer: bool = False) -> bool:
+    """A real number (an integer when ``integer``); booleans are never numbers."""
+    if isinstance(v, (bool, np.bool_)):
+        return False
+    return isinstance(v, (int, np.integer) if integer else (int, float, np.integer, np.floating))
+
+
 def _numbers(values, name: str) -> tuple[np.ndarray | None, RowProblem | None]:
     """A float64 array of ``values``, or the first element that is not a number (bools excluded)."""
     if not isinstance(values, (list, tuple, np.ndarray)):
@@ -118,47 +138,55 @@ def _numbers(values, name: str) -> tuple[np.ndarray | None, RowProblem | None]:
         arr = np.asarray(values)
     except ValueError:  # ragged nesting
         arr = np.asarray(values, dtype=object)
-    if arr.ndim == 1 and (arr.dtype.kind in "fi" or len(arr) == 0):
+    if arr.ndim == 1 and (len(arr) == 0 or (arr.dtype.kind in "fi" and not _has_bool(values))):
         return arr.astype(np.float64), None
     for i, v in enumerate(values):  # slow path only to name the culprit
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if not _is_number(v):
             return None, RowProblem("wrong_type", f"{name}[{i}] must be a float, got {v!r:.40}")
     return np.asarray(values, dtype=np.float64), None
 
 
 def allowed_counts(n_response_tokens: int, add_eos: bool) -> tuple[int, ...]:
-    """Accepted teacher log-prob counts: one per response token, plus optionally one for eos."""
+    """Accepted per-token log-prob counts: one per response token, plus optionally one for eos."""
     return (n_response_tokens, n_response_tokens + 1) if add_eos else (n_response_tokens,)
 
 
-def check_teacher_logprobs(values, n_response_tokens: int, add_eos: bool,
-                           name: str = "teacher_logprobs") -> tuple[np.ndarray | None, RowProblem | None]:
-    """Types, count against the student-tokenized response, finiteness and sign of the per-token
-    log-prob column ``name`` (the teacher's, or the initial student's ``student_ref_logprobs``)."""
+def check_logprob_values(values: np.ndarray, name: str, where=None) -> RowProblem | None:
+    """The rule every log-prob obeys: finite and <= 0 (up to ``POSITIVE_LOGPROB_TOLERANCE`` of rounding).
+
+    ``where(i)`` names element ``i`` of the flat ``values`` (default ``name[i]``).
+    """
+    where = where or (lambda i: f"{name}[{i}]")
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        return RowProblem("nonfinite_logprob", f"{where(int(bad[0]))} = {values[bad[0]]}")
+    if len(values) and values.max() > POSITIVE_LOGPROB_TOLERANCE:
+        i = int(values.argmax())
+        return RowProblem("positive_logprob", f"{where(i)} = {values[i]:.4g} > 0 is not a log-probability")
+    return None
+
+
+def check_logprob_column(name: str, values, n_response_tokens: int, add_eos: bool) -> tuple[np.ndarray | None, RowProblem | None]:
+    """A per-token log-prob column (e.g. ``teacher_logprobs``): numbers, one per response token
+    (plus one for eos), each finite and <= 0. Any such column is checked by this one function."""
     logprobs, problem = _numbers(values, name)
     if problem:
         return None, problem
     allowed = allowed_counts(n_response_tokens, add_eos)
     if len(logprobs) not in allowed:
         extra = f" ({n_response_tokens + 1} with eos)" if add_eos else ""
+        what = "teacher log-probs" if name == "teacher_logprobs" else f"{name} values"
         return None, RowProblem(
             "logprob_count_mismatch",
-            f"{len(logprobs)} {name} values but the response tokenizes to {n_response_tokens} "
-            f"student tokens{extra}",
+            f"{len(logprobs)} {what} but the response tokenizes to {n_response_tokens} student tokens{extra}",
         )
-    bad = np.flatnonzero(~np.isfinite(logprobs))
-    if len(bad):
-        return None, RowProblem("nonfinite_logprob", f"{name}[{bad[0]}] = {logprobs[bad[0]]}")
-    if len(logprobs) and logprobs.max() > POSITIVE_LOGPROB_TOLERANCE:
-        i = int(logprobs.argmax())
-        return None, RowProblem(
-            "positive_logprob", f"{name}[{i}] = {logprobs[i]:.4g} > 0 is not a log-probability"
-        )
-    return logprobs, None
+    problem = check_logprob_values(logprobs, name)
+    return (None, problem) if problem else (logprobs, None)
 
 
-def check_topk(ids, logprobs, n_response_tokens: int, add_eos: bool) -> RowProblem | None:
-    """Top-k ids and log-probs: both or neither, one k-list per response token, same shapes."""
+def check_topk(ids, logprobs, n_response_tokens: int, add_eos: bool, vocab_size: int | None = None) -> RowProblem | None:
+    """Top-k ids and log-probs: both or neither, one k-list per response token, same shapes;
+    ids are integers, -1 (padding) or in ``[0, vocab_size)``; log-probs of real ids finite and <= 0."""
     if ids is None and logprobs is None:
         return None
     if ids is None or logprobs is None:
@@ -175,27 +203,51 @@ def check_topk(ids, logprobs, n_response_tokens: int, add_eos: bool) -> RowProbl
     for i, (a, b) in enumerate(zip(ids, logprobs)):
         if not isinstance(a, Sequence) or not isinstance(b, Sequence) or len(a) != len(b):
             return RowProblem("topk_mismatch", f"position {i}: top-k ids and log-probs differ in length")
-    return _topk_element_types(ids, logprobs)
+    return _topk_element_types(ids, logprobs) or _topk_values(ids, logprobs, vocab_size)
 
 
-def _kind(values) -> str:
-    """numpy's dtype kind of a (possibly ragged) nested list; "O" when it mixes types or nests unevenly."""
-    try:
-        return np.asarray(values).dtype.kind
-    except ValueError:  # ragged: positions with different k
-        return "O"
+def _types_ok(nested, integer: bool) -> bool:
+    """Whether every element of a list of lists is a number (an integer when ``integer``), no boolean."""
+    allowed = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    types = set(map(type, chain.from_iterable(nested)))
+    return _BOOL_TYPES.isdisjoint(types) and all(issubclass(t, allowed) for t in types)
 
 
 def _topk_element_types(ids, logprobs) -> RowProblem | None:
-    """Integer ids and numeric log-probs: a string such as "-0.5" is refused, never converted."""
-    id_kind, lp_kind = _kind(ids), _kind(logprobs)
-    if id_kind in "iu" and lp_kind in "fiu" and all(len(a) for a in ids):
+    """Integer ids and numeric log-probs: a string such as "-0.5" is refused, never converted; a boolean too."""
+    if _types_ok(ids, integer=True) and _types_ok(logprobs, integer=False):
         return None
-    for i, (a, b) in enumerate(zip(ids, logprobs)):
+    for i, (a, b) in enumerate(zip(ids, logprobs)):  # slow path only to name the culprit
         for j, v in enumerate(a):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            if not _is_number(v, integer=True):
                 return RowProblem("wrong_type", f"teacher_topk_ids[{i}][{j}] must be an integer, got {v!r:.40}")
         for j, v in enumerate(b):
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            if not _is_number(v):
                 return RowProblem("wrong_type", f"teacher_topk_logprobs[{i}][{j}] must be a float, got {v!r:.40}")
     return None
+
+
+def _topk_values(ids, logprobs, vocab_size: int | None) -> RowProblem | None:
+    """Ids in range (or -1 padding) and `check_logprob_values` on the log-probs of the real ids."""
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    flat_ids = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(starts[-1]))
+    flat_lp = np.fromiter(chain.from_iterable(logprobs), dtype=np.float64, count=int(starts[-1]))
+
+    def where(name):
+        def at(k: int) -> str:
+            i = int(np.searchsorted(starts, k, side="right")) - 1
+            return f"{name}[{i}][{k - starts[i]}]"
+        return at
+
+    high = np.inf if vocab_size is None else vocab_size
+    bad = np.flatnonzero((flat_ids < TOPK_PADDING_ID) | (flat_ids >= high))
+    if len(bad):
+        vocab = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+        return RowProblem(
+            "topk_id_out_of_range",
+            f"{where('teacher_topk_ids')(int(bad[0]))} = {flat_ids[bad[0]]} is neither -1 (padding) nor a token id {vocab}",
+        )
+    real = flat_ids != TOPK_PADDING_ID
+    lp = np.where(real, flat_lp, -1.0)  # padding's log-prob is not checked
+    return check_logprob_values(lp, "teacher_topk_logprobs", where("teacher_topk_logprobs"))

@@ -104,11 +104,13 @@ def train(
     """
     from dcd_megatron.cli.train import run_config
     from dcd_megatron.runtime.quiet import quiet_megatron_warnings
+    from dcd_megatron.tracking.redact import redacted_console
 
     quiet_megatron_warnings(prog="dcd train")
     cfg = train_config(model=model, parallel=parallel, data=data, loss=loss, optim=optim, train=train,
                        tracking=tracking, runtime=runtime)
-    code = run_config(cfg)
+    with redacted_console():
+        code = run_config(cfg)
     if code:
         raise SystemExit(code)
 

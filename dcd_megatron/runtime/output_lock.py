@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+from dcd_megatron.tracking.redact import redact_text
+
 LOCK_NAME = ".dcd.lock"
 HEARTBEAT_S = 60.0  # the holder touches the lock this often
 STALE_ENV = "DCD_LOCK_STALE_MINUTES"  # a foreign lock untouched this long is stale (0: never)
@@ -90,7 +92,7 @@ def owner_record(command: str | None = None) -> dict:
         "slurm_restart_count": env.get("SLURM_RESTART_COUNT", "0") if env.get("SLURM_JOB_ID") else None,
         "slurm_cluster": env.get("SLURM_CLUSTER_NAME"),
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": (command if command is not None else shlex.join(sys.argv))[:2000],
+        "command": redact_text(command if command is not None else shlex.join(sys.argv))[:2000],
         "token": secrets.token_hex(8),
     }
 
@@ -101,7 +103,7 @@ def describe(record: dict) -> str:
     if record.get("slurm_job_id"):
         parts.append(f"Slurm job {record['slurm_job_id']}")
     parts.append(f"started {record.get('started_at', '?')}")
-    command = str(record.get("command") or "")
+    command = redact_text(str(record.get("command") or ""))  # also a lock written by an older version
     if len(command) > 160:
         command = command[:157] + "..."
     return ", ".join(parts) + (f": `{command}`" if command else "")

@@ -1,4 +1,5 @@
-"""Keep secrets out of MLflow params, artifacts and console output.
+"""Keep secrets out of everything that leaves the process: MLflow params, tags and artifacts,
+checkpoint meta.json, the output-dir lock, and the console (`redacted_console`).
 
 A key is secret when one of its name parts says so (``hf_token``, ``db_password``, ``apiKey``;
 not ``tokenizer`` or ``max_tokens``). A value is secret when it contains the value of an
@@ -8,9 +9,11 @@ password in a URI's ``user:password@`` part.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 REDACTED = "***REDACTED***"
@@ -128,3 +131,33 @@ def redact(obj: Any, env: Mapping[str, str] | None = None) -> Any:
         return REDACTED
 
     return walk(obj)
+
+
+class RedactingStream:
+    """A text stream that passes every write through `redact_text` (the secret values read once)."""
+
+    def __init__(self, stream, secrets: list[str]):
+        self._stream, self._secrets = stream, secrets
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact_text(text, secrets=self._secrets) if isinstance(text, str) else text)
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def redacted_console() -> Iterator[None]:
+    """While it lasts, what anything in this process prints to stdout / stderr is redacted
+    (MLflow's messages, library warnings, tracebacks); the streams are restored after a normal exit.
+    Output written to the file descriptors directly (child processes, C libraries) is not covered."""
+    secrets = secret_env_values()
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout, secrets), RedactingStream(sys.stderr, secrets)
+    yield  # an exception leaves the wrapped streams in place: the traceback printed next is redacted too
+    sys.stdout, sys.stderr = saved

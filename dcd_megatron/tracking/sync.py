@@ -16,7 +16,7 @@ from dcd_megatron.tracking.config import TrackingConfig
 from dcd_megatron.tracking.record import read_record, replay_missing, run_end, values_by_key
 from dcd_megatron.tracking.redact import REDACTED, redact_text, redact_uri
 from dcd_megatron.tracking.telemetry import telemetry_off
-from dcd_megatron.tracking.tracker import RUN_ID_FILE, TRACKING_URI_FILE, apply_http_timeouts
+from dcd_megatron.tracking.tracker import RUN_ID_FILE, TRACKING_URI_FILE, apply_http_timeouts, quiet_mlflow_urls
 
 RECORD_FILE = "metrics.jsonl"
 FINAL_FILE = "final_metrics.json"
@@ -91,6 +91,7 @@ def sync_run(output_dir: str | Path, tracking_uri: str | None = None, timeout_s:
     shown = redact_uri(uri)
     telemetry_off()
     apply_http_timeouts(timeout_s)
+    quiet_mlflow_urls()
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 

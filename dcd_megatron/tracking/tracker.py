@@ -77,6 +77,12 @@ def default_is_logging_rank() -> bool:
 _APPLIED_ENV: dict[str, str] = {}
 
 
+def quiet_mlflow_urls(env: dict | None = None) -> None:
+    """Silence MLflow's own "View run ... at: URL" lines: they print the tracking URI as given, password
+    included; dcd-train prints its own line with the password redacted (`Tracker.describe`)."""
+    (os.environ if env is None else env)["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
 def apply_http_timeouts(timeout_s: float, env: dict | None = None) -> dict[str, str]:
     """Make MLflow's HTTP calls give up after ``timeout_s`` with one retry, unless the user set them."""
     env = os.environ if env is None else env
@@ -168,6 +174,7 @@ class Tracker:
         self._record = None if record is None else Path(record)
         self._start_step = int(start_step)
         apply_http_timeouts(self.config.timeout_s)
+        quiet_mlflow_urls()
         telemetry_off()
         try:
             from mlflow.tracking import MlflowClient  # noqa: F401  (import cost paid here, not on the worker)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from dcd_megatron.configs import to_dict
 from dcd_megatron.configs.overrides import ConfigError
 from dcd_megatron.configs.train import TrainConfig
+from dcd_megatron.tracking.redact import redact
 
 # Fields that do not change what the run learns from here on.
 FREE = {
@@ -21,6 +22,7 @@ FREE = {
     "train.stop_after", "train.output_dir", "train.resume", "train.resume_changes", "train.micro_batch_size",
     "data.cache_dir", "data.num_proc", "data.count_fields", "data.valid_path",
     "model.init_checkpoint", "model.init_method_std",
+    "loss.chunk_size",  # the chunked and the full loss are the same numbers (docs/loss.md)
 }
 FREE_SECTIONS = ("tracking", "runtime", "parallel")
 # Explicit groups of the rest (else: the section's name).
@@ -65,7 +67,7 @@ def compare(ours: TrainConfig, theirs: TrainConfig, ours_data: dict | None = Non
     """Classify every difference between `ours` and the checkpoint's `theirs` (and their data summaries)."""
     check = ResumeCheck(refused=[f"model.{d}" for d in ours.model.shape_differences(theirs.model)])
     refused_keys = {line.split(":")[0] for line in check.refused}
-    a, b = _flat(to_dict(ours)), _flat(to_dict(theirs))
+    a, b = _flat(redact(to_dict(ours))), _flat(redact(to_dict(theirs)))  # the checkpoint's is redacted
     for key in sorted(set(a) | set(b)):
         if a.get(key) == b.get(key):
             continue
