@@ -120,3 +120,117 @@ def test_fewer_samples_than_one_global_batch_is_one_line_on_every_rank(tmp_path,
     else:  # torchrun exits 1 whenever a worker fails; its summary shows each rank's own exit code
         assert proc.stdout.count("exitcode  : 2") == nproc, proc.stdout[-3000:]
 
+
+# --- item 1: the token cache verifies itself -------------------------------------------------
+
+
+def _data_cfg(tmp_path: Path, rows: int = 40):
+    from dcd_megatron.data import DataConfig
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join((DEMO / "train.jsonl").read_text().splitlines(keepends=True)[:rows]))
+    return DataConfig(train_path=str(train), tokenizer=str(DEMO / "tokenizer.json"), cache_dir=str(tmp_path / "cache"),
+                      num_proc=1, seq_length=64, valid_path=None)
+
+
+def _build(cfg):
+    from dcd_megatron.data import build_token_cache, load_tokenizer
+
+    return build_token_cache(cfg.train_path, cfg, load_tokenizer(cfg.tokenizer))
+
+
+def test_a_truncated_cache_file_is_named_moved_aside_and_rebuilt(tmp_path, caplog):
+    from dcd_megatron.data import TokenCache
+
+    cfg = _data_cfg(tmp_path)
+    cache = _build(cfg)
+    tokens = TokenCache.open(cache).tokens.copy()
+    with open(cache / "tokens.npy", "r+b") as f:  # the issue's `EOF: reading array header`
+        f.truncate(40)
+    with pytest.raises(UserError, match="tokens.npy is 40 bytes"):  # a reader that skips the build: one line
+        TokenCache.open(cache)
+    with caplog.at_level("WARNING", logger="dcd_megatron.data.cache"):
+        again = _build(cfg)
+    assert again == cache
+    warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(warnings) == 1 and "tokens.npy is 40 bytes" in warnings[0] and "moved it aside" in warnings[0]
+    assert len(list((tmp_path / "cache").glob(f".damaged-{cache.name}-*"))) == 1
+    assert (TokenCache.open(again).tokens == tokens).all()
+
+
+def test_an_overwritten_cache_file_fails_its_checksum(tmp_path, caplog):
+    from dcd_megatron.data.cache import cache_problem
+
+    cache = _build(_data_cfg(tmp_path))
+    assert cache_problem(cache) is None
+    path = cache / "doc_offsets.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, other content
+    path.write_bytes(bytes(data))
+    assert cache_problem(cache) == "doc_offsets.npy does not match its manifest's checksum"
+    assert cache_problem(cache, checksums=False) is None
+
+
+def test_a_rebuild_that_fails_says_so_in_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from dcd_megatron.data import cache as cache_mod
+
+    cfg = _data_cfg(tmp_path)
+    cache = _build(cfg)
+    (cache / "loss_mask.npy").unlink()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_mod, "_write_arrays", disk_full)
+    with pytest.raises(UserError) as info:
+        _build(cfg)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"token cache {cache} did not verify (loss_mask.npy is missing) and rebuilding it failed" in message
+    assert "No space left on device" in message and "data.cache_dir" in message
+    assert not list((tmp_path / "cache").glob(".tmp-*"))  # the half-built copy is gone
+
+
+_KILLED_BUILD = """
+import sys, time
+from pathlib import Path
+from dcd_megatron.data import DataConfig, build_token_cache, load_tokenizer
+from dcd_megatron.data import cache as cache_mod
+
+write = cache_mod._write_arrays
+def write_then_stall(sources, mapped, cfg, out):
+    written = write(sources, mapped, cfg, out)
+    Path(sys.argv[2]).write_text(str(out))  # arrays are on disk, meta.json is not
+    time.sleep(600)
+cache_mod._write_arrays = write_then_stall
+cfg = DataConfig(train_path=sys.argv[1], tokenizer=sys.argv[3], cache_dir=sys.argv[4], num_proc=1, seq_length=64,
+                 valid_path=None)
+build_token_cache(cfg.train_path, cfg, load_tokenizer(cfg.tokenizer))
+"""
+
+
+def test_a_kill_during_tokenisation_leaves_no_cache_that_looks_complete(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from dcd_megatron.data import TokenCache, token_cache_path, load_tokenizer
+
+    cfg = _data_cfg(tmp_path)
+    marker = tmp_path / "arrays-written"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_BUILD, cfg.train_path, str(marker), cfg.tokenizer,
+                             cfg.cache_dir])
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), f"the build exited ({proc.returncode}) or stalled before writing its arrays"
+    finally:
+        proc.kill()  # kill -9
+        proc.wait(timeout=30)
+    final = token_cache_path(cfg.train_path, cfg, load_tokenizer(cfg.tokenizer))
+    assert not final.exists() and Path(marker.read_text()).name.startswith(".tmp-")
+    assert not TokenCache.is_complete(marker.read_text())  # the killed copy has arrays but no meta.json
+    assert TokenCache.open(_build(cfg)).n_docs > 0  # the next run builds its own and never reads the killed one
