@@ -17,7 +17,7 @@ GROUND, PIECES, JOBS, FACES = 0, 1, 2, 3
 LAYER_NAMES = {GROUND: "ground", PIECES: "pieces", JOBS: "jobs", FACES: "faces"}
 COMPONENTS = {
     # ground: typed configs (and the recipes that fill them)
-    "": GROUND, "configs": GROUND, "recipes": GROUND, "data.config": GROUND, "data.templates": GROUND,
+    "": GROUND, "errors": GROUND, "configs": GROUND, "recipes": GROUND, "data.config": GROUND, "data.templates": GROUND,
     "loss.config": GROUND, "model.config": GROUND, "runtime.layout": GROUND, "tracking.config": GROUND,
     "score.config": GROUND,
     # pieces: each does one thing, knows no job

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dcd_megatron.checkpoint.manifest import Part, verify
+from dcd_megatron.errors import UserError, UserFileNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ _NAME = re.compile(r"^iter_(\d{7})$")
 META = "meta.json"
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """No usable checkpoint where one was asked for; the message names each one tried and the fix."""
 
 
@@ -167,7 +168,7 @@ def resolve_resume(resume: str, root: Path, part: Part = (0, 1), gather=None) ->
     path = Path(resume)
     found = [path] if is_ours(path) else _found_under(path)
     if not found:
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"train.resume={resume}: no checkpoint there (a run dir, its checkpoints/ or an iter_NNNNNNN "
             "directory written by dcd-train); use train.resume=auto or never"
         )
@@ -188,7 +189,7 @@ def locate_verified(checkpoint: Path, say: Callable[[str], None] | None = None) 
     checkpoint = Path(checkpoint)
     found = [checkpoint] if _single_checkpoint(checkpoint) else _found_under(checkpoint)
     if not found:
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"{checkpoint} holds no dcd-train checkpoint (a directory with {META}); "
             "pass a run's output_dir, its checkpoints/ folder or one iter_NNNNNNN folder"
         )

@@ -83,7 +83,7 @@ def read_manifest(directory: Path) -> tuple[dict | None, str | None]:
         record = json.loads(path.read_text())
         files = record["files"]
         if not isinstance(files, dict):
-            raise TypeError("files is not a mapping")
+            raise TypeError("files is not a mapping")  # internal
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return None, f"{MANIFEST} is unreadable ({type(exc).__name__})"
     return files, None

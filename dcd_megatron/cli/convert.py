@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     quiet_megatron_warnings(args.verbose, prog="dcd-convert")
-    from dcd_megatron.cli.errors import user_error_types
-    from dcd_megatron.convert import ConvertError, convert_hf_to_mcore, convert_mcore_to_hf
+    from dcd_megatron.cli.errors import report_user_error, user_error_types
+    from dcd_megatron.convert import convert_hf_to_mcore, convert_mcore_to_hf
     from dcd_megatron.runtime import distributed
 
     try:
@@ -63,9 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             res = convert_mcore_to_hf(args.checkpoint, args.out, dtype=args.dtype, hf_template=args.hf_template, overwrite=args.overwrite)
             print(f"wrote {res.out_dir} from {res.checkpoint}: {', '.join(res.files)}")
             print(f"config.json template: {res.template or 'none (built from the model config)'}")
-    except (ConvertError, *user_error_types()) as exc:
-        print(f"dcd-convert: error: {exc}", file=sys.stderr)
-        return 2
+    except user_error_types() as exc:
+        return report_user_error("dcd-convert", exc)
     finally:
         distributed.shutdown()
     return 0

@@ -77,9 +77,9 @@ def resolve_config(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    from dcd_megatron.cli.errors import user_error_types
+    from dcd_megatron.cli.errors import report_user_error, user_error_types
     from dcd_megatron.runtime import distributed
-    from dcd_megatron.score import ScoreError, score
+    from dcd_megatron.score import score
 
     from dcd_megatron.runtime.quiet import quiet_megatron_warnings
 
@@ -89,9 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(args)
         result = score(cfg, progress=not args.no_progress)
-    except (ScoreError, *user_error_types()) as exc:
-        print(f"dcd-score: error (rank {rank}): {exc}", file=sys.stderr)
-        return 2
+    except user_error_types() as exc:
+        return report_user_error("dcd-score", exc, rank)
     finally:
         distributed.shutdown()
     if rank == 0:

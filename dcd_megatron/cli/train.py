@@ -45,8 +45,10 @@ def sync_tracking(output_dir: str, overrides: list[str]) -> int:
     """`--sync-tracking`: bring the MLflow run of a finished or crashed run up to date; the exit code."""
     from pathlib import Path
 
-    from dcd_megatron.runtime.output_lock import OutputDirError, acquire
-    from dcd_megatron.tracking.sync import SyncError, sync_run
+    from dcd_megatron.cli.errors import report_user_error
+    from dcd_megatron.errors import UserError
+    from dcd_megatron.runtime.output_lock import acquire
+    from dcd_megatron.tracking.sync import sync_run
 
     uri = None
     for item in overrides:
@@ -62,9 +64,8 @@ def sync_tracking(output_dir: str, overrides: list[str]) -> int:
     try:
         with acquire(output_dir, setting="--sync-tracking"):  # a live run there still logs for itself
             result = sync_run(output_dir, tracking_uri=uri)
-    except (SyncError, OutputDirError) as exc:
-        print(f"dcd-train: error: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:  # SyncError, OutputDirError
+        return report_user_error("dcd-train", exc)
     print(f"synced {result.line()}")
     return 0
 
@@ -88,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from dcd_megatron.cli.errors import user_error_types
-
+    from dcd_megatron.cli.errors import report_user_error, user_error_types
     from dcd_megatron.runtime.quiet import quiet_megatron_warnings
 
     args = parse_args(argv)
@@ -99,9 +99,8 @@ def _main(argv: list[str] | None) -> int:
         quiet_megatron_warnings(args.verbose, prog="dcd-train")
     try:
         cfg = resolve_config(args)
-    except user_error_types() + (ValueError,) as exc:
-        print(f"dcd-train: error: {exc}", file=sys.stderr)
-        return 2
+    except user_error_types() as exc:
+        return report_user_error("dcd-train", exc)
     code = run_config(cfg, print_config=args.print_config)
     # Everything is written and closed by now: freeze the heap so interpreter shutdown does not
     # walk it (about 3 s with torch, megatron-core and mlflow loaded, on every rank).
@@ -114,7 +113,7 @@ def run_config(cfg, print_config: bool = False) -> int:
 
     `dcd-train` and the NeMo-Run entrypoint (`dcd_megatron.launch.nemo.train`) both end here.
     """
-    from dcd_megatron.cli.errors import user_error_types
+    from dcd_megatron.cli.errors import report_user_error, user_error_types
     from dcd_megatron.configs import to_dict
 
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
@@ -129,8 +128,7 @@ def run_config(cfg, print_config: bool = False) -> int:
     try:
         result = train(cfg, config_text=config_text)
     except user_error_types() as exc:
-        print(f"dcd-train: error (rank {rank}): {exc}", file=sys.stderr)
-        return 2
+        return report_user_error("dcd-train", exc, rank)
     finally:
         distributed.shutdown()
     if rank == 0:

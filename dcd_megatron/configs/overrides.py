@@ -16,11 +16,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from dcd_megatron.errors import ConfigError  # the ground layer's; re-exported here for old imports
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type."""
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

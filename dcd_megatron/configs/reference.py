@@ -101,7 +101,7 @@ START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 def with_reference(text: str, table: str) -> str:
     """`text` with the block between the START/END markers replaced by `table`."""
     if START not in text or END not in text:
-        raise ValueError(f"the file has no {START} ... {END} block")
+        raise ValueError(f"the file has no {START} ... {END} block")  # internal
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{START}\n{table}{END}{tail}"

@@ -8,6 +8,7 @@ from dcd_megatron.loss.config import DCDConfig
 from dcd_megatron.model.config import ModelConfig
 from dcd_megatron.runtime.layout import ParallelConfig
 from dcd_megatron.tracking.config import TrackingConfig
+from dcd_megatron.errors import ConfigError
 
 
 @dataclass
@@ -31,20 +32,20 @@ class OptimConfig:
     def validate(self) -> None:
         """The checks run at construction; call again after changing fields in place."""
         if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+            raise ConfigError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
         if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+                raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.adam_eps <= 0:
-            raise ValueError(f"optim.adam_eps must be > 0, got {self.adam_eps}")
+            raise ConfigError(f"optim.adam_eps must be > 0, got {self.adam_eps}")
         if self.clip_grad < 0:
-            raise ValueError(f"optim.clip_grad must be >= 0 (0 = no clipping), got {self.clip_grad}")
+            raise ConfigError(f"optim.clip_grad must be >= 0 (0 = no clipping), got {self.clip_grad}")
         if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 # What `train.resume_changes` may name (dcd_megatron.train.resume says which fields are in each).
@@ -76,20 +77,20 @@ class LoopConfig:
         """The checks run at construction; call again after changing fields in place."""
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
             if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_interval", "eval_iters", "save_interval", "keep_checkpoints", "stop_after"):
             if getattr(self, name) < 0:
-                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} must be a multiple of "
                 f"train.micro_batch_size={self.micro_batch_size}"
             )
         if not self.output_dir:
-            raise ValueError("train.output_dir must be set")
+            raise ConfigError("train.output_dir must be set")
         unknown = [g for g in self.resume_changes if g not in RESUME_CHANGE_GROUPS]
         if unknown:
-            raise ValueError(f"train.resume_changes: {unknown} are not among {list(RESUME_CHANGE_GROUPS)}")
+            raise ConfigError(f"train.resume_changes: {unknown} are not among {list(RESUME_CHANGE_GROUPS)}")
 
 
 @dataclass
@@ -106,9 +107,9 @@ class RuntimeConfig:
     def validate(self) -> None:
         """The checks run at construction; call again after changing fields in place."""
         if self.timeout_minutes < 1:
-            raise ValueError("runtime.timeout_minutes must be >= 1")
+            raise ConfigError("runtime.timeout_minutes must be >= 1")
         if self.num_threads < 0:
-            raise ValueError("runtime.num_threads must be >= 0")
+            raise ConfigError("runtime.num_threads must be >= 0")
 
 
 @dataclass
@@ -135,7 +136,7 @@ class TrainConfig:
                         self.runtime):
             section.validate()
         if self.model.max_position_embeddings < self.data.seq_length:
-            raise ValueError(
+            raise ConfigError(
                 f"data.seq_length={self.data.seq_length} exceeds "
                 f"model.max_position_embeddings={self.model.max_position_embeddings}"
             )
@@ -148,7 +149,7 @@ class TrainConfig:
         readers = [name for name, reads in (("loss.term=topk_kl", self.loss.term == "topk_kl"),
                                             ("loss.gate=entropy", self.loss.entropy_gate)) if reads]
         if readers and self.data.topk < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"{' and '.join(readers)} reads the teacher's top-k, but data.topk=0 keeps none: set data.topk=K "
                 "(traces scored with `dcd-score --top-k K`), or use loss.term=nll / loss.gate=token"
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dcd_megatron.errors import UserError
 
-class ConvertError(ValueError):
+
+class ConvertError(UserError, ValueError):
     """A checkpoint cannot be converted as asked; the message says why and what to do."""

@@ -50,7 +50,7 @@ def make_tiny_hf_model(
     elif arch == "qwen2":
         config = Qwen2Config(**common)
     else:
-        raise ValueError(f"arch must be llama or qwen2, got {arch!r}")
+        raise ValueError(f"arch must be llama or qwen2, got {arch!r}")  # internal
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).float()
     with torch.no_grad():

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dcd_megatron.loss.contract import FLOAT_KEYS, INT_KEYS, DCDBatch
+from dcd_megatron.errors import ConfigError
 
 
 def to_torch(batch: dict[str, np.ndarray]) -> DCDBatch:
@@ -40,7 +41,7 @@ def _get_batch(samples, indices: np.ndarray) -> dict[str, np.ndarray]:
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name}={value!r}: needs a positive integer")
+            raise ValueError(f"{name}={value!r}: needs a positive integer")  # internal
 
 
 class MicroBatchIterator(Iterator[DCDBatch]):
@@ -60,7 +61,7 @@ class MicroBatchIterator(Iterator[DCDBatch]):
     ):
         _check_positive(micro_batch_size=micro_batch_size, num_microbatches=num_microbatches, dp_size=dp_size)
         if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
+            raise ValueError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")  # internal
         self.samples = samples
         self.micro_batch_size = micro_batch_size
         self.num_microbatches = num_microbatches
@@ -71,7 +72,7 @@ class MicroBatchIterator(Iterator[DCDBatch]):
         self.step_samples = micro_batch_size * dp_size
         self.samples_per_epoch = (len(samples) // self.global_batch_size) * self.global_batch_size
         if self.samples_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"only {len(samples)} training samples, fewer than one global batch of "
                 f"{self.global_batch_size} (micro_batch_size x num_microbatches x dp_size); "
                 "add data, pack (data.pack=true), or lower the batch size"
@@ -88,7 +89,7 @@ class MicroBatchIterator(Iterator[DCDBatch]):
     def load_state_dict(self, state: dict) -> None:
         consumed = int(state["consumed_samples"])
         if consumed < 0 or consumed % self.step_samples:
-            raise ValueError(
+            raise ConfigError(
                 f"consumed_samples={consumed} is not a multiple of micro_batch_size x dp_size = "
                 f"{self.step_samples}; resume from a checkpoint taken at a step boundary"
             )
@@ -134,7 +135,7 @@ class ValidationIterator:
     def __init__(self, samples, *, micro_batch_size: int, dp_rank: int, dp_size: int):
         _check_positive(micro_batch_size=micro_batch_size, dp_size=dp_size)
         if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
+            raise ValueError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")  # internal
         self.samples = samples
         self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
         step = micro_batch_size * dp_size
@@ -154,5 +155,5 @@ class ValidationIterator:
         for j in range(self.num_microbatches):
             idx = self.indices(j)
             if (idx < 0).any() and not hasattr(self.samples, "batch"):
-                raise TypeError("padding a partial validation batch needs samples with .batch() (PackedSamples)")
+                raise TypeError("padding a partial validation batch needs samples with .batch() (PackedSamples)")  # internal
             yield to_torch(_get_batch(self.samples, idx))

@@ -5,12 +5,16 @@ Layout of ``<cache_root>/<name>-<key16>/`` (all ``.npy``, opened with ``mmap_mod
 tokens), ``teacher_logprobs`` float32 (aligned to tokens, NaN where unknown), ``doc_offsets``
 int64 [n_docs+1], ``response_start`` int32 (prompt length), ``response_tokens`` int32 (trained
 tokens per document), ``doc_rows`` int64 (global source row of each document), and
-``meta.json`` (counts, written last). It is built in a ``.tmp-*`` sibling and renamed into
-place, so a crash never leaves a directory that is later trusted.
+``meta.json`` (counts and a manifest of every file's size and sampled checksum, written last).
+It is built in a ``.tmp-*`` sibling and renamed into place, so a crash (or kill -9) during
+tokenisation never leaves a directory that is later trusted; a published cache that no longer
+matches its manifest (a truncated or overwritten file, a bad disk) is named in one warning, moved
+aside to ``.damaged-*`` and rebuilt.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -29,11 +33,13 @@ from dcd_megatron.data.encoding import RowEncoder, output_features
 from dcd_megatron.data.loading import DataLoadError, Source, load_sources, resolve_sources
 from dcd_megatron.data.tokenizer import Tokenizer
 from dcd_megatron.data.validation import BadRowError, SkipCounts
+from dcd_megatron.errors import UserError
 from dcd_megatron.loss.contract import TOPK_KEYS
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 4  # 2: optional teacher top-k arrays; 3: unknown-character counts; 4: student_ref_logprobs
+CACHE_FORMAT = 5  # 2: optional teacher top-k arrays; 3: unknown-character counts; 4: a manifest of the files;
+# 5: student_ref_logprobs
 ARRAY_NAMES = (
     "tokens", "loss_mask", "teacher_logprobs", "student_ref_logprobs", "doc_offsets",
     "response_start", "response_tokens", "doc_rows",
@@ -41,10 +47,56 @@ ARRAY_NAMES = (
 TOPK_ARRAY_NAMES = TOPK_KEYS  # the batch keys of the teacher's top-k; only when data.topk > 0
 MIN_ROWS_PER_WORKER = 256  # below this, worker start-up costs more than it saves (auto num_proc only)
 _SCAN_BATCH = 4096
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+_SAMPLE_BLOCKS, _SAMPLE_BYTES = 16, 1 << 16  # the manifest's checksum reads 16 blocks of 64 KiB a file
 
 
-class CacheError(RuntimeError):
-    """A token cache is missing, incomplete or from another format version."""
+class CacheError(UserError, RuntimeError):
+    """A token cache is missing, incomplete, damaged or cannot be built; the message names it and the fix."""
+
+
+def _sampled_checksum(path: Path, size: int) -> str:
+    """blake2b of `_SAMPLE_BLOCKS` evenly spaced blocks (the whole file when small): cheap at any size."""
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with open(path, "rb") as f:
+        if size <= _SAMPLE_BLOCKS * _SAMPLE_BYTES:
+            digest.update(f.read())
+        else:
+            for i in range(_SAMPLE_BLOCKS):
+                f.seek((size - _SAMPLE_BYTES) * i // (_SAMPLE_BLOCKS - 1))
+                digest.update(f.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def file_manifest(directory: Path) -> dict[str, dict]:
+    """{file name: {"bytes", "checksum"}} of a cache's .npy files (meta.json records it, last)."""
+    files = {}
+    for path in sorted(Path(directory).glob("*.npy")):
+        size = path.stat().st_size
+        files[path.name] = {"bytes": size, "checksum": _sampled_checksum(path, size)}
+    return files
+
+
+def cache_problem(path: str | Path, checksums: bool = True) -> str | None:
+    """What is wrong with the finished cache at `path` against its manifest; None when it verifies.
+
+    Sizes only (a stat a file) with ``checksums=False``; with them, 1 MiB read a file at most.
+    """
+    path = Path(path)
+    try:
+        files = json.loads((path / "meta.json").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"meta.json is unreadable ({type(exc).__name__}: {exc})"
+    for name, want in sorted(files.items()):
+        try:
+            size = (path / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if size != want["bytes"]:
+            return f"{name} is {size} bytes, its manifest says {want['bytes']}"
+        if checksums and _sampled_checksum(path / name, size) != want["checksum"]:
+            return f"{name} does not match its manifest's checksum"
+    return None
 
 
 def _key_config(cfg: DataConfig, tokenizer: Tokenizer) -> dict:
@@ -116,6 +168,12 @@ class TokenCache:
             raise CacheError(
                 f"no complete token cache at {path} (meta.json missing or of another format); "
                 "build it first with dcd_megatron.data.build_caches (rank 0), then open it"
+            )
+        problem = cache_problem(path, checksums=False)
+        if problem:
+            raise CacheError(
+                f"token cache {path} is damaged: {problem}; run again (rank 0 moves a damaged cache aside "
+                "and rebuilds it) or delete that directory"
             )
         meta = json.loads((path / "meta.json").read_text())
         arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAY_NAMES}
@@ -384,7 +442,8 @@ def token_cache_path(path: str, cfg: DataConfig, tokenizer: Tokenizer, root: Pat
     return root / f"{spec.short_name}-{cache_key(cfg, tokenizer, fp)[:16]}"
 
 
-def _cache_meta(key, spec, sources, n_rows: int, skips, written: dict, tokenizer, cfg: DataConfig, seconds: float) -> dict:
+def _cache_meta(key, spec, sources, n_rows: int, skips, written: dict, tokenizer, cfg: DataConfig, seconds: float,
+                out: Path) -> dict:
     """The cache's meta.json (written last: its presence marks the cache complete)."""
     return {
         "format": CACHE_FORMAT,
@@ -400,6 +459,7 @@ def _cache_meta(key, spec, sources, n_rows: int, skips, written: dict, tokenizer
                       "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id, "pad_id": tokenizer.pad_id},
         "config": _key_config(cfg, tokenizer),
         "build_seconds": round(seconds, 3),
+        "files": file_manifest(out),
     }
 
 
@@ -420,6 +480,21 @@ def _publish(tmp: Path, final: Path, root: Path) -> bool:
         log.info("token cache %s was built concurrently; using it", final)
         return False
     return True
+
+
+def _damaged(final: Path, root: Path) -> str | None:
+    """Move a published cache that fails its manifest aside (one warning line); what was wrong, or None."""
+    problem = cache_problem(final)
+    if problem is None:
+        return None
+    aside = root / f".damaged-{final.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(final, aside)
+    except FileNotFoundError:  # another rank or run moved it first
+        return problem
+    log.warning("token cache %s is damaged (%s): moved it aside to %s and rebuilding it (delete that folder)",
+                final, problem, aside)
+    return problem
 
 
 def _all_skipped(role: str, location: str, n_rows: int, skips: SkipCounts) -> DataLoadError:
@@ -462,6 +537,7 @@ def build_token_cache(
     spec, fp, sources = _source_spec_and_fingerprint(path, cfg, root)
     key = cache_key(cfg, tokenizer, fp)
     final = root / f"{spec.short_name}-{key[:16]}"
+    damaged = _damaged(final, root) if TokenCache.is_complete(final) else None
     if TokenCache.is_complete(final):
         log.info("reusing token cache %s", final)
         check_unknown_chars(json.loads((final / "meta.json").read_text()), cfg, f"{role}={spec.location}")
@@ -486,13 +562,20 @@ def build_token_cache(
             raise _all_skipped(role, spec.location, n_rows, skips)
         del mapped
         shutil.rmtree(work)
-        meta = _cache_meta(key, spec, sources, n_rows, skips, written, tokenizer, cfg, time.time() - t0)
+        meta = _cache_meta(key, spec, sources, n_rows, skips, written, tokenizer, cfg, time.time() - t0, tmp)
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         if not _publish(tmp, final, root):
             return final
+    except OSError as exc:  # a full or read-only disk: one line, naming the cache
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno not in _DISK_ERRNOS:
+            raise
+        again = f"token cache {final} did not verify ({damaged}) and rebuilding it failed" if damaged else (
+            f"building token cache {final} failed")
+        raise CacheError(f"{again}: {exc}; free space in {root} or point data.cache_dir at a writable disk") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

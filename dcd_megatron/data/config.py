@@ -5,10 +5,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from dcd_megatron.errors import UserError
+
 BUILTIN_TEMPLATES = ("plain", "chatml", "llama3")
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError, ValueError):
     """A data.* setting is invalid; the message names the field and the fix."""
 
 

@@ -18,7 +18,7 @@ SEQ_DIMS = {"attention_mask": 2}
 
 def _check(cp_rank: int, cp_size: int) -> None:
     if cp_size < 1 or not 0 <= cp_rank < cp_size:
-        raise ValueError(f"cp_rank={cp_rank}, cp_size={cp_size}: need 0 <= cp_rank < cp_size")
+        raise ValueError(f"cp_rank={cp_rank}, cp_size={cp_size}: need 0 <= cp_rank < cp_size")  # internal
 
 
 def split_tensor_for_context_parallel(x: torch.Tensor, cp_rank: int, cp_size: int, seq_dim: int = 1) -> torch.Tensor:
@@ -28,7 +28,7 @@ def split_tensor_for_context_parallel(x: torch.Tensor, cp_rank: int, cp_size: in
         return x
     s = x.shape[seq_dim]
     if s % (2 * cp_size):
-        raise ValueError(
+        raise ValueError(  # internal
             f"sequence length {s} is not divisible by 2 x cp_size = {2 * cp_size}; "
             "choose data.seq_length as a multiple of 2 x context parallel size"
         )
@@ -54,7 +54,7 @@ def merge_context_parallel(parts: list[dict], cp_size: int | None = None) -> dic
     """Inverse of `split_for_context_parallel`: ``parts[r]`` is CP rank ``r``'s batch."""
     cp_size = cp_size or len(parts)
     if len(parts) != cp_size:
-        raise ValueError(f"need one part per CP rank: got {len(parts)} for cp_size={cp_size}")
+        raise ValueError(f"need one part per CP rank: got {len(parts)} for cp_size={cp_size}")  # internal
     if cp_size == 1:
         return dict(parts[0])
     out = {}

@@ -16,6 +16,7 @@ from dcd_megatron.data.config import DataConfig, DataConfigError
 from dcd_megatron.data.loading import RAW_JSON_COLUMN
 from dcd_megatron.data.templates import TemplateError, render_prompt
 from dcd_megatron.data.tokenizer import Tokenizer
+from dcd_megatron.data.tokenizer import TokenizerError
 from dcd_megatron.data.validation import RowProblem, check_logprob_column, check_messages, check_topk
 
 _NO_TEACHER = np.zeros(0, dtype=np.float32)  # same arrow type as real rows (float32), never double
@@ -137,7 +138,7 @@ class RowEncoder:
         try:
             return self._prompt_ids(messages)[0]
         except _Problem as p:
-            raise ValueError(f"cannot encode the prompt: {p.problem.detail}") from None
+            raise TokenizerError(f"cannot encode the prompt: {p.problem.detail}") from None
 
     # ---- steps ---------------------------------------------------------------------------
     def _aligned_topk(self, ids, logprobs, n_ids: int, start: int, n_resp: int, eos_trained: bool):

@@ -19,6 +19,7 @@ import numpy as np
 
 from dcd_megatron.data.config import DataConfig
 from dcd_megatron.data.validation import BadRowError, SkipCounts
+from dcd_megatron.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ CANONICAL_FIELDS = (
 )
 
 
-class DataLoadError(ValueError):
+class DataLoadError(UserError, ValueError):
     """The data path cannot be found or read; the message says what was expected."""
 
 

@@ -17,7 +17,7 @@ def packed_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     (segment -1) sees only itself, so no row is fully masked (a fully masked softmax row is NaN).
     """
     if segment_ids.dim() != 2:
-        raise ValueError(f"segment_ids must be [batch, seq], got shape {tuple(segment_ids.shape)}")
+        raise ValueError(f"segment_ids must be [batch, seq], got shape {tuple(segment_ids.shape)}")  # internal
     s = segment_ids.shape[1]
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
@@ -34,7 +34,7 @@ def cu_seqlens_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
     """
     if segment_ids.dim() == 2:
         if segment_ids.shape[0] != 1:
-            raise ValueError(
+            raise ValueError(  # internal
                 f"packed (THD) attention takes micro_batch_size=1, got {segment_ids.shape[0]} rows; "
                 "set the micro-batch size to 1 when packing with Transformer Engine"
             )
@@ -46,9 +46,9 @@ def cu_seqlens_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
     run_ids = seg[starts]
     real = run_ids[run_ids >= 0]
     if len(torch.unique(real)) != len(real) or (real[1:] < real[:-1]).any():
-        raise ValueError("segment_ids must be contiguous, increasing runs (as produced by packing)")
+        raise ValueError("segment_ids must be contiguous, increasing runs (as produced by packing)")  # internal
     if (run_ids[:-1] < 0).any():
-        raise ValueError("padding (segment -1) must only appear at the end of a packed sample")
+        raise ValueError("padding (segment -1) must only appear at the end of a packed sample")  # internal
     total = torch.tensor([seg.numel()], device=seg.device)
     return torch.cat([starts, total]).to(torch.int32)
 

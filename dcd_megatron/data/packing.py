@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from dcd_megatron.data.cache import TokenCache
+from dcd_megatron.errors import UserError
 
-class PackingError(ValueError):
+
+class PackingError(UserError, ValueError):
     """Documents and ``seq_length`` do not fit together."""
 
 

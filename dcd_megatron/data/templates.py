@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from dcd_megatron.errors import UserError
+
 BUILTIN_TEMPLATE_SOURCES: dict[str, str] = {
     # The message contents, one per line: for traces whose prompts are already formatted.
     "plain": "{% for m in messages %}{{ m.content }}{% if not loop.last %}\n{% endif %}{% endfor %}",
@@ -19,7 +21,7 @@ BUILTIN_TEMPLATE_SOURCES: dict[str, str] = {
 }
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """A chat template failed to compile or render."""
 
 

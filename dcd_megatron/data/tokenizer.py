@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from dcd_megatron.errors import UserError
+
 TokenizerKind = Literal["auto", "sentencepiece", "hf"]
 
 _EOS_GUESSES = ("</s>", "<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<|eot_id|>", "<eos>")
@@ -19,7 +21,7 @@ _BOS_GUESSES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 _PAD_GUESSES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """The tokenizer path or type is unusable; the message says what to pass instead."""
 
 

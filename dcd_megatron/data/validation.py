@@ -13,6 +13,8 @@ from itertools import chain
 
 import numpy as np
 
+from dcd_megatron.errors import UserError
+
 POSITIVE_LOGPROB_TOLERANCE = 1e-4
 
 # reason -> what the user should do about it
@@ -45,7 +47,7 @@ def skip_hint(counted_in: str = TOKEN_CACHE_RECORD) -> str:
 SKIP_HINT = skip_hint()
 
 
-class BadRowError(ValueError):
+class BadRowError(UserError, ValueError):
     """A trace row (numbered from 1) failed a check under ``on_bad_row=error`` (or ``on_long_row=error``)."""
 
     def __init__(self, source: str, row: int, reason: str, detail: str, fix: str | None = None,

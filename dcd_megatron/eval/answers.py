@@ -128,7 +128,7 @@ def extract_answer(text: str | None, answer_format: str) -> str | None:
         if boxed is not None:
             return last_number(boxed) or boxed
         return extract_gsm8k(text)
-    raise ValueError(f"answer_format={answer_format!r} is unknown; use 'boxed' or 'gsm8k'")
+    raise ValueError(f"answer_format={answer_format!r} is unknown; use 'boxed' or 'gsm8k'")  # internal
 
 
 _TEXT_UNIT = re.compile(r"\\(?:text|textrm|mbox|mathrm)\{\s*[A-Za-z][A-Za-z .]*\}\s*$")

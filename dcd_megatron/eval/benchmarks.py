@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dcd_megatron.errors import UserError, UserFileNotFoundError
 from dcd_megatron.eval.answers import extract_boxed, extract_gsm8k
 
 # --- prompt templates -------------------------------------------------------------------------
@@ -32,7 +33,7 @@ def resolve_template(template: str) -> str:
     if template in TEMPLATES:
         return TEMPLATES[template]
     if "{question}" not in template:
-        raise ValueError(
+        raise BenchmarkFormatError(
             f"template {template!r} is neither a known name ({sorted(TEMPLATES)}) nor a format "
             "string with a {question} field; pass e.g. --template '{question}\\nAnswer:'"
         )
@@ -57,7 +58,7 @@ class Problem:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class BenchmarkFormatError(ValueError):
+class BenchmarkFormatError(UserError, ValueError):
     """A benchmark file or row does not have the fields its format needs."""
 
 
@@ -191,7 +192,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {}
 def register_benchmark(spec: BenchmarkSpec) -> BenchmarkSpec:
     """Add (or replace) a benchmark, e.g. a synthetic task with its own row parser."""
     if spec.answer_format not in ("boxed", "gsm8k"):
-        raise ValueError(f"{spec.name}: answer_format={spec.answer_format!r}; use 'boxed' or 'gsm8k'")
+        raise BenchmarkFormatError(f"{spec.name}: answer_format={spec.answer_format!r}; use 'boxed' or 'gsm8k'")
     BENCHMARKS[spec.name] = spec
     return spec
 
@@ -213,7 +214,7 @@ def get_benchmark(name: str) -> BenchmarkSpec:
     try:
         return BENCHMARKS[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}") from None
+        raise BenchmarkFormatError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}") from None
 
 
 # --- reading rows -----------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def read_records(path: str | Path) -> list[dict]:
     """Rows of a local ``.jsonl``, ``.json`` (a list, or columns) or ``.parquet`` file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"benchmark file {path} does not exist")
+        raise UserFileNotFoundError(f"benchmark file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
@@ -273,7 +274,7 @@ def _hf_records(source: str, spec: BenchmarkSpec) -> list[dict]:
     """Rows of ``hf:owner/name[:config][@split]`` (or the spec's default) via ``datasets``."""
     ref = source[3:] if source.startswith("hf:") else (spec.hf_path or "")
     if not ref:
-        raise ValueError(f"benchmark {spec.name!r} has no default dataset name; give a local file")
+        raise BenchmarkFormatError(f"benchmark {spec.name!r} has no default dataset name; give a local file")
     split, config = spec.hf_split, None
     if "@" in ref:
         ref, split = ref.rsplit("@", 1)

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from dcd_megatron.cli.errors import report_user_error, user_error_types
+from dcd_megatron.errors import UserError
 from dcd_megatron.eval.benchmarks import BENCHMARKS, get_benchmark, load_problems, resolve_template
 from dcd_megatron.eval.generation import generate, strip_eos
 from dcd_megatron.eval.interface import EvalModel
@@ -101,7 +103,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--template: {exc}")
 
 
-class EvalUsageError(ValueError):
+class EvalUsageError(UserError, ValueError):
     """dcd-eval cannot run as asked; the message names the option and the fix."""
 
 
@@ -117,15 +119,6 @@ def _import_loader(spec: str) -> ModelLoader:
     if not callable(loader):
         raise EvalUsageError(f"--model-loader {spec!r}: {module} has no function {func!r}; {example}")
     return loader
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """What dcd-eval reports in one line (exit 2): bad benchmark files, checkpoints, options."""
-    from dcd_megatron.cli.errors import user_error_types
-
-    from dcd_megatron.eval.benchmarks import BenchmarkFormatError
-
-    return (*user_error_types(), BenchmarkFormatError, EvalUsageError)
 
 
 def _runs(args: argparse.Namespace, small: bool) -> list[tuple[str, float, float, int]]:
@@ -215,7 +208,7 @@ def _model(parser: argparse.ArgumentParser, args: argparse.Namespace, model_load
                          "or --model-loader MODULE:FUNCTION (a function(args) -> EvalModel)")
     try:
         return model_loader(args)
-    except _user_errors() as exc:
+    except user_error_types() as exc:
         where = f"--checkpoint {args.checkpoint}" if args.checkpoint and not args.model_loader else "loading the model"
         raise EvalUsageError(f"{where}: {exc}") from None
 
@@ -239,9 +232,8 @@ def main(argv: Sequence[str] | None = None, *, model_loader: ModelLoader | None 
         results: list[BenchmarkResult] = []
         for entry in args.benchmark:
             results.extend(evaluate_benchmark(model, args, entry, problems[entry]))
-    except _user_errors() as exc:
-        print(f"dcd-eval: error: {exc}", file=sys.stderr)
-        return 2
+    except user_error_types() as exc:
+        return report_user_error("dcd-eval", exc)
 
     summary = [{k: v for k, v in r.to_dict().items() if k != "records"} for r in results]
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -81,7 +81,7 @@ def cumulative_step_loss(
         counts = torch.full((max_len,), len(losses), dtype=torch.long)
         return cums.mean(dim=0), counts
     if length_policy != "reached":
-        raise ValueError(f"length_policy={length_policy!r}; use 'reached' or 'absorbing'")
+        raise ValueError(f"length_policy={length_policy!r}; use 'reached' or 'absorbing'")  # internal
     alive = lengths.unsqueeze(1) >= ls.unsqueeze(0)  # [N, L]
     counts = alive.sum(dim=0)
     total = (cums * alive).sum(dim=0)
@@ -132,7 +132,7 @@ def exposure_bias_curve(
     prefixes has no accumulated-error ratio).
     """
     if not model_prefix_losses or not oracle_prefix_losses:
-        raise ValueError("need at least one rollout on model prefixes and one on oracle prefixes")
+        raise ValueError("need at least one rollout on model prefixes and one on oracle prefixes")  # internal
     longest = max(max(len(x) for x in model_prefix_losses), max(len(x) for x in oracle_prefix_losses))
     max_len = max_len or longest
     r, n_model = cumulative_step_loss(model_prefix_losses, max_len, length_policy)
@@ -182,7 +182,7 @@ def teacher_forced_step_losses(
     Both callables map tokens [b, t] to logits [b, t, V] (causal); right padding is safe.
     """
     if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")  # internal
     step_loss = STEP_LOSSES[loss]
     seqs = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
     out: list[torch.Tensor] = [torch.zeros(0)] * len(seqs)

@@ -29,7 +29,7 @@ class CharTokenizer:
     def encode(self, text: str) -> list[int]:
         unknown = sorted({c for c in text if c not in self._ids})
         if unknown:
-            raise ValueError(f"CharTokenizer cannot encode {unknown!r}; use printable ASCII")
+            raise ValueError(f"CharTokenizer cannot encode {unknown!r}; use printable ASCII")  # internal
         return [self.BOS] + [self._ids[c] for c in text]
 
     def decode(self, ids: Sequence[int]) -> str:

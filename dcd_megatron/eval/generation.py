@@ -55,7 +55,7 @@ class RecomputeDecoder:
     def _next_logits(self, buf: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         logits = self.model_fn(buf)
         if logits.dim() != 3 or logits.shape[:2] != buf.shape:
-            raise ValueError(
+            raise ValueError(  # internal
                 f"model_fn returned logits of shape {tuple(logits.shape)} for tokens of shape "
                 f"{tuple(buf.shape)}; expected [batch, seq, vocab]"
             )
@@ -100,7 +100,7 @@ def next_tokens(
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     if uniforms is None:
-        raise ValueError("sampling (temperature > 0) needs one uniform per row")
+        raise ValueError("sampling (temperature > 0) needs one uniform per row")  # internal
     probs = torch.softmax(logits / temperature, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     if top_p < 1.0:
@@ -145,20 +145,20 @@ def generate(
     and a finished row leaves its batch.
     """
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")  # internal
     if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")  # internal
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")  # internal
     if n < 1:
-        raise ValueError(f"n={n} must be >= 1")
+        raise ValueError(f"n={n} must be >= 1")  # internal
     if temperature == 0.0 and n > 1:
-        raise ValueError(f"n={n} with temperature 0 repeats one greedy output; use n=1 or temperature > 0")
+        raise ValueError(f"n={n} with temperature 0 repeats one greedy output; use n=1 or temperature > 0")  # internal
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+        raise ValueError(f"batch_size={batch_size} must be >= 1")  # internal
     for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")  # internal
     eos = set() if eos_id is None else ({int(eos_id)} if isinstance(eos_id, int) else set(map(int, eos_id)))
     decoder = model_fn if isinstance(model_fn, IncrementalDecoder) else RecomputeDecoder(model_fn, pad_id)
 

@@ -22,9 +22,9 @@ from dcd_megatron.eval.benchmarks import Problem
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from ``n`` samples of which ``c`` are correct: 1 - C(n-c, k) / C(n, k)."""
     if not 0 <= c <= n:
-        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
+        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")  # internal
     if not 1 <= k <= n:
-        raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
+        raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")  # internal
     if n - c < k:
         return 1.0
     # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i), stable for large n
@@ -123,13 +123,13 @@ def score_benchmark(
 ) -> BenchmarkResult:
     """Extract and grade every completion (``completions[problem][sample]``, decoded text)."""
     if not problems:
-        raise ValueError(f"{benchmark}: no problems to score")
+        raise ValueError(f"{benchmark}: no problems to score")  # internal
     if len(completions) != len(problems):
-        raise ValueError(f"{len(completions)} completion lists for {len(problems)} problems")
+        raise ValueError(f"{len(completions)} completion lists for {len(problems)} problems")  # internal
     records = []
     for k, (problem, texts) in enumerate(zip(problems, completions, strict=True)):
         if len(texts) != settings.n_samples:
-            raise ValueError(
+            raise ValueError(  # internal
                 f"problem {problem.id}: {len(texts)} completions, settings say n_samples={settings.n_samples}"
             )
         preds = [extract_answer(t, answer_format) for t in texts]

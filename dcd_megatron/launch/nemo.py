@@ -32,6 +32,7 @@ from fiddle._src.experimental import dataclasses as fdl_dc  # what NeMo-Run itse
 from nemo_run.cli.cli_parser import type_parser
 from nemo_run.config import get_type_namespace
 
+from dcd_megatron.errors import UserError
 from dcd_megatron.configs.train import LoopConfig, OptimConfig, RuntimeConfig, TrainConfig
 from dcd_megatron.data.config import DataConfig
 from dcd_megatron.loss import DCDConfig
@@ -49,7 +50,7 @@ DEFAULT_DOCKER_IMAGE = "dcd-megatron:latest"
 SECTIONS = tuple(f.name for f in fields(TrainConfig))  # model, parallel, data, loss, optim, train, ...
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     """Bad launcher input (an executor layout that cannot work, ...); the message says the fix."""
 
 

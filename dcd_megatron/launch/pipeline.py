@@ -64,15 +64,14 @@ def score_stage(cfg: ScoreConfig) -> None:
     from dcd_megatron.runtime.quiet import quiet_megatron_warnings
 
     quiet_megatron_warnings(prog="dcd-score")
-    from dcd_megatron.cli.errors import user_error_types
+    from dcd_megatron.cli.errors import report_user_error, user_error_types
     from dcd_megatron.runtime import distributed
-    from dcd_megatron.score import ScoreError, score
+    from dcd_megatron.score import score
 
     try:
         result = score(cfg, progress=False)
-    except (ScoreError, *user_error_types()) as exc:
-        print(f"dcd-score: error (rank {_rank()}): {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except user_error_types() as exc:
+        raise SystemExit(report_user_error("dcd-score", exc, _rank())) from None
     finally:
         distributed.shutdown()
     if _rank() == 0:

@@ -11,6 +11,7 @@ import torch
 from dcd_megatron.model.config import ModelConfig
 from dcd_megatron.runtime.distributed import RuntimeFacts
 from dcd_megatron.runtime.layout import Layout
+from dcd_megatron.errors import ConfigError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -137,9 +138,9 @@ def return_hidden_states(model) -> None:
         return
     config = layer.config
     if getattr(config, "mtp_num_layers", None):
-        raise ValueError("the chunked DCD loss does not support multi-token prediction; set loss.chunk_size=0")
+        raise ConfigError("the chunked DCD loss does not support multi-token prediction; set loss.chunk_size=0")
     if getattr(config, "defer_embedding_wgrad_compute", False):
-        raise ValueError("the chunked DCD loss computes the output-layer weight gradient itself; "
+        raise ConfigError("the chunked DCD loss computes the output-layer weight gradient itself; "
                          "unset defer_embedding_wgrad_compute or set loss.chunk_size=0")
 
     def forward(input_, weight=None, runtime_gather_output=None):

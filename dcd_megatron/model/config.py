@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from typing import Literal
 
+from dcd_megatron.errors import ConfigError
+
 FP8_FORMATS = ("hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
@@ -40,40 +42,40 @@ class ModelConfig:
         """The checks run at construction; call again after changing fields in place."""
         for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads and self.kv_channels is None:
-            raise ValueError(
+            raise ConfigError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by "
                 f"model.num_attention_heads ({self.num_attention_heads}), or set model.kv_channels"
             )
         groups = self.query_groups
         if groups < 1 or self.num_attention_heads % groups:
-            raise ValueError(
+            raise ConfigError(
                 f"model.num_query_groups ({self.num_query_groups}) must divide "
                 f"model.num_attention_heads ({self.num_attention_heads})"
             )
         if self.vocab_size is not None and self.vocab_size < 2:
-            raise ValueError(f"model.vocab_size must be >= 2, got {self.vocab_size}")
+            raise ConfigError(f"model.vocab_size must be >= 2, got {self.vocab_size}")
         if self.make_vocab_size_divisible_by < 1:
-            raise ValueError("model.make_vocab_size_divisible_by must be >= 1")
+            raise ConfigError("model.make_vocab_size_divisible_by must be >= 1")
         if not 0.0 < self.rotary_percent <= 1.0:
-            raise ValueError(f"model.rotary_percent must be in (0, 1], got {self.rotary_percent}")
+            raise ConfigError(f"model.rotary_percent must be in (0, 1], got {self.rotary_percent}")
         head = self.kv_channels or self.hidden_size // self.num_attention_heads
         rotated = int(head * self.rotary_percent)
         if rotated < 2 or rotated % 2:
-            raise ValueError(
+            raise ConfigError(
                 f"RoPE rotates channel pairs: model.kv_channels x model.rotary_percent = {head} x "
                 f"{self.rotary_percent} = {rotated} channels must be even and >= 2"
             )
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.fp8 is not None and self.fp8 not in FP8_FORMATS:
-            raise ValueError(f"model.fp8 must be one of {FP8_FORMATS} or null, got {self.fp8!r}")
+            raise ConfigError(f"model.fp8 must be one of {FP8_FORMATS} or null, got {self.fp8!r}")
         if self.fp8_recipe not in FP8_RECIPES:
-            raise ValueError(f"model.fp8_recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}")
+            raise ConfigError(f"model.fp8_recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}")
         if self.fp8 is not None and self.params_dtype == "fp32":
-            raise ValueError(
+            raise ConfigError(
                 "model.fp8 needs model.params_dtype=bf16 (FP8 wraps the BF16 transformer layers)"
             )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dcd_megatron.errors import UserError
+
 # Minimum (major, minor) compute capability per recipe, and an exclusive upper bound where a
 # recipe is specific to one generation.
 _RECIPE_ARCH = {
@@ -14,7 +16,7 @@ _RECIPE_ARCH = {
 }
 
 
-class FP8Error(RuntimeError):
+class FP8Error(UserError, RuntimeError):
     """FP8 was requested where it cannot run; the message says what to change."""
 
 

@@ -236,7 +236,7 @@ def _cpu_clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_deco
         grad = getattr(param, attr, None)
         if grad is not None:
             if grad.dtype != torch.float32 and not use_decoupled_grad:
-                raise TypeError(f"gradient clipping expects fp32 main grads, got {grad.dtype}")
+                raise TypeError(f"gradient clipping expects fp32 main grads, got {grad.dtype}")  # internal
             grads.append(to_local_if_dtensor(grad).detach())
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     if clip_coeff < 1.0:

@@ -16,6 +16,11 @@ import torch
 
 from dcd_megatron.runtime import cpu_compat
 from dcd_megatron.runtime.layout import Layout
+from dcd_megatron.errors import ConfigError, UserError
+
+
+class DistributedSetupError(UserError, RuntimeError):
+    """The launch environment cannot run as asked (no MASTER_ADDR, no GPU for runtime.device=cuda)."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ def process_info(env: dict[str, str] | None = None) -> ProcessInfo:
     else:
         rank, world, local = 0, 1, 0
     if world > 1 and "MASTER_ADDR" not in env:
-        raise RuntimeError(
+        raise DistributedSetupError(
             f"rank {rank} of {world}: MASTER_ADDR is not set; launch with torchrun, or export "
             "MASTER_ADDR/MASTER_PORT before srun (slurm/dcd_8node.sh does)"
         )
@@ -54,9 +59,9 @@ def process_info(env: dict[str, str] | None = None) -> ProcessInfo:
 def resolve_device(requested: str) -> torch.device:
     """`auto` picks CUDA when present; `cuda` without a GPU is a clear error."""
     if requested not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"runtime.device must be auto, cpu or cuda, got {requested!r}")
+        raise ConfigError(f"runtime.device must be auto, cpu or cuda, got {requested!r}")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device=cuda but no CUDA device is visible; use runtime.device=cpu")
+        raise DistributedSetupError("runtime.device=cuda but no CUDA device is visible; use runtime.device=cpu")
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     return torch.device("cuda")

@@ -2,8 +2,10 @@
 
 from dataclasses import dataclass
 
+from dcd_megatron.errors import UserError
 
-class LayoutError(ValueError):
+
+class LayoutError(UserError, ValueError):
     """An impossible parallel layout, named with the fix."""
 
 

@@ -33,6 +33,7 @@ import threading
 import time
 from pathlib import Path
 
+from dcd_megatron.errors import UserError
 from dcd_megatron.tracking.redact import redact_text
 
 LOCK_NAME = ".dcd.lock"
@@ -47,7 +48,7 @@ SLURM_ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", 
 _HELD: dict[Path, OutputLock] = {}  # locks this process holds (released at exit if a run forgot)
 
 
-class OutputDirError(RuntimeError):
+class OutputDirError(UserError, RuntimeError):
     """The output directory cannot be used: not a directory, not writable, or held by another run."""
 
 
@@ -251,7 +252,7 @@ class OutputLock:
         while not self._stop.wait(heartbeat_s):
             try:
                 if self.path.read_text().strip() != self._text:
-                    raise FileNotFoundError
+                    raise FileNotFoundError  # internal
                 os.utime(self.path)
             except FileNotFoundError:
                 if not self.lost:

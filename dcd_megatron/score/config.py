@@ -4,9 +4,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from dcd_megatron.data.config import DataConfig
+from dcd_megatron.errors import UserError
 
 
-class ScoreError(ValueError):
+class ScoreError(UserError, ValueError):
     """Scoring cannot run as asked; the message names the setting and the fix."""
 
 

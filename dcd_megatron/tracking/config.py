@@ -4,6 +4,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dcd_megatron.errors import ConfigError
+
 DEFAULT_STORE_DIR = "mlruns"
 DEFAULT_DB_NAME = "mlflow.db"
 DEFAULT_ARTIFACT_DIR = "artifacts"
@@ -36,29 +38,29 @@ class TrackingConfig:
     def validate(self) -> None:
         """The checks run at construction; call again after changing fields in place."""
         if not isinstance(self.enabled, bool):
-            raise ValueError(f"tracking.enabled must be true or false, got {self.enabled!r}")
+            raise ConfigError(f"tracking.enabled must be true or false, got {self.enabled!r}")
         if self.tracking_uri is not None and (not isinstance(self.tracking_uri, str) or not self.tracking_uri.strip()):
-            raise ValueError(
+            raise ConfigError(
                 f"tracking.tracking_uri must be a non-empty URI (e.g. http://host:5000 or sqlite:///path.db) "
                 f"or null for the default, got {self.tracking_uri!r}"
             )
         if isinstance(self.metrics_flush_s, bool) or not isinstance(self.metrics_flush_s, (int, float)) \
                 or not 0 <= self.metrics_flush_s < float("inf"):
-            raise ValueError(f"tracking.metrics_flush_s must be a number of seconds >= 0, got {self.metrics_flush_s!r}")
+            raise ConfigError(f"tracking.metrics_flush_s must be a number of seconds >= 0, got {self.metrics_flush_s!r}")
         if not isinstance(self.experiment, str) or not self.experiment.strip():
-            raise ValueError(f"tracking.experiment must be a non-empty name, got {self.experiment!r}")
+            raise ConfigError(f"tracking.experiment must be a non-empty name, got {self.experiment!r}")
         if self.run_name is not None and not isinstance(self.run_name, str):
-            raise ValueError(f"tracking.run_name must be a string or null, got {self.run_name!r}")
+            raise ConfigError(f"tracking.run_name must be a string or null, got {self.run_name!r}")
         if isinstance(self.plot_interval, bool) or not isinstance(self.plot_interval, int) or self.plot_interval < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"tracking.plot_interval must be an integer >= 0 (steps between plots, 0 = never), got {self.plot_interval!r}"
             )
         for name in ("timeout_s", "finish_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"tracking.{name} must be a number of seconds > 0, got {value!r}")
+                raise ConfigError(f"tracking.{name} must be a number of seconds > 0, got {value!r}")
         if isinstance(self.max_pending, bool) or not isinstance(self.max_pending, int) or self.max_pending < 1:
-            raise ValueError(f"tracking.max_pending must be an integer >= 1, got {self.max_pending!r}")
+            raise ConfigError(f"tracking.max_pending must be an integer >= 1, got {self.max_pending!r}")
 
     def resolved_uri(self, cwd: Path | None = None) -> str:
         """The tracking URI to use: the setting, else env MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db."""

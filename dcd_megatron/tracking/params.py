@@ -51,6 +51,6 @@ def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
 def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     """Consecutive slices of at most ``size`` items (MLflow caps entities per batch call)."""
     if size < 1:
-        raise ValueError(f"batch size must be >= 1, got {size}")
+        raise ValueError(f"batch size must be >= 1, got {size}")  # internal
     for start in range(0, len(items), size):
         yield items[start : start + size]

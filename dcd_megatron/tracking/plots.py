@@ -15,19 +15,19 @@ def as_float_array(values: Any, name: str) -> np.ndarray:
         values = values.detach().float().cpu().numpy()
     array = np.array(values, dtype=np.float64, copy=True)
     if array.ndim != 1 or array.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D sequence of numbers, got shape {array.shape}")
+        raise ValueError(f"{name} must be a non-empty 1-D sequence of numbers, got shape {array.shape}")  # internal
     return array
 
 
 def check_binned(edges: np.ndarray, values: np.ndarray, edges_name: str, values_name: str) -> None:
     """Edges must be increasing and one longer than the per-bin values."""
     if edges.size != values.size + 1:
-        raise ValueError(
+        raise ValueError(  # internal
             f"{edges_name} has {edges.size} entries but {values_name} has {values.size}: "
             f"pass n+1 bin edges for n bins"
         )
     if not np.all(np.isfinite(edges)) or not np.all(np.diff(edges) > 0):
-        raise ValueError(f"{edges_name} must be finite and strictly increasing, got {edges.tolist()}")
+        raise ValueError(f"{edges_name} must be finite and strictly increasing, got {edges.tolist()}")  # internal
 
 
 def trim_empty_bins(edges: np.ndarray, counts: np.ndarray, margin: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -86,12 +86,12 @@ def render_weight_by_position(path: Path, step: int, edges: np.ndarray, mean_wei
 def check_curves(curves: Mapping[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{name: (steps, values)}`` as float arrays of equal, non-zero length, or a ValueError naming the curve."""
     if not curves:
-        raise ValueError("curves is empty: pass {metric name: (steps, values)} with at least one curve")
+        raise ValueError("curves is empty: pass {metric name: (steps, values)} with at least one curve")  # internal
     out = {}
     for name, pair in curves.items():
         steps, values = (as_float_array(x, f"curves[{name!r}] {part}") for x, part in zip(pair, ("steps", "values")))
         if steps.size != values.size:
-            raise ValueError(f"curves[{name!r}] has {steps.size} steps but {values.size} values: pass one value a step")
+            raise ValueError(f"curves[{name!r}] has {steps.size} steps but {values.size} values: pass one value a step")  # internal
         out[name] = (steps, values)
     return out
 

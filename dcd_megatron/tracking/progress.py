@@ -62,11 +62,11 @@ class ProgressPrinter:
         clock: Callable[[], float] = time.monotonic,
     ):
         if total_steps < 1:
-            raise ValueError(f"ProgressPrinter total_steps must be >= 1, got {total_steps}")
+            raise ValueError(f"ProgressPrinter total_steps must be >= 1, got {total_steps}")  # internal
         if log_interval < 1:
-            raise ValueError(f"ProgressPrinter log_interval must be >= 1, got {log_interval}")
+            raise ValueError(f"ProgressPrinter log_interval must be >= 1, got {log_interval}")  # internal
         if window < 1:
-            raise ValueError(f"ProgressPrinter window must be >= 1, got {window}")
+            raise ValueError(f"ProgressPrinter window must be >= 1, got {window}")  # internal
         self.total_steps = total_steps
         self.log_interval = log_interval
         self.keys = keys

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dcd_megatron.errors import UserError
 from dcd_megatron.tracking.config import TrackingConfig
 from dcd_megatron.tracking.record import read_record, replay_missing, run_end, values_by_key
 from dcd_megatron.tracking.redact import REDACTED, redact_text, redact_uri
@@ -22,7 +23,7 @@ RECORD_FILE = "metrics.jsonl"
 FINAL_FILE = "final_metrics.json"
 
 
-class SyncError(ValueError):
+class SyncError(UserError, ValueError):
     """The run cannot be synced (no run recorded, store unreachable, run not in it): a one-line reason and fix."""
 
 

@@ -212,7 +212,7 @@ class Tracker:
         """Send what is queued, replay what the store missed, set ``tags`` and mark the run ``status``,
         for at most ``timeout_s`` (default ``finish_timeout_s``); True if everything arrived."""
         if status not in FINISH_STATUSES:
-            raise ValueError(f"finish(status={status!r}): status must be one of {', '.join(FINISH_STATUSES)}")
+            raise ValueError(f"finish(status={status!r}): status must be one of {', '.join(FINISH_STATUSES)}")  # internal
         if not self.active or not self._started or self._finished:
             return True
         self._finished = True
@@ -332,7 +332,7 @@ class Tracker:
         def task() -> None:
             run_id = self._ensure_run()
             if not source.is_file():
-                raise FileNotFoundError(f"artifact {source} is not a file (log_artifact takes one file)")
+                raise FileNotFoundError(f"artifact {source} is not a file (log_artifact takes one file)")  # internal
             upload = self._redacted_copy(source)
             self._client.log_artifact(run_id, str(upload), artifact_path)
 

@@ -42,7 +42,7 @@ class BackgroundWorker:
         name: str = "dcd-tracking",
     ):
         if max_pending < 1:
-            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")  # internal
         self._max_pending = max_pending
         self._on_error = on_error
         self._on_success = on_success

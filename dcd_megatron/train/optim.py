@@ -6,6 +6,7 @@ import torch
 
 from dcd_megatron.configs.train import OptimConfig
 from dcd_megatron.runtime.distributed import RuntimeFacts
+from dcd_megatron.errors import ConfigError
 
 
 def build_optimizer(optim: OptimConfig, model_chunks, *, params_dtype: str, facts: RuntimeFacts):
@@ -13,7 +14,7 @@ def build_optimizer(optim: OptimConfig, model_chunks, *, params_dtype: str, fact
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     if optim.distributed_optimizer and facts.on_cpu:
-        raise ValueError(
+        raise ConfigError(
             "optim.distributed_optimizer=true needs CUDA (megatron-core asserts CUDA parameters); "
             "set optim.distributed_optimizer=false on CPU"
         )
