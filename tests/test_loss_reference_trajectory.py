@@ -120,3 +120,31 @@ def test_clear_errors():
 
     with pytest.raises(ValueError, match="loss.reference=initial .* model.init_checkpoint is not set"):
         TrainConfig(loss=cfg)
+
+
+def test_live_trajectory_is_fused_chunk_by_chunk_in_token_order(monkeypatch):
+    """Without context parallelism the trajectory (fixed bias, token gate) needs no recompute: each chunk's
+    weights follow from its own log-probs and the carried product; chunk boundaries inside documents."""
+    from dcd_megatron.loss import chunked
+
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(2, 13, 8, generator=g), torch.randn(19, 8, generator=g)
+    seg = torch.zeros(2, 13, dtype=torch.long)
+    seg[:, 5:] = 1
+    seg[1, 9:] = 2
+    batch = {"labels": torch.randint(0, 19, (2, 13), generator=g), "loss_mask": (torch.rand(2, 13, generator=g) > 0.2).float(),
+             "teacher_logprobs": -torch.rand(2, 13, generator=g) * 2, "segment_ids": seg}
+    for cfg in (DCDConfig(method="gated", gate_power=2.0, trajectory=True, normalize="none"),
+                DCDConfig(method="sigmoid", bias=0.2, trajectory=True, floor=0.01, normalize="micro")):
+        want = make_loss_func(dataclasses.replace(cfg, chunk_size=0))
+        h1 = hidden.clone().requires_grad_()
+        loss1, _, _ = want(batch, F.linear(h1, weight))
+        loss1.backward()
+        for chunk in (1, 3, 7):
+            with monkeypatch.context() as m:
+                m.setattr(chunked, "chunked_logprobs", lambda *a, **k: pytest.fail("recompute scheme used"))
+                h2 = hidden.clone().requires_grad_()
+                loss2, _, _ = make_loss_func(dataclasses.replace(cfg, chunk_size=chunk))(batch, h2, output_weight=weight)
+                loss2.backward()
+            torch.testing.assert_close(loss2, loss1, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-5, atol=1e-6)

@@ -73,7 +73,7 @@ def render(results: dict, img_dir: Path, img_rel: str) -> str:
     for name, recs in by_condition.items():
         arms_of[name] = [a for a in cfg["arms"] if any(r["arm"] == a for r in recs)]
         summaries[name] = summarize(recs, arms_of[name], groups)
-    lines = _header(results) + _decision(summaries, arms_of) + _setup(results, groups)
+    lines = _header(results) + _decision(summaries, arms_of) + _cost(by_condition, arms_of) + _setup(results, groups)
     for name, recs in by_condition.items():
         sub = dict(results, records=recs)
         plots = make_plots(sub, summaries[name], arms_of[name], groups, img_dir,
@@ -150,6 +150,44 @@ def _decision(summaries: dict, arms_of: dict) -> list[str]:
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {qualifies} | {goal} | {100 * row['gain']:+.1f} |")
     lines += ["", f"**Chosen by this run: `{choice['choice']}`.** {choice['why']}", ""]
     return lines
+
+
+def _cost(by_condition: dict[str, list[dict]], arms_of: dict) -> list[str]:
+    """Each arm's training CPU time against SFT's on the same seed, and the reference scoring pass."""
+    names = list(by_condition)
+    lines = [
+        "## What each arm costs",
+        "",
+        "CPU seconds of each distillation run (model set-up, every step, the save; the reference scoring not "
+        "included) divided by SFT's on the same seed and condition, mean over seeds; and the CPU seconds of "
+        "the reference arms' one scoring pass over the condition's traces with the prior (`dcd-score "
+        "--reference`, once per condition x seed, mean over seeds). Same run, same machine.",
+        "",
+        "| arm | " + " | ".join(f"{n}: run / SFT's" for n in names) + " |",
+        "| --- |" + " --- |" * len(names),
+    ]
+    ratios: dict[str, dict[str, float]] = {}
+    scoring: dict[str, list[float]] = {}
+    for name, recs in by_condition.items():
+        sft = {r["seed"]: _run_cpu(r) for r in recs if r["arm"] == "sft"}
+        by_seed: dict[int, float] = {}
+        for r in recs:
+            if r["seed"] in sft and sft[r["seed"]] > 0:
+                ratios.setdefault(r["arm"], {}).setdefault(name, []).append(_run_cpu(r) / sft[r["seed"]])
+            if r.get("reference_cpu_s", 0.0) > 0:
+                by_seed[r["seed"]] = max(by_seed.get(r["seed"], 0.0), r["reference_cpu_s"])
+        scoring[name] = list(by_seed.values())
+    for arm in [a for a in dict.fromkeys(a for v in arms_of.values() for a in v)]:
+        cells = [f"{sum(v) / len(v):.2f}" if (v := ratios.get(arm, {}).get(n)) else "n/a" for n in names]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines.append("| reference scoring (CPU s) | " + " | ".join(
+        f"{sum(v) / len(v):.1f}" if v else "n/a" for v in (scoring[n] for n in names)) + " |")
+    lines.append("")
+    return lines
+
+
+def _run_cpu(record: dict) -> float:
+    return record.get("train_cpu_s", math.nan) - record.get("reference_cpu_s", 0.0)
 
 
 def _share(x: float) -> str:

@@ -25,6 +25,9 @@ Two exact gradient schemes, both ``torch.autograd.Function``s:
   With ``reference="initial"`` every weight is a function of the data alone (the frozen initial
   student's log-probs, the teacher's): the weights, those that look along the row included,
   are computed before the chunks and the fused scheme applies to every method.
+  The trajectory discount (``loss.trajectory``, fixed bias, no context parallelism) looks back
+  only: the chunks are in token order, so each chunk's weights follow from its own log-probs and
+  the running product of each document's fork factors, carried from chunk to chunk (fused too).
 - **recompute** (any weight, e.g. ``prefix``/``sequence``/median bias, which need every
   token's log-prob first): the forward pass keeps only the per-token log-sum-exp and returns
   the ``[b, s, m]`` log-probs, from which the weights and the term are computed with autograd
@@ -50,10 +53,13 @@ from dcd_megatron.loss.config import DCDConfig
 from dcd_megatron.loss.contract import GatheredTerm, OnLogProbs, TokenTerm, checked_teacher, gate_entropy, validate_batch
 from dcd_megatron.loss.logprobs import _combine_shards, _group_rank_size, _ids_grad_into, _local_ids
 from dcd_megatron.loss.report import build_report
+from dcd_megatron.loss import segments
 from dcd_megatron.loss.weights import (
     REFERENCE_KEY,
     _looks_along_rows,
+    causal_weights,
     compute_weights,
+    gated_parts,
     mean_one_factor,
     normalize_weights,
     weight_totals,
@@ -274,17 +280,52 @@ def _gathered_term(term: TokenTerm, batch: Mapping[str, torch.Tensor], shape) ->
     return term.gathered(batch, shape)
 
 
+def _spans_ranks(group) -> bool:
+    return group is not None and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+class _TrajectoryCarry:
+    """The trajectory discount chunk by chunk in token order: each document's running sum of log fork
+    factors is carried from one chunk to the next (the chunks hold the trained tokens, row-major)."""
+
+    def __init__(self, config: DCDConfig, step: int, docs: torch.Tensor, teacher: torch.Tensor):
+        self.config, self.tau = config, config.tau_at(step)
+        self.docs, self.teacher = docs.reshape(-1), teacher.reshape(-1).to(torch.float32)
+        self.doc, self.total = -1, torch.zeros((), dtype=torch.float64, device=docs.device)
+
+    def __call__(self, s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        a = self.teacher[rows]
+        ones = torch.ones_like(s, dtype=torch.bool)
+        u, fork = gated_parts(s.detach().float(), s.detach().float() - a, ones, self.config, self.tau, gate_in=a)
+        docs = self.docs[rows]
+        log_fork = fork.to(torch.float64).clamp(min=1e-300).log()
+        before = log_fork.cumsum(0) - log_fork  # exclusive, over the chunk
+        starts = torch.ones_like(docs, dtype=torch.bool)
+        starts[1:] = docs[1:] != docs[:-1]
+        first = torch.cummax(torch.where(starts, torch.arange(len(docs), device=docs.device), 0), 0).values
+        within = before - before[first]  # reset where a document starts in the chunk
+        within = within + torch.where(docs == self.doc, self.total, torch.zeros_like(self.total))
+        self.total = within[-1] + log_fork[-1]
+        self.doc = int(docs[-1])
+        w = u * within.exp().to(u.dtype)
+        return w.clamp(min=self.config.floor, max=self.config.cap)
+
+
 def _fused_loss(hidden, weight, ids, valid, on_logprobs: OnLogProbs, config: DCDConfig, *, step: int, chunk: int,
-                tp_group, teacher, entropy, known):
+                tp_group, teacher, entropy, known, docs=None):
     """``(sum_t u_t * term_t, log-probs)`` by the fused scheme: ``u`` from ``known`` (weights computed
-    from the batch before the forward pass) or, per token, from each chunk's own log-probs."""
+    from the batch before the forward pass), carried along the row (``docs``: the trajectory discount),
+    or, per token, from each chunk's own log-probs."""
     flat_teacher = teacher.reshape(-1) if teacher is not None else None
     flat_entropy = entropy.reshape(-1) if entropy is not None else None
     flat_u = known.reshape(-1) if known is not None else None
+    carry = _TrajectoryCarry(config, step, docs, teacher) if docs is not None else None
 
     def chunk_weights(logprobs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         if flat_u is not None:
             return flat_u[rows]
+        if carry is not None:
+            return carry(logprobs[:, 0], rows)
         t = flat_teacher[rows][None] if flat_teacher is not None else None
         h = flat_entropy[rows][None] if flat_entropy is not None else None
         ones = torch.ones(logprobs.shape[:1], dtype=torch.bool, device=logprobs.device)[None]
@@ -343,12 +384,14 @@ def chunked_loss(
                    want_response_frac=frac is None, entropy=entropy, reference_logprobs=reference)
     known = weights_before_forward(config)
     result = compute_weights(reference, teacher, valid, config, **rows_kw) if known else None
+    causal = not known and causal_weights(config) and not _spans_ranks(cp_group)
     fused = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad) and (
-        known or per_token_weights(config))
+        known or causal or per_token_weights(config))
     if fused:
+        docs = segments.document_ids(batch.get("segment_ids"), labels.shape, labels.device) if causal else None
         loss_sum, logprobs = _fused_loss(hidden, weight, ids, valid, on_logprobs, config, step=step, chunk=chunk,
                                          tp_group=tp_group, teacher=teacher, entropy=entropy,
-                                         known=result.weights if known else None)
+                                         known=result.weights if known else None, docs=docs)
     else:  # the recompute scheme (or no gradient): log-probs first, the loss from them with autograd
         logprobs = chunked_logprobs(hidden, weight, ids, tp_group, chunk_size=chunk, mask=valid)
     student = logprobs[..., 0]

@@ -145,12 +145,8 @@ def raw_weights_on_rows(
     if method == "sft":
         return torch.ones_like(s)
     if method in ("sigmoid", "gated"):
-        g = gate_values(s - l if gate_in is None else gate_in, config) if method == "gated" else torch.zeros_like(s)
-        sig = _sigmoid_weight(l.clamp(-c, c), valid, config, tau)
-        u = g + (1.0 - g) * sig
-        if config.trajectory:
-            u = u * trajectory_discount(g + (1.0 - g) * (2.0 * sig).clamp(max=1.0), valid, segment_ids)
-        return u
+        u, fork = gated_parts(s, l, valid, config, tau, gate_in)
+        return u * trajectory_discount(fork, valid, segment_ids) if config.trajectory else u
     if method == "student_only":
         if config.student_only_form == "power":
             return torch.exp(config.beta * s)  # p ** beta
@@ -168,6 +164,24 @@ def raw_weights_on_rows(
         mean, _ = segments.document_mean(l, valid, docs)
         return torch.exp(mean.to(torch.float32).clamp(-c, c))
     raise ValueError(f"unknown DCD method {method!r}")  # DCDConfig validates; guards additions
+
+
+def gated_parts(s, l, valid, config: DCDConfig, tau: float, gate_in=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, fork)`` of the sigmoid-shaped methods: the token's own weight ``g + (1 - g) sigma`` and
+    its fork factor ``g + (1 - g) min(1, 2 sigma)`` (``g = 0`` for ``sigmoid``; ``gate_in`` as in
+    ``raw_weights_on_rows``)."""
+    if config.method == "gated":
+        g = gate_values(s - l if gate_in is None else gate_in, config)
+    else:
+        g = torch.zeros_like(s)
+    sig = _sigmoid_weight(l.clamp(-config.clip, config.clip), valid, config, tau)
+    return g + (1.0 - g) * sig, g + (1.0 - g) * (2.0 * sig).clamp(max=1.0)
+
+
+def causal_weights(config: DCDConfig) -> bool:
+    """Whether a weight looks back along its row only, by the trajectory discount of a per-token weight
+    (fixed bias, the token gate): known token by token in order, from the earlier tokens' fork factors."""
+    return config.trajectory and config.bias_mode == "fixed" and not config.entropy_gate
 
 
 def trajectory_discount(fork: torch.Tensor, valid: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
