@@ -148,3 +148,30 @@ def test_live_trajectory_is_fused_chunk_by_chunk_in_token_order(monkeypatch):
                 loss2.backward()
             torch.testing.assert_close(loss2, loss1, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_reference_follows_the_traces_and_says_so(capsys, tmp_path):
+    """loss.reference=auto: the initial student's log-probs when the traces carry them, else the live
+    student, said in one line; a partial column or no init checkpoint is one clear error."""
+    from types import SimpleNamespace
+
+    from dcd_megatron.configs.train import TrainConfig
+    from dcd_megatron.data import DataConfigError
+    from dcd_megatron.model.config import ModelConfig
+    from dcd_megatron.train.setup import _checked_loss
+
+    def run(init, **loss):
+        cfg = TrainConfig(loss=DCDConfig(reference="auto", **loss), model=ModelConfig(init_checkpoint=init))
+        return SimpleNamespace(cfg=cfg, is_logger=True)
+
+    meta = {"has_teacher_logprobs_fraction": 1.0}
+    live = _checked_loss(run(None), {**meta, "has_student_ref_logprobs_fraction": 0.0})
+    assert live.reference == "live" and "the weights read the live student" in capsys.readouterr().out
+    ref = _checked_loss(run(str(tmp_path)), {**meta, "has_student_ref_logprobs_fraction": 1.0})
+    assert ref.reference == "initial" and ref.needs_reference and "initial student's" in capsys.readouterr().out
+    with pytest.raises(DataConfigError, match="only 50.0% of the kept training rows"):
+        _checked_loss(run(str(tmp_path)), {**meta, "has_student_ref_logprobs_fraction": 0.5})
+    with pytest.raises(DataConfigError, match="model.init_checkpoint is not set"):
+        _checked_loss(run(None), {**meta, "has_student_ref_logprobs_fraction": 1.0})
+    assert _checked_loss(run(None, method="sft"), {"has_student_ref_logprobs_fraction": 0.0}).reference == "live"
+    assert capsys.readouterr().out == ""  # sft reads no student: nothing to say

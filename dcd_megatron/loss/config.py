@@ -13,7 +13,7 @@ METHODS: tuple[str, ...] = ("sft", "sigmoid", "student_only", "tis", "prefix", "
 # Methods whose weights are a function of the teacher log-probs.
 NEEDS_TEACHER: frozenset[str] = frozenset({"sigmoid", "tis", "prefix", "sequence", "gated"})
 GATES: tuple[str, ...] = ("token", "entropy")
-REFERENCES: tuple[str, ...] = ("live", "initial")
+REFERENCES: tuple[str, ...] = ("live", "initial", "auto")
 # Methods whose weights read the student's log-prob (every one but sft).
 READS_STUDENT: frozenset[str] = frozenset(METHODS) - {"sft"}
 # Methods with a fork factor for the trajectory discount: sigmoid-shaped in the log-ratio.
@@ -73,8 +73,9 @@ class DCDConfig:
     gate_power: float = 16.0
     # the student the weights compare with the teacher: live = the model being trained;
     # initial = the checkpoint the run starts from, frozen (the traces' student_ref_logprobs
-    # column, scored once: dcd-score --reference). Ignored by sft.
-    reference: Literal["live", "initial"] = "live"
+    # column, scored once: dcd-score --reference); auto = initial when the traces carry that
+    # column, else live (said at start). Ignored by sft.
+    reference: Literal["live", "initial", "auto"] = "live"
     # multiply each weight by the product over the earlier response tokens of its document of
     # the fork factor f = g + (1 - g) * min(1, 2 sigmoid((clip(l) - bias) / tau)): a fork the
     # student rejects discounts the rest of that trace (sigmoid and gated only; g = 0 for sigmoid)
@@ -156,6 +157,12 @@ class DCDConfig:
     def needs_reference(self) -> bool:
         """Whether the weights read the frozen initial student's log-probs (``student_ref_logprobs``)."""
         return self.reference == "initial" and self.method in READS_STUDENT
+
+    def resolved(self, traces_have_reference: bool) -> "DCDConfig":
+        """This config with ``reference="auto"`` made ``initial`` or ``live`` by what the traces carry."""
+        if self.reference != "auto":
+            return self
+        return dataclasses.replace(self, reference="initial" if traces_have_reference else "live")
 
     @property
     def entropy_gate(self) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from dcd_megatron.configs.train import TrainConfig
+from dcd_megatron.loss.config import READS_STUDENT, DCDConfig
 from dcd_megatron.runtime.distributed import ParallelGroups, ProcessInfo, RuntimeFacts
 from dcd_megatron.runtime.layout import Layout
 
@@ -33,6 +34,7 @@ class RunFacts:
     groups: ParallelGroups
     padded_vocab: int
     num_microbatches: int
+    loss: DCDConfig | None = None  # cfg.loss with loss.reference=auto resolved by the traces (set once they are read)
 
     @property
     def is_logger(self) -> bool:
@@ -100,6 +102,7 @@ def _set_up(cfg: TrainConfig, config_text: str, facts: RuntimeFacts, info: Proce
         num_microbatches=cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp),
     )
     data = _load_data(run, tokenizer)
+    run = dataclasses.replace(run, loss=_checked_loss(run, data.train_meta))
     chunks, optimizer, scheduler = _build_model(run)
     summary = _data_summary(data.train_meta, tokenizer)
     scored_by = data.train_meta.get("counts", {}).get(cfg.data.field_student_ref_checkpoint, {})
@@ -170,18 +173,39 @@ def _load_data(run: RunFacts, tokenizer):
     if run.is_logger:
         build_caches(data_cfg, tokenizer)
     torch.distributed.barrier()
-    data = load_trace_data(data_cfg, tokenizer, build=False)
-    _check_teacher_coverage(run.cfg, data.train_meta)
-    return data
+    return load_trace_data(data_cfg, tokenizer, build=False)
 
 
-def _check_teacher_coverage(cfg: TrainConfig, meta: dict) -> None:
+def _checked_loss(run: RunFacts, meta: dict) -> DCDConfig:
+    """The loss config the run trains with (``loss.reference=auto`` resolved by the traces, said in one
+    line), after checking that the traces carry the log-probs its weights read: before step 1."""
+    cfg = run.cfg
+    reference = float(meta.get("has_student_ref_logprobs_fraction", 0.0))
+    loss = cfg.loss.resolved(traces_have_reference=reference > 0)
+    _check_teacher_coverage(cfg, loss, meta)
+    if cfg.loss.reference == "auto" and loss.method in READS_STUDENT and run.is_logger:
+        print("loss.reference=auto: " + (
+            f"the weights read the initial student's {cfg.data.field_student_ref_logprobs} (the traces carry them)"
+            if loss.reference == "initial" else
+            f"the traces carry no {cfg.data.field_student_ref_logprobs}, so the weights read the live student; "
+            "`dcd-score --reference --teacher INIT_CHECKPOINT` adds them (docs/loss.md, \"A frozen reference "
+            "student\")"), flush=True)
+    return loss
+
+
+def _check_teacher_coverage(cfg: TrainConfig, loss: DCDConfig, meta: dict) -> None:
     """Methods that weight by the teacher (or by the initial student) need its log-probs on every
     trace: say so before step 1."""
     from dcd_megatron.data import DataConfigError
 
     reference = float(meta.get("has_student_ref_logprobs_fraction", 0.0))
-    if cfg.loss.needs_reference and reference < 1.0:
+    if loss.needs_reference and not cfg.model.init_checkpoint:
+        raise DataConfigError(
+            f"the traces carry {cfg.data.field_student_ref_logprobs} (loss.reference={cfg.loss.reference}) but "
+            "model.init_checkpoint is not set: set it to the checkpoint that scored them (`dcd-score --reference`), "
+            "or set loss.reference=live"
+        )
+    if loss.needs_reference and reference < 1.0:
         raise DataConfigError(
             f"loss.reference=initial weights tokens by the initial student's log-probs, but only {reference:.1%} of "
             f"the kept training rows in {cfg.data.train_path} have `{cfg.data.field_student_ref_logprobs}`; score them "
@@ -259,7 +283,7 @@ def _restore(run: RunFacts, chunks, optimizer, scheduler, summary: dict,
         return start_step, consumed, resume_from, changes.lines
     if cfg.model.init_checkpoint:
         init_from = _checked_init_checkpoint(cfg)
-        _check_reference_source(cfg, init_from, scored_by)
+        _check_reference_source(cfg, run.loss or cfg.loss, init_from, scored_by)
         ckpt.load_checkpoint(init_from, chunks, None, None, load_optimizer=False)
         if run.is_logger:
             print(f"initialised the student from {init_from}", flush=True)
@@ -345,9 +369,9 @@ def _data_summary(train_meta: dict, tokenizer) -> dict:
     }
 
 
-def _check_reference_source(cfg: TrainConfig, init_from: Path, scored_by: dict) -> None:
+def _check_reference_source(cfg: TrainConfig, loss: DCDConfig, init_from: Path, scored_by: dict) -> None:
     """Under loss.reference=initial every trace's reference log-probs come from this init checkpoint."""
-    if not cfg.loss.needs_reference:
+    if not loss.needs_reference:
         return
     from dcd_megatron.checkpoint import fingerprint
     from dcd_megatron.configs.overrides import ConfigError
@@ -413,7 +437,7 @@ def _schedule(run: RunFacts, chunks) -> Callable:
     forward_backward = get_forward_backward_func()
 
     def run_schedule(data_iter, step: int, n_micro: int, forward_only: bool):
-        loss_func = make_loss_func(cfg.loss, tp_group=groups.tp, cp_group=groups.cp if layout.cp > 1 else None, step=step)
+        loss_func = make_loss_func(run.loss or cfg.loss, tp_group=groups.tp, cp_group=groups.cp if layout.cp > 1 else None, step=step)
         forward_step = make_forward_step(
             loss_func, packed=cfg.data.pack, use_te=run.runtime.has_te, device=run.runtime.device,
             cp_split=cp_split, hidden_states=cfg.loss.chunked,
