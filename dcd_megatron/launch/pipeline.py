@@ -1,6 +1,7 @@
 """One NeMo-Run experiment from a teacher and raw traces to a distilled Hugging Face student:
 
-    score (dcd-score) -> train (dcd-train) -> eval (dcd-eval) -> export (dcd-convert mcore-to-hf)
+    score (dcd-score) [-> reference (dcd-score --reference)] -> train (dcd-train) -> eval (dcd-eval)
+        -> export (dcd-convert mcore-to-hf)
 
     python recipes/pipeline.py --factory tiny_cpu teacher=CKPT traces=TRACES benchmarks=gsm8k=FILE,math500=FILE \
         work_dir=runs/pipeline run.executor=local run.executor.ntasks_per_node=2 -y
@@ -10,8 +11,11 @@ the local and Docker executors NeMo-Run runs them one after the other). Score an
 executor as given (torchrun / one task per GPU); eval and export run as one process on one node.
 Every stage resumes or skips when the experiment is rerun with the same work_dir: scoring keeps
 its finished shards, training resumes from its newest checkpoint (train.resume=auto), eval and
-export skip when their stamp names the checkpoint they would read. The layout under work_dir:
-`scored/scored.parquet`, `run/` (checkpoints, metrics), `eval/summary.json`, `hf/`.
+export skip when their stamp names the checkpoint they would read. When the student starts from
+`model.init_checkpoint` and its loss reads the initial student (`loss.reference=initial|auto`),
+a reference stage scores the traces with that checkpoint (`student_ref_logprobs`) before training.
+The layout under work_dir: `scored/scored.parquet`, `reference/scored.parquet`, `run/` (checkpoints,
+metrics), `eval/summary.json`, `hf/`.
 """
 
 import json
@@ -30,7 +34,7 @@ from dcd_megatron.runtime.layout import ParallelConfig
 from dcd_megatron.score.config import ScoreConfig
 from dcd_megatron.tracking import TrackingConfig
 
-STAGES = ("score", "train", "eval", "export")
+STAGES = ("score", "reference", "train", "eval", "export")
 
 
 def _rank() -> int:
@@ -130,7 +134,7 @@ def _one_process(executor):
 
 
 def add_jobs(exp: run.Experiment, ctx, work_dir: str, score_cfg: run.Config, train_task: run.Partial,
-             benchmarks: list[str], eval_args: list[str]) -> dict[str, str]:
+             benchmarks: list[str], eval_args: list[str], reference_cfg: run.Config | None = None) -> dict[str, str]:
     """Add the jobs to an open experiment, each depending on the one before; their ids."""
     executor = ctx.executor
     single = _one_process(executor)
@@ -138,8 +142,13 @@ def add_jobs(exp: run.Experiment, ctx, work_dir: str, score_cfg: run.Config, tra
     ids = {}
     ids["score"] = exp.add(run.Partial(score_stage, cfg=score_cfg), executor=executor.clone(), name="score",
                            tail_logs=not ctx.detach)
+    before_train = ids["score"]
+    if reference_cfg is not None:
+        before_train = ids["reference"] = exp.add(run.Partial(score_stage, cfg=reference_cfg),
+                                                  executor=executor.clone(), name="reference",
+                                                  tail_logs=not ctx.detach, dependencies=[ids["score"]])
     ids["train"] = exp.add(train_task, executor=executor.clone(), name="train", tail_logs=not ctx.detach,
-                           dependencies=[ids["score"]])
+                           dependencies=[before_train])
     if benchmarks:
         ids["eval"] = exp.add(
             run.Partial(eval_stage, run_dir=run_dir, out_dir=f"{work_dir}/eval", benchmarks=list(benchmarks),
@@ -187,6 +196,12 @@ def pipeline(
     student.train.output_dir = f"{work_dir}/run"
     score_cfg = ScoreConfig(teacher=teacher, data_path=traces, out_dir=f"{work_dir}/scored", data=student.data,
                             top_k=score_top_k, temperature=score_temperature, device=student.runtime.device)
+    reference_cfg = None
+    if student.model.init_checkpoint and loss.reference in ("initial", "auto") and loss.method != "sft":
+        reference_cfg = ScoreConfig(teacher=student.model.init_checkpoint, data_path=student.data.train_path,
+                                    out_dir=f"{work_dir}/reference", data=student.data, reference=True,
+                                    device=student.runtime.device)
+        student.data.train_path = f"{work_dir}/reference/scored.parquet"
     train_task = run.Partial(nemo.train, **nemo.sections(student))
     eval_args = ["--protocol", eval_protocol, "--max-new-tokens", str(eval_max_new_tokens), "--no-progress"]
     if eval_limit:
@@ -194,7 +209,8 @@ def pipeline(
     if student.runtime.device == "cpu":
         eval_args += ["--device", "cpu"]
     with run.Experiment(ctx.name, executor=ctx.executor, log_level="WARN") as exp:
-        add_jobs(exp, ctx, work_dir, nemo.to_run_config(score_cfg), train_task, benchmark_list, eval_args)
+        add_jobs(exp, ctx, work_dir, nemo.to_run_config(score_cfg), train_task, benchmark_list, eval_args,
+                 nemo.to_run_config(reference_cfg) if reference_cfg is not None else None)
         result = nemo.run_experiment(exp, dryrun=ctx.dryrun, detach=ctx.detach)
     print(result if ctx.dryrun else f"{ctx.name}: {result}")
 
