@@ -191,6 +191,23 @@ def test_truncation_is_said_on_the_console_with_its_total(tmp_path, demo_tok, ca
         assert f"({cut} response tokens cut" in lines[0] and cut > 0
 
 
+def test_nan_lr_missing_valid_path_and_a_misspelt_override_say_what_to_fix(tmp_path, demo_tok):
+    from dcd_megatron.configs import apply_overrides
+    from dcd_megatron.configs.overrides import ConfigError
+    from dcd_megatron.configs.train import TrainConfig
+
+    with pytest.raises(ValueError, match=r"^optim.lr must be a finite number > 0, got nan$"):
+        apply_overrides(TrainConfig(), ["optim.lr=nan"])
+    with pytest.raises(ConfigError, match=r"unknown key train.stpes \(did you mean train.steps\?\)"):
+        apply_overrides(TrainConfig(), ["train.stpes=5"])
+    with pytest.raises(ConfigError, match=r"unknown key trian \(did you mean train\?\)"):
+        apply_overrides(TrainConfig(), ["trian.steps=5"])
+    good = _jsonl(tmp_path / "good.jsonl", [_row(demo_tok)] * 2)
+    missing = tmp_path / "valid.jsonl"
+    with pytest.raises(DataLoadError, match=rf"^data.valid_path: {missing} does not exist$"):
+        build_caches(_cfg(tmp_path, good, valid_path=str(missing)), demo_tok)
+
+
 # ---- item 10b: characters the tokenizer cannot encode ----------------------------------------
 def test_unknown_characters_are_counted_warned_and_refused_above_the_limit(tmp_path, demo_tok, caplog):
     assert demo_tok.encode_counting_unknown("12:") == (demo_tok.encode("12:"), 0)
