@@ -179,6 +179,35 @@ def test_every_reader_refuses_the_bad_row_by_file_and_row_or_counts_it(tmp_path,
         assert cache.meta["skipped"] == {reason: 1} and list(cache.doc_rows) == [0, 2]
 
 
+def test_truncation_is_said_on_the_console_with_its_total(tmp_path, demo_tok, caplog):
+    path = _jsonl(tmp_path / "long.jsonl", [_row(demo_tok), _row(demo_tok, response="1+2=3>3" * 20)])
+    for _ in range(2):  # built, then reused: said both times
+        caplog.clear()
+        build_token_cache(str(path), _cfg(tmp_path, path, seq_length=32, on_long_row="truncate"), demo_tok)
+        lines = [r.getMessage() for r in caplog.records if "truncated to data.seq_length" in r.getMessage()]
+        assert len(lines) == 1 and "long.jsonl: 1 of 2 rows" in lines[0], caplog.text
+        cut = TokenCache.open(build_token_cache(str(path), _cfg(tmp_path, path, seq_length=32, on_long_row="truncate"),
+                                                demo_tok)).meta["truncated_tokens"]
+        assert f"({cut} response tokens cut" in lines[0] and cut > 0
+
+
+def test_nan_lr_missing_valid_path_and_a_misspelt_override_say_what_to_fix(tmp_path, demo_tok):
+    from dcd_megatron.configs import apply_overrides
+    from dcd_megatron.configs.overrides import ConfigError
+    from dcd_megatron.configs.train import TrainConfig
+
+    with pytest.raises(ValueError, match=r"^optim.lr must be a finite number > 0, got nan$"):
+        apply_overrides(TrainConfig(), ["optim.lr=nan"])
+    with pytest.raises(ConfigError, match=r"unknown key train.stpes \(did you mean train.steps\?\)"):
+        apply_overrides(TrainConfig(), ["train.stpes=5"])
+    with pytest.raises(ConfigError, match=r"unknown key trian \(did you mean train\?\)"):
+        apply_overrides(TrainConfig(), ["trian.steps=5"])
+    good = _jsonl(tmp_path / "good.jsonl", [_row(demo_tok)] * 2)
+    missing = tmp_path / "valid.jsonl"
+    with pytest.raises(DataLoadError, match=rf"^data.valid_path: {missing} does not exist$"):
+        build_caches(_cfg(tmp_path, good, valid_path=str(missing)), demo_tok)
+
+
 # ---- item 10b: characters the tokenizer cannot encode ----------------------------------------
 def test_unknown_characters_are_counted_warned_and_refused_above_the_limit(tmp_path, demo_tok, caplog):
     assert demo_tok.encode_counting_unknown("12:") == (demo_tok.encode("12:"), 0)

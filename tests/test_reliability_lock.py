@@ -224,6 +224,37 @@ def test_setup_releases_the_lock_when_a_later_step_fails(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / ol.LOCK_NAME).exists()
 
 
+@pytest.mark.parametrize("how, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_stop_during_setup_is_one_line_and_frees_the_lock(tmp_path, monkeypatch, capsys, how, code):
+    """Issue 24: SIGTERM during setup used to kill the run silently and leave the lock; Ctrl-C, a traceback."""
+    import signal as signals
+
+    from dcd_megatron.cli.train import run_config
+    from dcd_megatron.recipes import RECIPES
+    from dcd_megatron.runtime.distributed import ProcessInfo
+    from dcd_megatron.train import setup as setup_module
+
+    cfg = RECIPES["tiny_cpu"]()
+    cfg.train.output_dir = str(tmp_path / "run")
+    monkeypatch.setattr(setup_module, "_start_processes", lambda cfg: (None, ProcessInfo(0, 1, 0, "127.0.0.1", 1)))
+
+    def stopped(*args):  # e.g. while tokenizing
+        assert (tmp_path / "run" / ol.LOCK_NAME).is_file()
+        if how == "SIGINT":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signals.SIGTERM)
+        time.sleep(30)  # the handler interrupts this at once
+        raise AssertionError("SIGTERM did not stop the setup")
+
+    monkeypatch.setattr(setup_module, "_set_up", stopped)
+    before = signals.getsignal(signals.SIGTERM)
+    assert run_config(cfg) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and f"stopped by {how}" in err, err
+    assert not (tmp_path / "run" / ol.LOCK_NAME).exists()
+    assert signals.getsignal(signals.SIGTERM) is before  # restored
+
+
 def test_dcd_score_locks_its_out_dir(tmp_path, monkeypatch, live_pid):
     from dcd_megatron.recipes import RECIPES
     from dcd_megatron.runtime.distributed import ProcessInfo

@@ -218,6 +218,37 @@ def test_sync_tracking_finishes_a_run_whose_server_was_down_at_the_end(store, tm
     assert _steps(store, tracker.run_id)[-1] == 8
 
 
+def test_a_run_whose_store_never_answered_says_so_and_sync_creates_it(store, tmp_path, capsys, caplog):
+    """Issue 24: not "MLflow run None"; `--sync-tracking` creates the run and sends every step."""
+    from mlflow.tracking import MlflowClient
+
+    from dcd_megatron.cli.train import main
+
+    outage, run_dir = Outage(store), tmp_path / "run"
+    run_dir.mkdir()
+    outage.down = True  # the whole life of the run
+    tracker = Tracker(TrackingConfig(tracking_uri=store, experiment="never-answered", run_name="lonely",
+                                     metrics_flush_s=0), is_logging_rank=True, client_factory=lambda uri: outage)
+    tracker.start({"a": 1}, "a: 1\n", run_dir, record=run_dir / "metrics.jsonl")
+    sink = Sink(tracker, run_dir / "metrics.jsonl")
+    for step in range(1, 5):
+        sink.log(step)
+    (run_dir / "final_metrics.json").write_text(json.dumps({"step": 4, "status": "FINISHED"}))
+    caplog.set_level(logging.WARNING, logger="dcd_megatron.tracking")
+    tracker.finish("FINISHED", timeout_s=10)
+    said = [r.getMessage() for r in caplog.records if "no MLflow run was created" in r.getMessage()]
+    assert len(said) == 1 and "did not answer during the whole run" in said[0] and "--sync-tracking" in said[0]
+    assert "None" not in said[0] and "None" not in tracker.describe() and "--sync-tracking" in tracker.describe()
+
+    assert main(["--sync-tracking", str(run_dir)]) == 0
+    assert "sent 8 missing metric values" in capsys.readouterr().out
+    run = MlflowClient(store).get_run((run_dir / "mlflow_run_id").read_text().strip())
+    assert run.info.status == "FINISHED" and run.info.run_name == "lonely" and run.data.params == {"a": "1"}
+    assert _steps(store, run.info.run_id) == [1, 2, 3, 4]
+    assert main(["--sync-tracking", str(run_dir)]) == 0  # once created, an ordinary sync
+    assert "sent 0 missing metric values" in capsys.readouterr().out
+
+
 def test_sync_tracking_says_in_one_line_why_it_cannot(tmp_path, capsys):
     from dcd_megatron.cli.train import main
 

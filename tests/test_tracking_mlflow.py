@@ -282,6 +282,8 @@ def test_run_is_created_once_the_server_appears(tmp_path):
 def test_unreachable_server_from_the_start_never_blocks(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="dcd_megatron.tracking")
     tracker = Tracker(TrackingConfig(tracking_uri=f"http://127.0.0.1:{free_port()}", timeout_s=1), is_logging_rank=True)
+    import mlflow  # noqa: F401  (start() imports it: a loaded machine takes minutes to, which is not blocking)
+
     began = time.monotonic()
     tracker.start({"a": 1}, "a: 1\n", tmp_path / "run")
     assert time.monotonic() - began < 30

@@ -14,6 +14,7 @@ import argparse
 import gc
 import json
 import os
+import signal
 import sys
 
 import yaml
@@ -125,11 +126,20 @@ def run_config(cfg, print_config: bool = False) -> int:
     from dcd_megatron.runtime import distributed
     from dcd_megatron.train.loop import train
 
+    previous = _stop_setup_on_signals()
     try:
         result = train(cfg, config_text=config_text)
     except user_error_types() as exc:
         return report_user_error("dcd-train", exc, rank)
+    except KeyboardInterrupt as exc:  # Ctrl-C anywhere, or SIGTERM / SIGUSR1 before the steps began
+        name = str(exc) or "SIGINT"
+        print(f"dcd-train: stopped by {name} (rank {rank}); the output directory's lock is released and "
+              "unfinished token caches are removed; rerun the same command to go on (from the last checkpoint, "
+              "if any)", file=sys.stderr)
+        return 128 + getattr(signal.Signals, name, signal.SIGINT).value
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         distributed.shutdown()
     if rank == 0:
         scalars = {k: round(v, 6) for k, v in result.metrics.items() if isinstance(v, float)}
@@ -137,6 +147,22 @@ def run_config(cfg, print_config: bool = False) -> int:
         print(f"checkpoint: {result.checkpoint}")
         print(f"MLflow: {result.run_description}")
     return 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _stop_setup_on_signals() -> dict:
+    """Until the training steps take SIGTERM / SIGUSR1 over (a checkpoint, then a clean stop), they stop the
+    setup as Ctrl-C does: cleaned up (lock, temporary caches), one line. The handlers replaced."""
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            previous[sig] = signal.signal(sig, _raise_interrupt)
+        except ValueError:  # not the main thread (an embedding caller): leave signals alone
+            pass
+    return previous
 
 
 if __name__ == "__main__":

@@ -110,6 +110,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
+def _did_you_mean(unknown, known, prefix: str = "") -> str:
+    """`` (did you mean train.steps?)`` for the known keys closest to the unknown ones, else ""."""
+    close = [m for k in unknown for m in difflib.get_close_matches(str(k), [str(n) for n in known], n=1)]
+    return f" (did you mean {', '.join(prefix + m for m in close)}?)" if close else ""
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Construct dataclass ``cls`` from a nested dict, rejecting unknown keys by name."""
     if not isinstance(data, dict):
@@ -118,8 +124,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
-        close = [m for k in unknown for m in difflib.get_close_matches(str(k), list(fields), n=1)]
-        hint = f" (did you mean {', '.join(prefix + m for m in close)}?)" if close else ""
+        hint = _did_you_mean(unknown, fields, prefix)
         raise ConfigError(
             f"unknown config key(s) {', '.join(prefix + str(k) for k in unknown)}{hint}; "
             f"valid keys under {prefix or 'the top level'}: {', '.join(sorted(fields))}"
@@ -163,10 +168,13 @@ def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...], aliases: dic
         node = data
         for i, part in enumerate(path[:-1]):
             if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"override {item!r}: unknown key {'.'.join(path[: i + 1])}")
+                hint = _did_you_mean([part], node if isinstance(node, dict) else (), ".".join(path[:i]) + "." * bool(i))
+                raise ConfigError(f"override {item!r}: unknown key {'.'.join(path[: i + 1])}{hint}")
             node = node[part]
         if not isinstance(node, dict) or path[-1] not in node:
-            raise ConfigError(f"override {item!r}: unknown key {'.'.join(path)}")
+            prefix = ".".join(path[:-1]) + "." * (len(path) > 1)
+            hint = _did_you_mean([path[-1]], node if isinstance(node, dict) else (), prefix)
+            raise ConfigError(f"override {item!r}: unknown key {'.'.join(path)}{hint}")
         node[path[-1]] = value
     return from_dict(type(cfg), data)
 

@@ -31,8 +31,8 @@ class OptimConfig:
 
     def validate(self) -> None:
         """The checks run at construction; call again after changing fields in place."""
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < float("inf"):  # also NaN
+            raise ConfigError(f"optim.lr must be a finite number > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
         if self.weight_decay < 0:

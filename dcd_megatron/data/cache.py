@@ -381,6 +381,16 @@ def _unknown_summary(tally: dict) -> dict:
     }
 
 
+def warn_truncated(meta: dict, location: str) -> None:
+    """Say on the console how much of the responses ``data.on_long_row=truncate`` cut (not only in meta.json)."""
+    if meta.get("truncated"):
+        log.warning(
+            "%s: %d of %d rows were truncated to data.seq_length (%d response tokens cut from their ends; "
+            "raise data.seq_length to keep them, or data.on_long_row=skip to drop such rows)",
+            location, meta["truncated"], meta.get("kept", 0), meta.get("truncated_tokens", 0),
+        )
+
+
 def check_unknown_chars(meta: dict, cfg: DataConfig, location: str) -> None:
     """Refuse a cache whose share of unknown-token characters exceeds data.max_unknown_char_frac; warn below it."""
     n, total = meta.get("unknown_chars", 0), meta.get("chars", 0)
@@ -425,8 +435,11 @@ def _write_document_index(out: Path, docs: dict, stats: Counter, counts: dict, n
     }
 
 
-def _source_spec_and_fingerprint(path: str, cfg: DataConfig, root: Path):
-    spec = resolve_sources(path)
+def _source_spec_and_fingerprint(path: str, cfg: DataConfig, root: Path, role: str = "data.train_path"):
+    try:
+        spec = resolve_sources(path)
+    except DataLoadError as exc:  # name the setting that gave the path
+        raise DataLoadError(f"{role}: {exc}") from None
     fp = spec.fingerprint()
     sources = None
     if fp is None:  # a dataset name: its fingerprint is known only after loading (from its cache)
@@ -534,13 +547,15 @@ def build_token_cache(
     """
     root = Path(root) if root else cfg.resolved_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    spec, fp, sources = _source_spec_and_fingerprint(path, cfg, root)
+    spec, fp, sources = _source_spec_and_fingerprint(path, cfg, root, role)
     key = cache_key(cfg, tokenizer, fp)
     final = root / f"{spec.short_name}-{key[:16]}"
     damaged = _damaged(final, root) if TokenCache.is_complete(final) else None
     if TokenCache.is_complete(final):
         log.info("reusing token cache %s", final)
-        check_unknown_chars(json.loads((final / "meta.json").read_text()), cfg, f"{role}={spec.location}")
+        meta = json.loads((final / "meta.json").read_text())
+        warn_truncated(meta, f"{role}={spec.location}")
+        check_unknown_chars(meta, cfg, f"{role}={spec.location}")
         return final
     tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -588,5 +603,6 @@ def build_token_cache(
         "token cache %s: %d docs, %d tokens (%d trained), %d truncated, %.1fs",
         final, meta["kept"], meta["tokens"], meta["response_tokens"], meta["truncated"], meta["build_seconds"],
     )
+    warn_truncated(meta, f"{role}={spec.location}")
     check_unknown_chars(meta, cfg, f"{role}={spec.location}")
     return final

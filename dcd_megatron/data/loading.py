@@ -7,11 +7,14 @@ gives a cheap fingerprint (path, size, mtime) for the token cache key.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import hashlib
 import json
 import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,8 +231,46 @@ def _load_file(path: Path, cfg: DataConfig, hf_cache: Path) -> Source:
     return Source(str(path), ds)
 
 
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+@contextlib.contextmanager
+def hub_offline(offline: bool) -> Iterator[None]:
+    """No network call from `datasets` / `huggingface_hub` while local data loads (``offline``).
+
+    `datasets` pings its S3 bucket to count every load of its json/parquet readers and may ask the Hub
+    about a path; both are switched off here, at run time (the libraries read the variables at import),
+    and in the environment (for tokenizing workers). The download-count ping is off in any case; a Hub
+    dataset named by the user (``offline=False``) is fetched as asked. The previous state is restored.
+    """
+    import datasets
+    from huggingface_hub import constants
+
+    saved_env = {name: os.environ.get(name) for name in OFFLINE_ENV}
+    saved = (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    if offline:
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+        os.environ.update({name: "1" for name in OFFLINE_ENV})
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def load_sources(spec: SourceSpec, cfg: DataConfig, *, hf_cache: Path) -> list[Source]:
-    """Load every source of ``spec`` as its own `datasets.Dataset` (no cross-file schema merge)."""
+    """Load every source of ``spec`` as its own `datasets.Dataset` (no cross-file schema merge);
+    with no network call unless ``spec`` names a Hub dataset (`hub_offline`)."""
+    with hub_offline(spec.kind != "hub"):
+        return _load_sources(spec, cfg, hf_cache)
+
+
+def _load_sources(spec: SourceSpec, cfg: DataConfig, hf_cache: Path) -> list[Source]:
     import datasets
 
     if spec.kind == "files":

@@ -17,7 +17,10 @@ from dcd_megatron.tracking.config import TrackingConfig
 from dcd_megatron.tracking.record import read_record, replay_missing, run_end, values_by_key
 from dcd_megatron.tracking.redact import REDACTED, redact_text, redact_uri
 from dcd_megatron.tracking.telemetry import telemetry_off
-from dcd_megatron.tracking.tracker import RUN_ID_FILE, TRACKING_URI_FILE, apply_http_timeouts, quiet_mlflow_urls
+from dcd_megatron.tracking.params import MAX_PARAMS_PER_BATCH, batched
+from dcd_megatron.tracking.tracker import (
+    CONFIG_ARTIFACT, PENDING_RUN_FILE, RUN_ID_FILE, TRACKING_URI_FILE, apply_http_timeouts, quiet_mlflow_urls,
+)
 
 RECORD_FILE = "metrics.jsonl"
 FINAL_FILE = "final_metrics.json"
@@ -85,9 +88,9 @@ def sync_run(output_dir: str | Path, tracking_uri: str | None = None, timeout_s:
     out = Path(output_dir)
     id_file = out / RUN_ID_FILE
     run_id = id_file.read_text().strip() if id_file.is_file() else ""
-    if not run_id:
-        raise SyncError(f"{out} has no {RUN_ID_FILE}: no MLflow run was created for it (tracking was off, or the "
-                        "store was unreachable for the whole run); nothing to sync")
+    if not run_id and not (out / PENDING_RUN_FILE).is_file():
+        raise SyncError(f"{out} has no {RUN_ID_FILE}: no MLflow run was created for it (tracking was off); "
+                        "nothing to sync")
     uri = resolve_sync_uri(out, tracking_uri)
     shown = redact_uri(uri)
     telemetry_off()
@@ -98,6 +101,7 @@ def sync_run(output_dir: str | Path, tracking_uri: str | None = None, timeout_s:
 
     client = MlflowClient(tracking_uri=uri)
     try:
+        run_id = run_id or _create_pending_run(client, out)
         run = client.get_run(run_id)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
@@ -124,3 +128,24 @@ def sync_run(output_dir: str | Path, tracking_uri: str | None = None, timeout_s:
         raise SyncError(f"the MLflow store at {shown} failed during the sync ({type(exc).__name__}: {redact_text(str(exc))[:300]}); "
                         "run it again when the store answers (nothing is sent twice)") from None
     return SyncResult(run_id, shown, sent, status, tags, changed)
+
+
+def _create_pending_run(client, out: Path) -> str:
+    """Create the run a training whose store never answered would have had (PENDING_RUN_FILE): its
+    experiment, name, params and config; record its id as the training would have. Its id."""
+    from mlflow.entities import Param
+
+    pending = json.loads((out / PENDING_RUN_FILE).read_text())
+    experiment = client.get_experiment_by_name(pending["experiment"])
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(pending["experiment"])
+    run = client.create_run(experiment_id, run_name=pending.get("run_name"), tags={"dcd.run_dir": pending["run_dir"]})
+    run_id = run.info.run_id
+    for chunk in batched(list(pending["params"].items()), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in chunk])
+    client.log_text(run_id, pending["config"], CONFIG_ARTIFACT)
+    tmp = out / (RUN_ID_FILE + ".tmp")
+    tmp.write_text(run_id + "\n")
+    tmp.replace(out / RUN_ID_FILE)
+    (out / PENDING_RUN_FILE).unlink()
+    return run_id
+

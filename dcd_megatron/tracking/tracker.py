@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -49,6 +50,7 @@ from dcd_megatron.tracking.worker import BackgroundWorker, WorkerStats
 logger = logging.getLogger("dcd_megatron.tracking")
 
 RUN_ID_FILE = "mlflow_run_id"
+PENDING_RUN_FILE = "mlflow_pending_run.json"  # the run to create later: the store never answered (redacted)
 TRACKING_URI_FILE = "mlflow_tracking_uri"  # where the run is (password redacted), for dcd-train --sync-tracking
 CONFIG_ARTIFACT = "config/config.yaml"
 FINISH_STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -222,7 +224,9 @@ class Tracker:
         timeout_s = self.config.finish_timeout_s if timeout_s is None else timeout_s
         flushed = self._worker.close(timeout_s)
         stats = self.stats
-        if not flushed or stats.failed or stats.dropped or self._skipped:
+        if self.run_id is None and self._run_dir is not None:
+            self._record_pending_run(status)
+        elif not flushed or stats.failed or stats.dropped or self._skipped:
             behind = not flushed or self._gap_from is not None
             self._warn(
                 f"MLflow run {self.run_id} finishing as {status}: {stats.failed} logging calls failed, "
@@ -235,6 +239,25 @@ class Tracker:
         if self._tmp is not None and flushed:
             self._tmp.cleanup()
         return flushed
+
+    def _record_pending_run(self, status: str) -> None:
+        """The store never answered: keep what the run would have been (redacted) for ``--sync-tracking``, and say so."""
+        pending = {"experiment": self.config.experiment,
+                   "run_name": None if self.config.run_name is None else redact_text(self.config.run_name),
+                   "params": self._params, "config": self._config_text,
+                   "run_dir": redact_text(str(self._run_dir.resolve()))}
+        try:
+            self._run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self._run_dir / (PENDING_RUN_FILE + ".tmp")
+            tmp.write_text(json.dumps(pending, indent=1))
+            tmp.replace(self._run_dir / PENDING_RUN_FILE)
+            self._write_uri_file()
+        except OSError as exc:
+            self._warn(f"cannot record the MLflow run to create later ({exc})", force=True)
+        later = (f"; once it answers, `dcd-train --sync-tracking {self._run_dir}` creates the run and sends "
+                 "every step from metrics.jsonl" if self._record is not None else "")
+        self._warn(f"no MLflow run was created: the store at {redact_uri(self.tracking_uri or '')} did not answer "
+                   f"during the whole run (it ended {status}){later}", force=True)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until everything logged so far has reached the store (or the timeout passes)."""
@@ -365,6 +388,9 @@ class Tracker:
         if not self.active:
             return "MLflow tracking is off for this run (it could not be set up: see the warning)"
         uri = redact_uri(self.tracking_uri or "")
+        if self.run_id is None and self._finished:
+            return (f"no MLflow run: the store at {uri} did not answer during the whole run; "
+                    f"`dcd-train --sync-tracking {self._run_dir}` creates it once the store answers")
         run = self.run_id or "(not created yet: the store was unreachable)"
         text = f"MLflow run {run} in experiment '{self.config.experiment}'"
         if self.resumed:
@@ -459,6 +485,10 @@ class Tracker:
         tmp.write_text(self.run_id + "\n")
         tmp.replace(id_file)
         self._write_uri_file()
+        pending = self._run_dir / PENDING_RUN_FILE
+        if pending.is_file():  # an earlier process of this run never reached the store: send its steps too
+            pending.unlink()
+            self._gap_from = 0
 
     def _write_uri_file(self) -> None:
         """Record where the run is (password redacted), so ``dcd-train --sync-tracking`` finds it later."""
