@@ -2,15 +2,18 @@
 
 Item 4: every user error is a `dcd_megatron.errors.UserError` and every command prints it as one
 line, exit 2, whatever module raised it (one rank or several). Item 1: a damaged token cache is
-named, moved aside and rebuilt. Item 2: an unwritable or full output folder is caught before the
-first step. Item 3: a reader never races a rotating writer.
+named, moved aside and rebuilt. Item 2: an unwritable or full folder is caught before the first
+step (on a small tmpfs where the test runs as root).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -234,3 +237,52 @@ def test_a_kill_during_tokenisation_leaves_no_cache_that_looks_complete(tmp_path
     assert not final.exists() and Path(marker.read_text()).name.startswith(".tmp-")
     assert not TokenCache.is_complete(marker.read_text())  # the killed copy has arrays but no meta.json
     assert TokenCache.open(_build(cfg)).n_docs > 0  # the next run builds its own and never reads the killed one
+
+
+# --- item 2: an unwritable or full folder is caught at start --------------------------------
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str, read_only: bool = False):
+    """A small tmpfs at `path` (root only; the test is skipped elsewhere)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_the_probe_names_a_folder_it_cannot_create(tmp_path):
+    from dcd_megatron.runtime.disk import DiskError, Target, check_writable
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(DiskError, match=r"^data.cache_dir: .*a-file/cache is not writable \(Not a directory\); "
+                                        r"point data.cache_dir at a writable disk with room$"):
+        check_writable([Target(tmp_path / "ok", "train.output_dir"), Target(tmp_path / "a-file" / "cache", "data.cache_dir")])
+    assert not list((tmp_path / "ok").iterdir())  # the probe file is gone
+
+
+def test_the_probe_needs_room_for_one_checkpoint(tmp_path):
+    from dcd_megatron.runtime.disk import DiskError, Target, check_writable
+
+    with _tmpfs(tmp_path / "small", "1m") as small:
+        with pytest.raises(DiskError, match=r"has 1.0 MiB free, one checkpoint needs about 2.0 MiB; free space there"):
+            check_writable([Target(small / "checkpoints", "train.output_dir", 2 << 20, "one checkpoint")])
+
+
+@pytest.mark.megatron
+def test_a_read_only_cache_folder_stops_the_run_before_any_step(tmp_path):
+    with _tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
+        out = tmp_path / "run"
+        proc = run_train(out, ["train.steps=2", f"data.cache_dir={ro / 'cache'}"], timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("dcd-train: error")]
+    assert errors == [f"dcd-train: error (rank 0): data.cache_dir: {ro / 'cache'} is not writable (Read-only file "
+                      "system); point data.cache_dir at a writable disk with room"], proc.stdout[-3000:]
+    assert not (out / "metrics.jsonl").exists()  # not one step

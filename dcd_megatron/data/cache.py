@@ -14,7 +14,6 @@ aside to ``.damaged-*`` and rebuilt.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -34,6 +33,7 @@ from dcd_megatron.data.loading import DataLoadError, Source, load_sources, resol
 from dcd_megatron.data.tokenizer import Tokenizer
 from dcd_megatron.data.validation import BadRowError, SkipCounts
 from dcd_megatron.errors import UserError
+from dcd_megatron.runtime.disk import DISK_ERRNOS
 from dcd_megatron.loss.contract import TOPK_KEYS
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,6 @@ ARRAY_NAMES = (
 TOPK_ARRAY_NAMES = TOPK_KEYS  # the batch keys of the teacher's top-k; only when data.topk > 0
 MIN_ROWS_PER_WORKER = 256  # below this, worker start-up costs more than it saves (auto num_proc only)
 _SCAN_BATCH = 4096
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 _SAMPLE_BLOCKS, _SAMPLE_BYTES = 16, 1 << 16  # the manifest's checksum reads 16 blocks of 64 KiB a file
 
 
@@ -586,7 +585,7 @@ def build_token_cache(
             return final
     except OSError as exc:  # a full or read-only disk: one line, naming the cache
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno not in _DISK_ERRNOS:
+        if exc.errno not in DISK_ERRNOS:
             raise
         again = f"token cache {final} did not verify ({damaged}) and rebuilding it failed" if damaged else (
             f"building token cache {final} failed")

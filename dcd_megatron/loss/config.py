@@ -8,6 +8,8 @@ import dataclasses
 import math
 from typing import Literal
 
+from dcd_megatron.errors import UserError
+
 Method = Literal["sft", "sigmoid", "student_only", "tis", "prefix", "sequence", "gated"]
 METHODS: tuple[str, ...] = ("sft", "sigmoid", "student_only", "tis", "prefix", "sequence", "gated")
 # Methods whose weights are a function of the teacher log-probs.
@@ -21,7 +23,7 @@ TRAJECTORY_METHODS: tuple[str, ...] = ("sigmoid", "gated")
 NORMALIZE_SCOPES: tuple[str, ...] = ("global", "micro", "none")
 
 
-class DCDConfigError(ValueError):
+class DCDConfigError(UserError, ValueError):
     """A DCDConfig field has an invalid value."""
 
 

@@ -90,6 +90,16 @@ class ModelConfig:
         size = int(8 * self.hidden_size / 3)
         return 16 * ((size + 15) // 16)
 
+    def num_parameters(self, padded_vocab: int) -> int:
+        """Parameters of the GPT model this builds (embedding, layers, final norm, an untied LM head): for disk estimates."""
+        h = self.hidden_size
+        kv = self.kv_channels or h // self.num_attention_heads
+        q, g = self.num_attention_heads * kv, self.query_groups * kv
+        attention = h * (q + 2 * g) + q * h + ((q + 2 * g) if self.add_qkv_bias else 0)
+        layer = attention + 3 * h * self.ffn_size + 2 * h  # SwiGLU's three matrices, two RMSNorms
+        head = padded_vocab * h if self.untie_embeddings_and_output_weights else 0
+        return self.num_layers * layer + padded_vocab * h + head + h
+
     def shape_differences(self, other: "ModelConfig") -> list[str]:
         """The fields that fix parameter shapes and differ from `other` (a checkpoint's), as `name: ours vs theirs`."""
         names = ("num_layers", "hidden_size", "num_attention_heads", "query_groups", "ffn_size", "kv_channels",

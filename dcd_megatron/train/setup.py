@@ -101,6 +101,7 @@ def _set_up(cfg: TrainConfig, config_text: str, facts: RuntimeFacts, info: Proce
         padded_vocab=cfg.model.padded_vocab_size(vocab_size, layout.tp),
         num_microbatches=cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp),
     )
+    _check_disks(run)  # before anything is tokenised or trained: a read-only or full disk is one line now
     data = _load_data(run, tokenizer)
     run = dataclasses.replace(run, loss=_checked_loss(run, data.train_meta))
     chunks, optimizer, scheduler = _build_model(run)
@@ -161,6 +162,42 @@ def _checked_layout(cfg: TrainConfig, world_size: int, facts: RuntimeFacts) -> L
             "per-document context-parallel splits); set data.pack=false or parallel.cp=1"
         )
     return layout
+
+
+def checkpoint_bytes(cfg: TrainConfig, padded_vocab: int) -> int:
+    """About what one checkpoint takes on disk: the weights plus Adam's two fp32 moments (and fp32
+    main weights under bf16/fp16), 12-16 bytes a parameter, and 10% for the format's own records."""
+    weight = 4 if cfg.model.params_dtype == "fp32" else 2
+    per_param = weight + 8 + (0 if weight == 4 else 4)
+    return cfg.model.num_parameters(padded_vocab) * per_param * 11 // 10
+
+
+def _check_disks(run: RunFacts) -> None:
+    """Rank 0 probes every folder the run writes (writable, room for one checkpoint); every rank stops on a problem."""
+    from dcd_megatron.runtime.disk import DiskError, Target, check_writable
+    from dcd_megatron.runtime.distributed import share_object
+    from dcd_megatron.tracking.config import sqlite_path
+
+    cfg, verdict = run.cfg, None
+    if run.is_logger:
+        need = checkpoint_bytes(cfg, run.padded_vocab)
+        targets = [
+            Target(run.output_dir, "train.output_dir"),
+            Target(run.checkpoint_root, "train.output_dir", need,
+                   f"one checkpoint ({cfg.model.num_parameters(run.padded_vocab):,} parameters: weights + optimizer state)"),
+            Target(Path(cfg.data.cache_dir) if cfg.data.cache_dir else run.output_dir / "cache", "data.cache_dir"),
+        ]
+        store = sqlite_path(cfg.tracking.resolved_uri()) if cfg.tracking.enabled else None
+        if store is not None:
+            targets.append(Target(store.parent, "tracking.tracking_uri (MLflow's local store)"))
+        try:
+            check_writable(targets)
+        except DiskError as exc:
+            verdict = str(exc)
+    if run.process.world_size > 1:
+        verdict = share_object(verdict, 0)
+    if verdict:
+        raise DiskError(verdict)
 
 
 def _load_data(run: RunFacts, tokenizer):
