@@ -25,8 +25,8 @@ dcd_offline_install() {
         "$py" "$here/wheelhouse.py" missing --dest "$wheelhouse" "$set" >"$lacking" || return 1
         [[ -s $lacking ]] && reqs+=(-r "$lacking")
     done
-    if ! env PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 -u PIP_CONSTRAINT \
-        -u PIP_FIND_LINKS "$py" -m pip install --no-index --no-deps --find-links "$wheelhouse" --target "$target" \
+    if ! env -u PIP_CONSTRAINT -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 \
+        PIP_DISABLE_PIP_VERSION_CHECK=1 "$py" -m pip install --no-index --no-deps --find-links "$wheelhouse" --target "$target" \
         "${reqs[@]}" >"$log" 2>&1; then
         tail -n 15 "$log" >&2
         return 1

@@ -290,7 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("set", choices=SETS)
     args = parser.parse_args(argv)
     if args.command == "build":
-        build(args.dest, args.python_version, args.platform, args.sets)
+        try:
+            build(args.dest, args.python_version, args.platform, args.sets)
+        except subprocess.CalledProcessError as exc:
+            print(f"wheelhouse: pip failed (exit code {exc.returncode}, its message above); an optional set that "
+                  "cannot resolve on top of core and image can be left out: --sets core image", file=sys.stderr)
+            return 1
         return 0
     if not args.dest.is_dir():
         print(f"no wheelhouse at {args.dest}: run `make wheelhouse` first", file=sys.stderr)
