@@ -70,8 +70,8 @@ def test_exact_values_on_a_hand_made_batch(cfg, weight):
 
 def test_gated_weights_lift_the_certain_mass_above_sigmoid():
     """What the method is for: the gate gives certain tokens more of the weight than sigmoid does."""
-    sigmoid = reduce_reports([report_of(DCDConfig(method="sigmoid", tau=0.5), TOKENS)])
-    gated = reduce_reports([report_of(DCDConfig(method="gated", gate_power=16.0, tau=0.5), TOKENS)])
+    sigmoid = reduce_reports([report_of(DCDConfig(method="sigmoid", tau=0.5, trajectory=False), TOKENS)])
+    gated = reduce_reports([report_of(DCDConfig(method="gated", gate_power=16.0, tau=0.5, trajectory=False), TOKENS)])
     assert gated["weight_mass_certain"] > sigmoid["weight_mass_certain"] + 0.1
     assert gated["weight_certain_unlearned"] > 1.5 * sigmoid["weight_certain_unlearned"]
 

@@ -105,8 +105,12 @@ def test_reference_gradient_is_the_weighted_sft_gradient_and_chunked_is_fused(mo
 
 def test_clear_errors():
     d = _data(4)
-    with pytest.raises(DCDConfigError, match="trajectory: needs a fork factor, which method 'tis'"):
-        DCDConfig(method="tis", trajectory=True)
+    tis = DCDConfig(method="tis", trajectory=True)  # no fork factor: the discount is not applied
+    assert not tis.uses_trajectory
+    torch.testing.assert_close(dcd_weights(d["s"], d["a"], d["mask"], tis),
+                               dcd_weights(d["s"], d["a"], d["mask"], DCDConfig(method="tis")))
+    with pytest.raises(DCDConfigError, match="trajectory: expected true or false"):
+        DCDConfig(trajectory="yes")
     with pytest.raises(DCDConfigError, match="reference: 'frozen' is not one of"):
         DCDConfig(reference="frozen")
     cfg = DCDConfig(reference="initial")

@@ -138,8 +138,8 @@ def student_logprobs(logits, labels):
 
 CONFIGS = [
     DCDConfig(method="sft"),
-    DCDConfig(method="sigmoid", tau=0.7, bias=-0.5),
-    DCDConfig(method="sigmoid", bias_mode="median", floor=0.2),
+    DCDConfig(trajectory=False, method="sigmoid", tau=0.7, bias=-0.5),
+    DCDConfig(trajectory=False, method="sigmoid", bias_mode="median", floor=0.2),
     DCDConfig(method="student_only", tau=2.0, clip=1.5),
     DCDConfig(method="student_only", student_only_form="power", beta=0.5),
     DCDConfig(method="tis", alpha=0.8, cap=1.5, floor=0.05),
@@ -147,11 +147,11 @@ CONFIGS = [
     DCDConfig(method="prefix", prefix_window=2, cap=1.2),
     DCDConfig(method="prefix", prefix_transform="sigmoid", bias_mode="median", tau=0.5),
     DCDConfig(method="sequence", clip=1.0, cap=3.0),
-    DCDConfig(method="sigmoid", tau=0.5, tau_end=4.0, tau_anneal_steps=10),
-    DCDConfig(method="gated", gate_power=4.0, tau=0.5),
-    DCDConfig(method="gated", gate_power=1.0, bias_mode="median", normalize="micro", cap=0.9),
-    DCDConfig(method="gated", gate="entropy", gate_power=2.0, bias=-0.5, floor=0.05),
-    DCDConfig(method="gated", gate="entropy", bias_mode="median", tau=0.7, tau_end=2.0, tau_anneal_steps=10),
+    DCDConfig(trajectory=False, method="sigmoid", tau=0.5, tau_end=4.0, tau_anneal_steps=10),
+    DCDConfig(trajectory=False, method="gated", gate_power=4.0, tau=0.5),
+    DCDConfig(trajectory=False, method="gated", gate_power=1.0, bias_mode="median", normalize="micro", cap=0.9),
+    DCDConfig(trajectory=False, method="gated", gate="entropy", gate_power=2.0, bias=-0.5, floor=0.05),
+    DCDConfig(trajectory=False, method="gated", gate="entropy", bias_mode="median", tau=0.7, tau_end=2.0, tau_anneal_steps=10),
 ]
 
 
@@ -584,11 +584,11 @@ def test_teacher_certain_token_keeps_full_weight(student_p):
     s = torch.full((1, 3), math.log(student_p))
     teacher = torch.tensor([[0.0, math.log(0.999), math.log(0.2)]])  # certain, near-certain, a fork
     mask = torch.ones(1, 3)
-    cfg = DCDConfig(method="gated", gate_power=16.0, tau=0.5)
+    cfg = DCDConfig(method="gated", gate_power=16.0, tau=0.5, trajectory=False)  # the per-token weight
     got = dcd_weights(s, teacher, mask, cfg)
     assert float(got[0, 0]) == 1.0
     assert float(got[0, 1]) >= 0.999**16 - 1e-6 > 0.98
-    sig = dcd_weights(s, teacher, mask, DCDConfig(method="sigmoid", tau=0.5))
+    sig = dcd_weights(s, teacher, mask, DCDConfig(method="sigmoid", tau=0.5, trajectory=False))
     # the fork follows the student's preference: the sigmoid weight, up to the tiny gate 0.2**16
     assert float(got[0, 2]) == pytest.approx(float(sig[0, 2]), abs=0.2**16 + 1e-7)
     if student_p < 0.01:

@@ -68,7 +68,8 @@ def arm_loss(name: str, steps: int) -> DCDConfig:
     if name not in ARMS:
         raise ValueError(f"unknown lab arm {name!r}; choose from {list(ARMS)}")
     arm = ARMS[name]
-    kwargs = dict(arm.loss)
+    # an arm is what it says, whatever the defaults are: the reference and the trajectory are explicit
+    kwargs = {"reference": "live", "trajectory": False, **arm.loss}
     if arm.anneal_fraction > 0:
         kwargs["tau_anneal_steps"] = max(1, round(arm.anneal_fraction * steps))
     return DCDConfig(**kwargs)

@@ -77,11 +77,11 @@ class DCDConfig:
     # initial = the checkpoint the run starts from, frozen (the traces' student_ref_logprobs
     # column, scored once: dcd-score --reference); auto = initial when the traces carry that
     # column, else live (said at start). Ignored by sft.
-    reference: Literal["live", "initial", "auto"] = "live"
+    reference: Literal["live", "initial", "auto"] = "auto"
     # multiply each weight by the product over the earlier response tokens of its document of
     # the fork factor f = g + (1 - g) * min(1, 2 sigmoid((clip(l) - bias) / tau)): a fork the
-    # student rejects discounts the rest of that trace (sigmoid and gated only; g = 0 for sigmoid)
-    trajectory: bool = False
+    # student rejects discounts the rest of that trace (sigmoid and gated; ignored by the others; g = 0 for sigmoid)
+    trajectory: bool = True
     # where the weights are made mean-1: global batch, micro-batch, or not at all
     normalize: Literal["global", "micro", "none"] = "global"
     # tau schedule: linear from tau to tau_end over tau_anneal_steps optimizer steps
@@ -130,9 +130,6 @@ class DCDConfig:
         _check_choice("reference", self.reference, REFERENCES)
         if not isinstance(self.trajectory, bool):
             _fail("trajectory", f"expected true or false, got {self.trajectory!r}", "set trajectory=true or false")
-        if self.trajectory and self.method not in TRAJECTORY_METHODS:
-            _fail("trajectory", f"needs a fork factor, which method {self.method!r} has not",
-                  f"use method in {list(TRAJECTORY_METHODS)} or trajectory=false")
         _check_choice("normalize", self.normalize, NORMALIZE_SCOPES)
         if self.tau_end is not None:
             _check_finite("tau_end", self.tau_end)
@@ -154,6 +151,11 @@ class DCDConfig:
     def needs_teacher(self) -> bool:
         """Whether this method's weights need teacher log-probs."""
         return self.method in NEEDS_TEACHER
+
+    @property
+    def uses_trajectory(self) -> bool:
+        """Whether the weights take the trajectory discount (asked for, and the method has a fork factor)."""
+        return self.trajectory and self.method in TRAJECTORY_METHODS
 
     @property
     def needs_reference(self) -> bool:

@@ -146,7 +146,7 @@ def raw_weights_on_rows(
         return torch.ones_like(s)
     if method in ("sigmoid", "gated"):
         u, fork = gated_parts(s, l, valid, config, tau, gate_in)
-        return u * trajectory_discount(fork, valid, segment_ids) if config.trajectory else u
+        return u * trajectory_discount(fork, valid, segment_ids) if config.uses_trajectory else u
     if method == "student_only":
         if config.student_only_form == "power":
             return torch.exp(config.beta * s)  # p ** beta
@@ -181,7 +181,7 @@ def gated_parts(s, l, valid, config: DCDConfig, tau: float, gate_in=None) -> tup
 def causal_weights(config: DCDConfig) -> bool:
     """Whether a weight looks back along its row only, by the trajectory discount of a per-token weight
     (fixed bias, the token gate): known token by token in order, from the earlier tokens' fork factors."""
-    return config.trajectory and config.bias_mode == "fixed" and not config.entropy_gate
+    return config.uses_trajectory and config.bias_mode == "fixed" and not config.entropy_gate
 
 
 def trajectory_discount(fork: torch.Tensor, valid: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
@@ -194,7 +194,7 @@ def trajectory_discount(fork: torch.Tensor, valid: torch.Tensor, segment_ids: to
 
 def _looks_along_rows(config: DCDConfig) -> bool:
     """Whether a weight depends on other tokens of the micro-batch (needs full rows under CP)."""
-    if config.method in ("prefix", "sequence") or config.trajectory:
+    if config.method in ("prefix", "sequence") or config.uses_trajectory:
         return True
     sigmoid_shaped = config.method in ("sigmoid", "gated") or (
         config.method == "student_only" and config.student_only_form == "sigmoid"
