@@ -89,4 +89,6 @@ def test_the_default_is_the_loss_the_published_drift_lab_chose():
             assert default.reference == "auto" and default.resolved(traces_have_reference=True).reference == "initial"
             continue
         assert getattr(default, field) == value, (chosen, field, getattr(default, field), value)
-    assert DCDConfig().resolved(traces_have_reference=False).reference == "live"  # the documented fallback
+    fallback = DCDConfig().resolved(traces_have_reference=False)  # the documented fallback: the lab's `gated`
+    assert (fallback.reference, fallback.trajectory) == ("live", False)
+    assert DCDConfig(reference="live").resolved(traces_have_reference=False).trajectory is True  # asked for: kept

@@ -170,7 +170,8 @@ def test_auto_reference_follows_the_traces_and_says_so(capsys, tmp_path):
 
     meta = {"has_teacher_logprobs_fraction": 1.0}
     live = _checked_loss(run(None), {**meta, "has_student_ref_logprobs_fraction": 0.0})
-    assert live.reference == "live" and "the weights read the live student" in capsys.readouterr().out
+    assert live.reference == "live" and not live.trajectory
+    assert "the weights read the live student, without the trajectory discount" in capsys.readouterr().out
     ref = _checked_loss(run(str(tmp_path)), {**meta, "has_student_ref_logprobs_fraction": 1.0})
     assert ref.reference == "initial" and ref.needs_reference and "initial student's" in capsys.readouterr().out
     with pytest.raises(DataConfigError, match="only 50.0% of the kept training rows"):

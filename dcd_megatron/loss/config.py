@@ -76,7 +76,7 @@ class DCDConfig:
     # the student the weights compare with the teacher: live = the model being trained;
     # initial = the checkpoint the run starts from, frozen (the traces' student_ref_logprobs
     # column, scored once: dcd-score --reference); auto = initial when the traces carry that
-    # column, else live (said at start). Ignored by sft.
+    # column, else live without the trajectory discount (said at start). Ignored by sft.
     reference: Literal["live", "initial", "auto"] = "auto"
     # multiply each weight by the product over the earlier response tokens of its document of
     # the fork factor f = g + (1 - g) * min(1, 2 sigmoid((clip(l) - bias) / tau)): a fork the
@@ -163,10 +163,14 @@ class DCDConfig:
         return self.reference == "initial" and self.method in READS_STUDENT
 
     def resolved(self, traces_have_reference: bool) -> "DCDConfig":
-        """This config with ``reference="auto"`` made ``initial`` or ``live`` by what the traces carry."""
+        """This config with ``reference="auto"`` made ``initial`` by traces that carry the initial student's
+        log-probs, else ``live`` without the trajectory discount: the drift lab's best arm that needs no
+        reference column (the live trajectory loses to SFT where the teacher prefers the untaken fork)."""
         if self.reference != "auto":
             return self
-        return dataclasses.replace(self, reference="initial" if traces_have_reference else "live")
+        if traces_have_reference:
+            return dataclasses.replace(self, reference="initial")
+        return dataclasses.replace(self, reference="live", trajectory=False)
 
     @property
     def entropy_gate(self) -> bool:

@@ -224,9 +224,9 @@ def _checked_loss(run: RunFacts, meta: dict) -> DCDConfig:
         print("loss.reference=auto: " + (
             f"the weights read the initial student's {cfg.data.field_student_ref_logprobs} (the traces carry them)"
             if loss.reference == "initial" else
-            f"the traces carry no {cfg.data.field_student_ref_logprobs}, so the weights read the live student; "
-            "`dcd-score --reference --teacher INIT_CHECKPOINT` adds them (docs/loss.md, \"A frozen reference "
-            "student\")"), flush=True)
+            f"the traces carry no {cfg.data.field_student_ref_logprobs}, so the weights read the live student, "
+            "without the trajectory discount; `dcd-score --reference --teacher INIT_CHECKPOINT` adds them "
+            "(docs/loss.md, \"A frozen reference student\")"), flush=True)
     return loss
 
 
