@@ -1,7 +1,7 @@
-"""The pipeline experiment (`recipes/pipeline.py`): score -> train -> eval -> export as one NeMo-Run
-experiment, run for real on the local executor with tiny models (twice: the rerun skips or resumes
-every stage), and as Slurm and Docker dry runs (four sbatch scripts, eval and export on one task;
-four container specs, torchrun only for score and train)."""
+"""The pipeline experiment (`recipes/pipeline.py`): score -> reference -> train -> eval -> export as one
+NeMo-Run experiment, run for real on the local executor with tiny models (twice: the rerun skips or
+resumes every stage), and as Slurm and Docker dry runs (five sbatch scripts, eval and export on one
+task; five container specs, torchrun only for score, reference and train)."""
 
 import json
 import os
@@ -54,8 +54,10 @@ def test_slurm_dry_run_prints_four_dependent_jobs(tiny, tmp_path):
     for chunk in proc.stdout.split("# --- ")[1:]:
         name, _, text = chunk.partition(" ---\n")
         scripts[name] = text
-    assert list(scripts) == ["score", "train", "eval", "export"], list(scripts)
-    for name in ("score", "train"):
+    # the student starts from its converted checkpoint and the default loss reads the initial student
+    # (loss.reference=auto): a reference scoring stage comes before training
+    assert list(scripts) == ["score", "reference", "train", "eval", "export"], list(scripts)
+    for name in ("score", "reference", "train"):
         assert "#SBATCH --nodes=2" in scripts[name] and "#SBATCH --ntasks-per-node=8" in scripts[name], name
     for name in ("eval", "export"):
         assert "#SBATCH --nodes=1" in scripts[name] and "#SBATCH --ntasks-per-node=1" in scripts[name], name
@@ -74,12 +76,12 @@ def test_docker_dry_run_puts_every_job_in_the_image(tiny, tmp_path):
     for chunk in proc.stdout.split("# --- ")[1:]:
         name, _, text = chunk.partition(" ---\n")
         specs[name] = yaml.safe_load(text[text.index("_target_"):])
-    assert list(specs) == ["score", "train", "eval", "export"], list(specs)
+    assert list(specs) == ["score", "reference", "train", "eval", "export"], list(specs)
     for name, spec in specs.items():
         assert spec["executor"]["container_image"] == "registry.example.com/dcd-megatron:test", name
         command = " ".join(spec["containers"][0]["command"])
         assert "nemo_run.core.runners.fdl_runner" in command, (name, command)
-        assert command.startswith("torchrun ") == (name in ("score", "train")), (name, command)
+        assert command.startswith("torchrun ") == (name in ("score", "reference", "train")), (name, command)
 
 
 @pytest.mark.slow
@@ -95,6 +97,9 @@ def test_pipeline_runs_end_to_end_on_the_local_executor_and_resumes(tiny, tmp_pa
     assert "pipeline: SUCCEEDED" in first.stdout, first.stdout[-3000:]
     scored = pq.read_table(work / "scored" / "scored.parquet")
     assert scored.num_rows == 64 and {"teacher_logprobs", "teacher_topk_ids"} <= set(scored.column_names)
+    reference = pq.read_table(work / "reference" / "scored.parquet")  # what train read: the initial student's too
+    assert reference.num_rows == 64 and {"teacher_logprobs", "student_ref_logprobs"} <= set(reference.column_names)
+    assert "the weights read the initial student's student_ref_logprobs" in first.stdout, first.stdout[-3000:]
     final = json.loads((work / "run" / "final_metrics.json").read_text())
     assert final["step"] == 6
     summary = json.loads((work / "eval" / "summary.json").read_text())
@@ -106,7 +111,7 @@ def test_pipeline_runs_end_to_end_on_the_local_executor_and_resumes(tiny, tmp_pa
     second = run_pipeline(tmp_path, *args)  # the same experiment again: every stage skips or resumes
     log = second.stdout
     assert second.returncode == 0, log[-6000:]
-    assert "scored.parquet is already complete (64 rows); nothing to do" in log, log[-4000:]
+    assert log.count("scored.parquet is already complete (64 rows); nothing to do") == 2, log[-4000:]
     assert "is already at step 6 of train.steps=6: nothing to train" in log, log[-4000:]
     assert "eval: " in log and "already has the results of" in log and "export: " in log and "skipped" in log, log[-4000:]
     assert json.loads((work / "run" / "final_metrics.json").read_text())["step"] == 6

@@ -6,7 +6,7 @@
     python recipes/pipeline.py --factory tiny_cpu teacher=CKPT traces=TRACES benchmarks=gsm8k=FILE,math500=FILE \
         work_dir=runs/pipeline run.executor=local run.executor.ntasks_per_node=2 -y
 
-Four jobs with dependencies in one `run.Experiment` (on Slurm: sbatch --dependency=afterok; on
+Four or five jobs with dependencies in one `run.Experiment` (on Slurm: sbatch --dependency=afterok; on
 the local and Docker executors NeMo-Run runs them one after the other). Score and train get the
 executor as given (torchrun / one task per GPU); eval and export run as one process on one node.
 Every stage resumes or skips when the experiment is rerun with the same work_dir: scoring keeps
@@ -218,7 +218,7 @@ def pipeline(
 def _register():
     entry = run.cli.entrypoint(namespace=nemo.NAMESPACE, run_ctx_cls=nemo.DcdRunContext, type="experiment",
                                default_executor=nemo.local(),
-                               help="score -> train -> eval -> export as one NeMo-Run experiment")
+                               help="score -> [reference ->] train -> eval -> export as one NeMo-Run experiment")
     entry(pipeline)
     nemo.register_recipes(pipeline)
 
