@@ -55,7 +55,7 @@ failed=0
 if [[ -n $wheelhouse ]]; then
     [[ -d $wheelhouse ]] || { say "--wheelhouse: $wheelhouse is not a folder (make wheelhouse builds dist/wheelhouse)" >&2; exit 2; }
     wheelhouse=$(cd "$wheelhouse" && pwd)
-    # shellcheck source=scripts/offline_install.sh
+    # shellcheck source=scripts/offline_install.sh disable=SC1091  # the checkout's, read at run time
     source "$repo/scripts/offline_install.sh"
     say "installing from $wheelhouse into $out/site (no index; log $out/site.log)"
     dcd_offline_install "$DCD_PYTHON" "$wheelhouse" "$out/site" "$out/site.log" || {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,3 +88,15 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float =
 
 def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(out)}
+
+
+def torchrun_exit_codes(stdout: str) -> list[str]:
+    """Each failed rank's exit code in torchrun's failure summary. A rank still on its way out when
+    torchrun sees the first failure is stopped by torchrun's own SIGTERM (-15), on a loaded machine."""
+    return re.findall(r"exitcode\s*:\s*(-?\d+)", stdout)
+
+
+def ranks_exited_2(stdout: str, nproc: int) -> bool:
+    """Every rank failed, the first with exit code 2, the others with 2 or torchrun's SIGTERM."""
+    codes = torchrun_exit_codes(stdout)
+    return len(codes) == nproc and "2" in codes and set(codes) <= {"2", "-15"}

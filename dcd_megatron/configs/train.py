@@ -141,7 +141,7 @@ class TrainConfig:
                 f"model.max_position_embeddings={self.model.max_position_embeddings}"
             )
         if self.loss.needs_reference and not self.model.init_checkpoint:
-            raise ValueError(
+            raise ConfigError(
                 "loss.reference=initial compares the teacher with the checkpoint the run starts from, but "
                 "model.init_checkpoint is not set: set it to the checkpoint that scored the traces' "
                 f"{self.data.field_student_ref_logprobs} (`dcd-score --reference`), or use loss.reference=live"
