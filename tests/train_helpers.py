@@ -93,7 +93,7 @@ def losses(out: Path) -> dict[int, float]:
 def torchrun_exit_codes(stdout: str) -> list[str]:
     """Each failed rank's exit code in torchrun's failure summary. A rank still on its way out when
     torchrun sees the first failure is stopped by torchrun's own SIGTERM (-15), on a loaded machine."""
-    return re.findall(r"exitcode\s*:\s*(-?\d+)", stdout)
+    return re.findall(r"^\s+exitcode\s+:\s+(-?\d+)", stdout, re.M)  # the summary's lines, not its log lines
 
 
 def ranks_exited_2(stdout: str, nproc: int) -> bool:
