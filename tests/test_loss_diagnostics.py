@@ -142,7 +142,7 @@ def test_knowledge_summary_reads_first_and_last_values():
         "certain_token_frac": ([1, 5], [0.5, 0.4]),
     }
     lines = knowledge_summary(curves)
-    assert lines[0] == "knowledge vs forks (teacher-certain token: p_teacher >= 0.9; 40.0% of trained tokens at the last step):"
+    assert lines[0] == "knowledge vs forks (teacher-certain tokens, p_teacher >= 0.9; 40.0% of trained tokens at the last step):"
     assert lines[1] == "  weight_mass_certain      0.5000 (step 1) -> 0.6250 (step 5)"
     assert lines[3] == "  weight_certain_unlearned 0.2500 (step 5)"
     assert "p_student < 0.5" in lines[4] and "falling towards 0 means the loss is starving knowledge" in lines[4]

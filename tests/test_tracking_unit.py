@@ -27,7 +27,8 @@ def test_secret_names_are_recognised(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["tokenizer", "max_tokens", "num_tokens", "tokens_per_s", "TOKENIZERS_PARALLELISM", "author", "PWD", "lr", "keyword"]
+    "name", ["tokenizer", "max_tokens", "num_tokens", "tokens_per_s", "TOKENIZERS_PARALLELISM", "author", "PWD", "lr", "keyword",
+             "certain_token_frac"]
 )
 def test_ordinary_names_are_not_secret(name):
     assert not looks_secret(name)

@@ -245,7 +245,7 @@ def knowledge_summary(curves: dict) -> list[str]:
         return []
     frac = curves.get("certain_token_frac")
     share = f"; {frac[1][-1]:.1%} of trained tokens at the last step" if frac and frac[0] else ""
-    lines = [f"knowledge vs forks (teacher-certain token: p_teacher >= {CERTAIN_P}{share}):"]
+    lines = [f"knowledge vs forks (teacher-certain tokens, p_teacher >= {CERTAIN_P}{share}):"]
     for key in shown:
         steps, values = curves[key]
         first = f"{values[0]:.4f} (step {steps[0]})"

@@ -63,7 +63,8 @@ def _name_parts(name: str) -> list[str]:
 def looks_secret(name: str) -> bool:
     """True when a config key or environment variable name names a secret."""
     parts = _name_parts(str(name))
-    if any(p in _SECRET_PARTS for p in parts):
+    # "token" names a secret at the end of a name (HF_TOKEN, auth_token), not inside one (certain_token_frac)
+    if any(p in _SECRET_PARTS for p in parts if p != "token") or parts[-1:] == ["token"]:
         return True
     return any(pair in _SECRET_PAIRS for pair in zip(parts, parts[1:]))
 
