@@ -193,3 +193,73 @@ def test_layout_logging_and_paths_change_freely():
                 "data.cache_dir=/tmp/c", "runtime.num_threads=3", "train.stop_after=5", "loss.chunk_size=0")
     check = checked_resume(ours, _cfg(), "ckpt")
     assert check.by_group == {} and check.refused == [] and len(check.free) == 8
+
+
+# --- readers never race a rotating run (issue "No traceback left", item 3) ---------------------
+
+
+def test_a_held_checkpoint_outlives_rotation_until_its_reader_lets_go(tmp_path, caplog):
+    from dcd_megatron.checkpoint import leases
+    from dcd_megatron.checkpoint.saving import _after_save
+
+    root = tmp_path / "run" / "checkpoints"
+    one, two, three = (_fake_checkpoint(root, s) for s in (1, 2, 3))
+    assert locate_verified(one, hold=True) == one  # dcd-eval reading the oldest one
+    _after_save(root, three, keep=1)  # the trainer saved step 3: 1 and 2 are due to go
+    assert one.is_dir() and not two.exists() and three.is_dir()
+    assert "kept iter_0000001 for now: a reader" in caplog.text
+    leases.release(one)
+    _after_save(root, three, keep=1)
+    assert [p.name for p in complete_checkpoints(root)] == ["iter_0000003"]
+    assert not (root / leases.LEASES).exists()  # nothing left behind once no one reads
+    assert (root / "latest").read_text() == "iter_0000003"
+
+
+def test_a_lease_is_only_verification_long_unless_held(tmp_path):
+    from dcd_megatron.checkpoint.saving import _after_save
+
+    root = tmp_path / "run" / "checkpoints"
+    one, two = _fake_checkpoint(root, 1), _fake_checkpoint(root, 2)
+    assert read_checkpoint_config(one)[0] == one  # reading the config alone holds nothing afterwards
+    _after_save(root, two, keep=1)
+    assert not one.exists()
+
+
+def test_a_checkpoint_removed_before_its_lease_is_passed_over(tmp_path, monkeypatch):
+    from dcd_megatron.checkpoint import leases
+
+    root = tmp_path / "run" / "checkpoints"
+    _fake_checkpoint(root, 2)
+    four = _fake_checkpoint(root, 4)
+    real_take = leases.take
+
+    def rotated_first(path, *args):  # the trainer removes iter 4 between the listing and the lease
+        if path == four and four.exists():
+            shutil.rmtree(four)
+        return real_take(path, *args)
+
+    monkeypatch.setattr(leases, "take", rotated_first)
+    assert locate_verified(tmp_path / "run").name == "iter_0000002"
+    four = _fake_checkpoint(root, 4)
+    with pytest.raises(CheckpointError, match=r"iter_0000004 was removed before it could be read .*pass the run's "
+                                              r"output_dir to read its newest checkpoint"):
+        locate_verified(four)
+
+
+def test_a_reader_that_cannot_take_a_lease_says_so(tmp_path, monkeypatch, caplog):
+    from dcd_megatron.checkpoint import leases
+
+    root = tmp_path / "run" / "checkpoints"
+    two = _fake_checkpoint(root, 2)
+
+    def read_only(path, flags):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(leases, "_open", read_only)
+    assert locate_verified(root, hold=True) == two
+    assert f"reading {two} without a read lease ({root / leases.LEASES} is not writable here (Permission denied))" \
+        in caplog.text
+    converted = tmp_path / "converted"  # a dcd-convert output is never rotated: no lease, no warning
+    shutil.copytree(two, converted)
+    caplog.clear()
+    assert locate_verified(converted, hold=True) == converted and "lease" not in caplog.text

@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -286,3 +287,32 @@ def test_a_read_only_cache_folder_stops_the_run_before_any_step(tmp_path):
     assert errors == [f"dcd-train: error (rank 0): data.cache_dir: {ro / 'cache'} is not writable (Read-only file "
                       "system); point data.cache_dir at a writable disk with room"], proc.stdout[-3000:]
     assert not (out / "metrics.jsonl").exists()  # not one step
+
+
+@pytest.mark.megatron
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_disk_that_fills_at_a_save_keeps_the_previous_checkpoint_and_says_so(tmp_path, nproc):
+    """2.2 MB holds one tiny_cpu checkpoint (1.4 MB; the start-up probe asks for its 1.5 MB estimate), not two.
+    With 2 ranks the failure is one rank's write (megatron's) or ours: every rank ends on the same line."""
+    from dcd_megatron.checkpoint import complete_checkpoints, verify
+
+    out = tmp_path / "run"
+    with _tmpfs(out / "checkpoints", "2200k") as checkpoints:
+        proc = run_train(out, ["train.steps=3", "train.save_interval=1", "train.keep_checkpoints=0"], nproc=nproc,
+                         timeout=300)
+        assert ("Traceback" if nproc == 1 else "]: Traceback") not in proc.stdout, proc.stdout[-3000:]
+        assert proc.returncode == 2 if nproc == 1 else ranks_exited_2(proc.stdout, nproc), proc.stdout[-3000:]
+        assert "saved checkpoint" in proc.stdout, proc.stdout[-3000:]  # the first save fitted
+        errors = [line for line in proc.stdout.splitlines() if line.startswith("dcd-train: error")]
+        assert len(errors) == nproc and len({e.split(": ", 2)[2] for e in errors}) == 1, proc.stdout[-3000:]
+        assert re.fullmatch(
+            rf"dcd-train: error \(rank \d\): saving the checkpoint of step 2 under {checkpoints} failed \(.+; [\d.]+ "
+            r"MiB free there, less than one checkpoint \([\d.]+ MiB\): the disk is full\); iter_0000001 is intact and "
+            r"verifies; free space or point train.output_dir at a disk with room, then rerun with train.resume=auto",
+            errors[0]), errors[0]
+        assert [p.name for p in complete_checkpoints(checkpoints)] == ["iter_0000001"]
+        assert not list(checkpoints.glob("*.tmp")) and verify(checkpoints / "iter_0000001") == []
+        assert (checkpoints / "latest").read_text() == "iter_0000001"
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["status"] == "FAILED" and final["step"] == 2, final
+    assert final["failure"] == errors[0].split(": ", 2)[2], final

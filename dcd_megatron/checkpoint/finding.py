@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dcd_megatron.checkpoint import leases
 from dcd_megatron.checkpoint.manifest import Part, verify
 from dcd_megatron.errors import UserError, UserFileNotFoundError
 
@@ -180,23 +181,63 @@ def _single_checkpoint(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and (path / META).is_file()
 
 
-def locate_verified(checkpoint: Path, say: Callable[[str], None] | None = None) -> Path:
-    """The checkpoint a reader (dcd-eval, dcd-convert, init_checkpoint, dcd-score) loads, verified.
+def locate_verified(checkpoint: Path, say: Callable[[str], None] | None = None, *, hold: bool = False) -> Path:
+    """The checkpoint a reader (dcd-eval, dcd-convert, init_checkpoint, dcd-score) loads, verified and held.
 
     `checkpoint` is one checkpoint directory (it must verify), a run's output_dir or its
-    checkpoints/ folder (the newest checkpoint that verifies, naming any damaged newer one).
+    checkpoints/ folder (the newest checkpoint that verifies, naming any damaged newer one). It is
+    leased while it is verified, and with `hold` until `leases.release` (a loader's whole read), so
+    a run still saving there does not rotate it away mid-read; one removed before the lease is passed over.
     """
     checkpoint = Path(checkpoint)
-    found = [checkpoint] if _single_checkpoint(checkpoint) else _found_under(checkpoint)
+    single = _single_checkpoint(checkpoint)
+    for _ in range(5):  # a rotating run can remove what was listed: list again
+        found = [checkpoint] if single else _found_under(checkpoint)
+        if not found:
+            break
+        selection, gone = _held_and_verified(found)
+        if single and gone:
+            raise CheckpointError(f"{checkpoint} was removed before it could be read (a run rotating its checkpoints, "
+                                  "train.keep_checkpoints); pass the run's output_dir to read its newest checkpoint")
+        if selection.chosen is not None or not gone:
+            break
+    else:
+        raise CheckpointError(f"the checkpoints under {checkpoint} kept disappearing while being read (a run rotating "
+                              "them with a file system that has no flock?); rerun, or pass one iter_NNNNNNN folder")
     if not found:
         raise UserFileNotFoundError(
             f"{checkpoint} holds no dcd-train checkpoint (a directory with {META}); "
             "pass a run's output_dir, its checkpoints/ folder or one iter_NNNNNNN folder"
         )
-    selection = _verified_or_raise(found, READ_FIX)
+    if selection.chosen is None:
+        raise damaged_error(found[0].parent, selection, READ_FIX)
     for line in selection.fallback_lines():
         (say or log.warning)(line)
+    if not hold:
+        leases.release(selection.chosen)
     return selection.chosen
+
+
+def _held_and_verified(found: list[Path]) -> tuple[Selection, bool]:
+    """The newest of `found` that still exists once leased and verifies (held); whether any had vanished."""
+    selection, gone = Selection(chosen=None), False
+    for path in found:
+        why_not = leases.take(path)
+        if not path.is_dir():
+            leases.release(path)
+            gone = True
+            continue
+        problems = verify(path)
+        if problems:
+            leases.release(path)
+            selection.rejected.append((path, problems))
+            continue
+        if why_not:
+            log.warning("reading %s without a read lease (%s): a run still rotating checkpoints there could "
+                        "remove it mid-read", path, why_not)
+        selection.chosen = path
+        break
+    return selection, gone
 
 
 def read_meta(checkpoint: Path) -> dict:
@@ -210,13 +251,13 @@ def read_meta(checkpoint: Path) -> dict:
     return meta
 
 
-def read_checkpoint_config(checkpoint: Path, say: Callable[[str], None] | None = None):
-    """(checkpoint dir, the TrainConfig it was trained with, its meta record), verified first."""
+def read_checkpoint_config(checkpoint: Path, say: Callable[[str], None] | None = None, *, hold: bool = False):
+    """(checkpoint dir, the TrainConfig it was trained with, its meta record), verified first (and held: `hold`)."""
     import yaml
 
     from dcd_megatron.configs import from_dict
     from dcd_megatron.configs.train import TrainConfig
 
-    path = locate_verified(Path(checkpoint), say)
+    path = locate_verified(Path(checkpoint), say, hold=hold)
     meta = read_meta(path)
     return path, from_dict(TrainConfig, yaml.safe_load(meta["config"])), meta

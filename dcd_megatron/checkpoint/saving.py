@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dcd_megatron.checkpoint import leases
 from dcd_megatron.checkpoint.finding import (
     META, CheckpointError, checkpoint_dir, complete_checkpoints, is_ours, move_aside, read_meta,
 )
-from dcd_megatron.checkpoint.manifest import hash_share, merge_shares, record_file, write_manifest
+from dcd_megatron.checkpoint.manifest import hash_share, merge_shares, record_file, verify, write_manifest
 from dcd_megatron.runtime.distributed import all_gather_lists
 from dcd_megatron.tracking.redact import redact
 
@@ -135,39 +136,121 @@ def _clear_the_way(root: Path, final: Path, tmp: Path) -> None:
     tmp.mkdir(parents=True)
 
 
-def save_checkpoint(root: Path, step: int, model_chunks, optimizer, scheduler, meta: dict, keep: int) -> Path:
-    """Save everything needed to resume exactly at `step`; collective over all ranks."""
-    from megatron.core import dist_checkpointing
+class CheckpointSaveError(CheckpointError):
+    """A save failed (a full or failing disk, most often); the previous checkpoint is intact and named."""
 
+
+def save_checkpoint(root: Path, step: int, model_chunks, optimizer, scheduler, meta: dict, keep: int) -> Path:
+    """Save everything needed to resume exactly at `step`; collective over all ranks.
+
+    A failure on any rank (a full disk mid-run) fails the save on every rank with one
+    `CheckpointSaveError`: the `.tmp` directory is removed and the newest older checkpoint,
+    untouched by the failed save, is verified and named in the message.
+    """
     dist = torch.distributed
     rank, world = dist.get_rank(), dist.get_world_size()
     root = Path(root)
     final = checkpoint_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
+    failed = _agreed_failure(_attempt(lambda: _clear_the_way(root, final, tmp)) if rank == 0 else None)
+    if failed is None:
+        failed = _agreed_failure(_attempt(lambda: _write_shards(tmp, model_chunks, optimizer, rank)))
+    if failed is None:
+        shares = all_gather_lists([hash_share(tmp, (rank, world))])
+        done = _attempt(lambda: _complete(root, tmp, final, shares, meta, step, scheduler, world)) if rank == 0 else None
+        failed = _agreed_failure(done)
+    if failed is not None:  # rank 0 cleans up and checks the previous checkpoint; every rank says the same
+        line = _save_failure_line(root, step, tmp, failed) if rank == 0 else None
+        raise CheckpointSaveError(all_gather_lists([line])[0])
     if rank == 0:
-        _clear_the_way(root, final, tmp)
+        _after_save(root, final, keep)
     dist.barrier()
+    return final
+
+
+def _attempt(fn) -> str | None:
+    """Run `fn`; None, or its failure in one line (the OSError's path and reason, or the exception's first line)."""
+    try:
+        fn()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # torch's CheckpointException is a BaseException; OSError and the rest say the same
+        return _one_line(exc)
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    failures = getattr(exc, "failures", None)  # torch's CheckpointException: {rank: the exception it had}
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        exc = first[0] if isinstance(first, tuple) else first
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def _agreed_failure(mine: str | None) -> str | None:
+    """Every rank's view of one save phase: the first failure any rank had (or None), on all ranks."""
+    views = all_gather_lists([mine])
+    return next((f"rank {r}: {v}" if len(views) > 1 else v for r, v in enumerate(views) if v), None)
+
+
+def _write_shards(tmp: Path, model_chunks, optimizer, rank: int) -> None:
+    from megatron.core import dist_checkpointing
+
     use_in_process_write_results()
     dist_checkpointing.save(_sharded_state(model_chunks, optimizer, is_loading=False), str(tmp))
     rng_dir = tmp / "rng"
     rng_dir.mkdir(exist_ok=True)
     torch.save(_rng_state(), rng_dir / f"rank_{rank:05d}.pt")
-    dist.barrier()
-    shares = all_gather_lists([hash_share(tmp, (rank, world))])
-    if rank == 0:
-        # redacted: a checkpoint is copied and shared, its config must hold no password or token
-        record = redact(dict(meta, step=step, scheduler=scheduler.state_dict(), world_size=world))
-        _write_atomic(tmp / META, json.dumps(record, indent=1, default=str))
-        files = merge_shares(shares)
-        files[META] = record_file(tmp, META)
-        write_manifest(tmp, files)
-        os.replace(tmp, final)
+
+
+def _complete(root: Path, tmp: Path, final: Path, shares, meta: dict, step: int, scheduler, world: int) -> None:
+    """Rank 0: meta.json and the manifest into `tmp`, then the rename that makes it a checkpoint."""
+    # redacted: a checkpoint is copied and shared, its config must hold no password or token
+    record = redact(dict(meta, step=step, scheduler=scheduler.state_dict(), world_size=world))
+    _write_atomic(tmp / META, json.dumps(record, indent=1, default=str))
+    files = merge_shares(shares)
+    files[META] = record_file(tmp, META)
+    write_manifest(tmp, files)
+    os.replace(tmp, final)
+
+
+def _after_save(root: Path, final: Path, keep: int) -> None:
+    """Rank 0, the checkpoint in place: `latest` names it (a hint only), old ones go unless a reader holds them."""
+    try:
         _write_atomic(root / "latest", final.name)
-        if keep > 0:
-            for old in complete_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
+    except OSError as exc:
+        log.warning("saved %s but could not update %s/latest (%s); readers find checkpoints without it",
+                    final, root, _one_line(exc))
+    if keep <= 0:
+        return
+    for old in complete_checkpoints(root)[:-keep]:
+        if not leases.remove_unless_read(old):
+            log.warning("kept %s for now: a reader (dcd-eval, dcd-convert, dcd-score, init_checkpoint) holds it; "
+                        "a later save removes it", old.name)
+
+
+def _save_failure_line(root: Path, step: int, tmp: Path, failure: str) -> str:
+    """Rank 0: the one line a failed save ends the run with (what failed, what was kept, the fix)."""
+    shutil.rmtree(tmp, ignore_errors=True)  # frees what the failed save took
+    previous = next((p for p in reversed(complete_checkpoints(root)) if p.name != tmp.name.removesuffix(".tmp")), None)
+    kept, room = "no earlier checkpoint exists", ""
+    if previous is not None:
+        kept = f"{previous.name} is intact and verifies" if not verify(previous) else f"{previous.name} does not verify"
+        try:
+            free, size = shutil.disk_usage(root).free, _size(previous)
+            room = f"; {free / 2**20:.1f} MiB free there" + (
+                f", less than one checkpoint ({size / 2**20:.1f} MiB): the disk is full" if free < size else "")
+        except OSError:
+            pass
+    return (f"saving the checkpoint of step {step} under {root} failed ({failure}{room}); {kept}; free space or "
+            "point train.output_dir at a disk with room, then rerun with train.resume=auto")
+
+
+def _size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file() and not f.is_symlink())
 
 
 def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, *, load_optimizer: bool = True) -> dict:

@@ -78,15 +78,16 @@ def load_megatron_model(checkpoint: str | Path, *, layout: Layout, device: torch
     from megatron.core import dist_checkpointing
 
     from dcd_megatron.data import load_tokenizer
-    from dcd_megatron.checkpoint import read_checkpoint_config
+    from dcd_megatron.checkpoint import leases, read_checkpoint_config
 
-    path, cfg, meta = read_checkpoint_config(Path(checkpoint))
+    path, cfg, meta = read_checkpoint_config(Path(checkpoint), hold=True)  # released once loaded
     vocab = cfg.model.vocab_size or load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type).vocab_size
     padded = max(checkpoint_padded_vocab(cfg, meta, vocab), cfg.model.padded_vocab_size(vocab, layout.tp))
     if padded % layout.tp:
         padded = cfg.model.padded_vocab_size(padded, layout.tp)
     module = build_empty_model(cfg.model, padded_vocab=padded, layout=layout, device=device, use_te=use_te)
     state = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
+    leases.release(path)  # loaded: a run rotating its checkpoints may remove it now
     module.load_state_dict(state["model"])
     module.eval()
     return module, cfg, meta, vocab

@@ -51,6 +51,7 @@ def load_student(args) -> EvalModel:
     if not args.checkpoint:
         raise SystemExit("dcd-eval: pass --checkpoint RUN_DIR (or --model-loader MODULE:FUNCTION)")
     model, tokenizer = load_trained_model(args.checkpoint, device=args.device or "auto")
+    log.info("read the checkpoint %s", model.path)
     encoder = RowEncoder(model.config.data, tokenizer)
 
     def encode(prompt: str) -> list[int]:

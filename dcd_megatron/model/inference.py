@@ -20,6 +20,7 @@ class LoadedModel:
     config: object  # TrainConfig
     vocab_size: int
     device: torch.device
+    path: Path | None = None  # the checkpoint directory it was read from
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,13 +35,13 @@ def load_trained_model(checkpoint: str | Path, device: str = "auto") -> tuple[Lo
     """(model, tokenizer) from a dcd-train checkpoint, at TP=1/PP=1 on `device`."""
     from megatron.core import dist_checkpointing
 
-    from dcd_megatron.checkpoint import read_checkpoint_config
+    from dcd_megatron.checkpoint import leases, read_checkpoint_config
     from dcd_megatron.data import load_tokenizer
     from dcd_megatron.model.builder import build_gpt_model, transformer_config
     from dcd_megatron.runtime.distributed import ensure_single_process_group, runtime_facts
     from dcd_megatron.runtime.layout import Layout
 
-    path, cfg, meta = read_checkpoint_config(Path(checkpoint))
+    path, cfg, meta = read_checkpoint_config(Path(checkpoint), hold=True)  # released once loaded
     facts = runtime_facts(device)
     dev = facts.device
     ensure_single_process_group(dev)
@@ -59,6 +60,7 @@ def load_trained_model(checkpoint: str | Path, device: str = "auto") -> tuple[Lo
         use_te=facts.has_te,
     ).to(dev)
     state = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
+    leases.release(path)  # loaded: a run rotating its checkpoints may remove it now
     module.load_state_dict(state["model"])
     module.eval()
-    return LoadedModel(module=module, config=cfg, vocab_size=vocab, device=dev), tokenizer
+    return LoadedModel(module=module, config=cfg, vocab_size=vocab, device=dev, path=path), tokenizer

@@ -368,6 +368,8 @@ def _score_shards(cfg: ScoreConfig, teacher: _Teacher, ds, ranges, todo, done_be
         total=sum(ranges[i][1] - ranges[i][0] for i in todo), unit="row", disable=not (is_main and progress),
         desc=f"scoring (rank 0 of dp={layout.dp})", dynamic_ncols=True,
     )
+    if is_main:
+        print(f"teacher: {teacher.path}", flush=True)
     if is_main and teacher.vocab_note:
         print(f"note: {teacher.vocab_note}", flush=True)
     if is_main and done_before:

@@ -15,6 +15,7 @@ import torch
 
 from dcd_megatron.configs import to_dict
 from dcd_megatron.configs.train import TrainConfig
+from dcd_megatron.errors import UserError
 from dcd_megatron.tracking.intervals import due
 from dcd_megatron.train.metrics import VALIDATION_KEYS, MetricsSink, scalars
 from dcd_megatron.train.setup import TrainState, setup
@@ -53,15 +54,18 @@ def _train_and_record(state: TrainState) -> TrainResult:
         name = f"config/resume-changes-step-{state.start_step}.txt"
         sink.tracker.log_text("\n".join(state.resume_changes) + "\n", name)
     stop_signal = StopSignal(state.run.runtime.device)
-    final_step, status, stop_reason = state.start_step, "FAILED", None
+    final_step, status, stop_reason, failure = state.start_step, "FAILED", None, None
     try:
         final_step, stop_reason = _run(state, sink, stop_signal)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
-    finally:
-        sink.finish(status, final_step, state.metrics, stop_reason=stop_reason)  # stopped early: STOPPED
+    except UserError as exc:  # e.g. a save on a full disk: its line goes into final_metrics.json too
+        failure = str(exc)
+        raise
+    finally:  # stopped early: STOPPED
+        sink.finish(status, final_step, state.metrics, stop_reason=stop_reason, failure=failure)
         stop_signal.restore()
     sink.summary()
     return TrainResult(

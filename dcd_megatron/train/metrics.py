@@ -102,22 +102,29 @@ class MetricsSink:
                 reference=history.curves(["certain_token_frac"]), ylabel="weight share / relative weight",
             )
 
-    def finish(self, status: str, step: int, last_metrics: dict, stop_reason: str | None = None) -> None:
+    def finish(self, status: str, step: int, last_metrics: dict, stop_reason: str | None = None,
+               failure: str | None = None) -> None:
         """final_metrics.json (when a step ran, written atomically) and the tracker's end; safe after an error.
 
         A run stopped early (a signal, `train.stop_after`: `stop_reason`) is "STOPPED" with
         "stopped_at_step" and "stop_reason"; in MLflow it is KILLED with the tags dcd.stop_reason
-        and dcd.stopped_at_step. A failed run reports the last step it logged.
+        and dcd.stopped_at_step. A failed run reports the last step it logged, and `failure` (the
+        one-line error that ended it) when a user-fixable problem did (a full disk at a save).
         """
         step = max(step, self.last_step)
         final = {"step": step, "status": status, "steps_planned": self.steps}
         if stop_reason is not None:
             final.update(status="STOPPED", stopped_at_step=step, stop_reason=stop_reason)
+        if failure is not None:
+            final["failure"] = failure
         if self.is_logger and last_metrics:
             path = Path(self.output_dir) / "final_metrics.json"
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps({**final, **scalars(last_metrics)}, indent=1))
-            os.replace(tmp, path)
+            try:
+                tmp.write_text(json.dumps({**final, **scalars(last_metrics)}, indent=1))
+                os.replace(tmp, path)
+            except OSError as exc:  # a full disk must not hide the error that ended the run
+                print(f"could not write {path} ({exc.strerror or exc}): the run ended {final['status']}", flush=True)
         mlflow_status, tags = run_end(final)
         self.tracker.finish(mlflow_status, tags=tags)
 

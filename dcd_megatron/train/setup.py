@@ -322,6 +322,7 @@ def _restore(run: RunFacts, chunks, optimizer, scheduler, summary: dict,
         init_from = _checked_init_checkpoint(cfg)
         _check_reference_source(cfg, run.loss or cfg.loss, init_from, scored_by)
         ckpt.load_checkpoint(init_from, chunks, None, None, load_optimizer=False)
+        ckpt.leases.release(init_from)  # held since _checked_init_checkpoint found it
         if run.is_logger:
             print(f"initialised the student from {init_from}", flush=True)
     return 0, 0, None, []
@@ -430,7 +431,7 @@ def _checked_init_checkpoint(cfg: TrainConfig) -> Path:
     from dcd_megatron.checkpoint import read_checkpoint_config
     from dcd_megatron.configs.overrides import ConfigError
 
-    path, theirs, _ = read_checkpoint_config(Path(cfg.model.init_checkpoint))
+    path, theirs, _ = read_checkpoint_config(Path(cfg.model.init_checkpoint), hold=True)  # released once loaded
     differences = cfg.model.shape_differences(theirs.model)
     if differences:
         raise ConfigError(
