@@ -110,3 +110,24 @@ def test_no_secret_reaches_a_file_the_console_or_mlflow(tmp_path, mlflow_server,
     stored = {**run.data.params, **run.data.tags, "run_name": run.info.run_name}
     assert stored["tracking.tracking_uri"] == f"http://alice:{REDACTED}@{host}"
     assert not [k for k, v in stored.items() if _leaks(str(v))], stored
+
+
+@pytest.mark.parametrize("command", ["dcd-eval", "dcd-score", "dcd-convert"])
+def test_every_command_redacts_its_one_line_error(tmp_path, planted_env, capsys, command):
+    """A path holding a secret's value (a user's typo, say) is named in the error, redacted."""
+    from dcd_megatron.cli import convert, score
+    from dcd_megatron.eval import cli as eval_cli
+
+    missing = tmp_path / f"nothing-{HF_TOKEN}"
+    argv = {
+        "dcd-eval": (eval_cli.main, ["--checkpoint", str(missing), "--benchmark", f"gsm8k={missing}.jsonl",
+                                     "--output-dir", str(tmp_path / "eval")]),
+        "dcd-score": (score.main, ["--teacher", str(missing), "--data", str(missing), "--out", str(tmp_path / "s"),
+                                   "--recipe", "tiny_cpu", "--no-progress"]),
+        "dcd-convert": (convert.main, ["mcore-to-hf", "--checkpoint", str(missing), "--out", str(tmp_path / "hf")]),
+    }
+    main, args = argv[command]
+    assert main(args) == 2
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert f"{command}: error" in text and f"nothing-{REDACTED}" in text and not _leaks(text), text

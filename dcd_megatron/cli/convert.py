@@ -41,6 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dcd_megatron.tracking.redact import redacted_console
+
+    with redacted_console():  # no secret (env values, URI passwords) reaches the console in clear
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     from dcd_megatron.runtime.quiet import quiet_megatron_warnings
 
     args = parse_args(argv)

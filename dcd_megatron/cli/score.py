@@ -75,6 +75,13 @@ def resolve_config(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dcd_megatron.tracking.redact import redacted_console
+
+    with redacted_console():  # no secret (env values, URI passwords) reaches the console in clear
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     import os
 
     from dcd_megatron.cli.errors import report_user_error, user_error_types

@@ -215,6 +215,13 @@ def _model(parser: argparse.ArgumentParser, args: argparse.Namespace, model_load
 
 def main(argv: Sequence[str] | None = None, *, model_loader: ModelLoader | None = None) -> int:
     """Run ``dcd-eval``; returns the process exit code (2: a user error, said in one line)."""
+    from dcd_megatron.tracking.redact import redacted_console
+
+    with redacted_console():  # no secret (env values, the MLflow URI's password) reaches the console in clear
+        return _main(argv, model_loader)
+
+
+def _main(argv: Sequence[str] | None, model_loader: ModelLoader | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from dcd_megatron.runtime.quiet import quiet_megatron_warnings
