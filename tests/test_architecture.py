@@ -22,6 +22,7 @@ COMPONENTS = {
     "score.config": GROUND,
     # pieces: each does one thing, knows no job
     "runtime": PIECES, "loss": PIECES, "data": PIECES, "model": PIECES, "checkpoint": PIECES, "tracking": PIECES,
+    "sampling": PIECES,
     # jobs: each composes the pieces for one job
     "train": JOBS, "score": JOBS, "eval": JOBS, "convert": JOBS,
     # faces: command lines, launchers, the experiments built on the jobs
