@@ -103,13 +103,15 @@ def _chi_square_p(counts: np.ndarray, expected: np.ndarray) -> float:
 
 
 def _check_top_k(seq, trace, setting, seed) -> None:
-    """The stored top-3 per token: the closed form's most likely kept tokens (-1 past the kept set)."""
+    """The stored top-3 per token: the closed form's most likely kept tokens, then dropped ones at -inf."""
     prefix = [0]
     for y, ids, lps in zip(seq, trace.top_ids, trace.top_logprobs, strict=True):
         q = closed_form(TABLE[prefix[-1], len(prefix) - 1], *setting)
-        want = [int(t) if q[t] > 0 else -1 for t in np.argsort(-q, kind="stable")[:3]]
-        assert ids == want, (seed, seq, ids, want)
-        assert all(abs(lp - math.log(q[t])) < 1e-6 for t, lp in zip(ids, lps) if t >= 0), (seed, seq, lps)
+        kept = [int(t) for t in np.argsort(-q, kind="stable")[:3] if q[t] > 0]
+        assert ids[: len(kept)] == kept, (seed, seq, ids, kept)
+        assert len(set(ids)) == len(ids) and all(q[t] == 0 for t in ids[len(kept):]), (seed, seq, ids)
+        assert all(abs(lp - math.log(q[t])) < 1e-6 for t, lp in zip(kept, lps)), (seed, seq, lps)
+        assert all(lp == -math.inf for lp in lps[len(kept):]), (seed, seq, lps)
         prefix.append(y)
 
 

@@ -129,13 +129,13 @@ def _eos_set(eos_id: int | Sequence[int] | None) -> set[int]:
     return set() if eos_id is None else ({int(eos_id)} if isinstance(eos_id, int) else set(map(int, eos_id)))
 
 
-def _decode_batch(decoder, prompts, batch, *, max_new_tokens, eos_tensor, seed, device, logprob_top_k,
+def _decode_batch(decoder, prompts, batch, *, max_new_tokens, eos_tensor, seed, keys, device, logprob_top_k,
                   **rule) -> list[Trace]:
-    """Decode one batch of (prompt, sample) rows to their traces."""
+    """Decode one batch of (prompt, sample) rows to their traces (``keys[i]``: prompt i's stream)."""
     uniforms = None
     if rule["temperature"] > 0:
         uniforms = torch.from_numpy(
-            np.stack([_row_uniforms(seed, i, j, max_new_tokens) for i, j in batch])
+            np.stack([_row_uniforms(seed, keys[i], j, max_new_tokens) for i, j in batch])
         ).to(device)
     traces = [Trace() for _ in batch]
     tensors = [torch.as_tensor(list(prompts[i]), dtype=torch.long, device=device) for i, _ in batch]
@@ -183,6 +183,7 @@ def sample(
     batch_size: int = 8,
     seed: int = 0,
     logprob_top_k: int = 0,
+    prompt_keys: Sequence[int] | None = None,
     progress: bool = True,
     device: str | torch.device = "cpu",
     pad_id: int = 0,
@@ -193,11 +194,15 @@ def sample(
     answer from one cut at ``max_new_tokens``) or at ``max_new_tokens``. Greedy
     (``temperature=0``) is deterministic; sampling is reproducible for a ``seed`` and does not
     depend on ``batch_size`` or on the order of rows. Rows are batched longest prompt first
-    and a finished row leaves its batch.
+    and a finished row leaves its batch. ``prompt_keys[i]`` names prompt i's random streams
+    (default: i), so a prompt samples alike wherever a caller's shard puts it.
     """
     _check(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, n=n,
            batch_size=batch_size)
     decoder = model_fn if isinstance(model_fn, IncrementalDecoder) else RecomputeDecoder(model_fn, pad_id)
+    keys = list(range(len(prompts))) if prompt_keys is None else [int(k) for k in prompt_keys]
+    if len(keys) != len(prompts):
+        raise ValueError(f"{len(keys)} prompt_keys for {len(prompts)} prompts")  # internal
     rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
     rows.sort(key=lambda r: -len(prompts[r[0]]))  # stable: ties keep (i, j) order
     out: list[list[Trace]] = [[Trace() for _ in range(n)] for _ in prompts]
@@ -210,7 +215,7 @@ def sample(
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
             traces = _decode_batch(decoder, prompts, batch, max_new_tokens=max_new_tokens, eos_tensor=eos_tensor,
-                                   seed=seed, device=device, logprob_top_k=logprob_top_k,
+                                   seed=seed, keys=keys, device=device, logprob_top_k=logprob_top_k,
                                    temperature=temperature, top_p=top_p, top_k=top_k)
             for (i, j), trace in zip(batch, traces, strict=True):
                 out[i][j] = trace

@@ -68,7 +68,8 @@ def pick(dist: KeptDistribution, uniforms: torch.Tensor) -> torch.Tensor:
 @dataclass
 class StepSample:
     """What one sampling step returns per row: the token, its log-prob under the kept renormalised
-    distribution, and that distribution's top-K (ids -1 and log-prob -inf past the kept set)."""
+    distribution, and that distribution's top-K (past the kept set: the next most likely tokens
+    before truncation, at log-prob -inf)."""
 
     tokens: torch.Tensor  # int64 [b]
     logprobs: torch.Tensor | None  # fp32 [b]; None at temperature 0 (greedy has no distribution)
@@ -93,8 +94,7 @@ def sample_step(
     top_ids = top_lps = None
     if logprob_top_k > 0:
         k = min(logprob_top_k, dist.order.shape[-1])
-        top_lps = dist.logprobs[:, :k]
-        top_ids = torch.where(torch.isfinite(top_lps), dist.order[:, :k], torch.full_like(dist.order[:, :k], -1))
+        top_ids, top_lps = dist.order[:, :k], dist.logprobs[:, :k]
     return StepSample(tokens, logprobs, top_ids, top_lps)
 
 
