@@ -119,3 +119,112 @@ def test_a_rerun_with_other_sampling_settings_is_refused(setup):
 
     with pytest.raises(GenerateError, match="top_p"):
         generate_traces(_cfg(setup, setup["root"] / "straight", top_p=0.8), progress=False)
+
+
+def test_the_filter_keeps_exactly_the_correct_samples(setup):
+    """References set to answers the teacher gives on some samples: exactly the samples that end with eos,
+    retokenize and give that answer are kept, in the dcd-train columns."""
+    from dcd_megatron.eval.answers import normalize_answer
+    from dcd_megatron.generate import generate_traces
+
+    first = _samples(setup["straight"])
+    answers = []
+    for i in range(len(QUESTIONS)):  # a checked (ended, retokenizing) answer of this prompt, if any
+        graded = [r["predicted"] for r in first if r["prompt_index"] == i and r["reason"] in ("wrong", "kept")]
+        answers.append(graded[0] if graded else "77777")
+    assert sum(a != "77777" for a in answers) >= 3, answers
+    prompts = _prompt_file(setup["root"] / "known.jsonl", answers)
+    result = generate_traces(_cfg(setup, setup["root"] / "known", prompts=prompts), progress=False)
+    rows = _samples(result)
+    expected = {(r["prompt_index"], r["sample"]) for r in rows if r["predicted"] is not None
+                and normalize_answer(r["predicted"]) == normalize_answer(answers[r["prompt_index"]])}
+    assert expected and {(r["prompt_index"], r["sample"]) for r in rows if r["reason"] == "kept"} == expected
+    kept = pq.read_table(result.traces).to_pylist()
+    assert {(r["prompt_index"], r["sample"]) for r in kept} == expected
+    assert all(len(r["teacher_logprobs"]) == len(r["teacher_topk_ids"]) for r in kept)
+    summary = json.loads((setup["root"] / "known" / "generate_summary.json").read_text())
+    assert summary["kept"] == len(expected) and summary["samples"] == len(rows)
+    assert sum(summary["rejected"].values()) == len(rows) - len(expected)
+    assert summary["pass@1"] == len(expected) / len(rows)
+    assert [p["n_correct"] for p in summary["per_prompt"]] == [
+        sum(1 for e in expected if e[0] == i) for i in range(len(QUESTIONS))]
+    setup["known"] = result
+
+
+def test_kept_traces_train_with_dcd_train_and_no_bad_row(setup):
+    from tests.train_helpers import run_train
+
+    if "known" not in setup:
+        pytest.skip("needs test_the_filter_keeps_exactly_the_correct_samples")
+    traces = setup["known"].traces
+    out = setup["root"] / "train"
+    proc = run_train(out, ["train.steps=2", "train.global_batch_size=2", "train.micro_batch_size=1",
+                           f"data.train_path={traces}", f"data.valid_path={traces}", "data.on_bad_row=error",
+                           f"data.tokenizer={setup['tok'] / 'tokenizer.json'}"], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    metas = [json.loads(p.read_text()) for p in (out.parent / "cache").rglob("meta.json")]
+    assert metas and all(m["skipped"] == {} and m["kept"] == m["rows"] for m in metas), metas
+
+
+# ---- bad input: one line, exit 2 ------------------------------------------------------------
+def _main(setup, capsys, *extra, prompts=None, out=None):
+    from dcd_megatron.cli.generate import main
+
+    code = main(["--teacher", str(setup["teacher"]), "--prompts", str(prompts or setup["prompts"]),
+                 "--out", str(out or setup["root"] / "bad"), "--student-tokenizer", str(setup["tok"] / "tokenizer.json"),
+                 "--template", "plain", "--n", "2", "--max-new-tokens", "4", "--no-progress", "--grade-workers", "0",
+                 "--device", "cpu", *extra])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    # the one error line (megatron-core's start-up note on CPU may stand above it)
+    lines = [line for line in err.splitlines() if line.startswith("dcd-generate: error")]
+    return code, lines[0] if len(lines) == 1 else err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n", "0"], "--n must be >= 1"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--temperature", "-1"], "--temperature must be > 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--backend", "sglang"], "--backend 'sglang' is not available"),
+])
+def test_bad_settings_are_one_line(setup, capsys, flags, message):
+    code, err = _main(setup, capsys, *flags)
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_bad_prompt_files_are_one_line(setup, capsys):
+    no_answer = setup["root"] / "no_answer.jsonl"
+    no_answer.write_text(json.dumps({"question": "12:"}) + "\n")
+    empty = setup["root"] / "empty.jsonl"
+    empty.write_text("")
+    for path, message in ((no_answer, "no field 'answer'"), (empty, "no problems"),
+                          (setup["root"] / "missing.jsonl", "does not exist")):
+        code, err = _main(setup, capsys, prompts=path)
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_a_teacher_of_another_vocabulary_is_refused(setup, capsys, tmp_path):
+    from dcd_megatron.lab import task
+
+    other = tmp_path / "other"
+    task.build_tokenizer(other)
+    vocab = json.loads((other / "tokenizer.json").read_text())
+    pieces = vocab["model"]["vocab"]
+    a, b = [k for k, v in pieces.items() if v in (3, 4)]
+    pieces[a], pieces[b] = pieces[b], pieces[a]  # two tokens swap ids
+    (other / "tokenizer.json").write_text(json.dumps(vocab))
+    code, err = _main(setup, capsys, "--teacher-tokenizer", str(other / "tokenizer.json"))
+    assert code == 2 and len(err.splitlines()) == 1 and "differs from the student's" in err, err
+
+
+def test_an_out_in_use_is_refused(setup, capsys, tmp_path):
+    from dcd_megatron.runtime.output_lock import acquire
+
+    lock = acquire(tmp_path / "busy", setting="--out")
+    try:
+        code, err = _main(setup, capsys, out=tmp_path / "busy")
+    finally:
+        lock.release()
+    assert code == 2 and len(err.splitlines()) == 1 and "busy" in err, err
