@@ -164,6 +164,7 @@ def test_kept_traces_train_with_dcd_train_and_no_bad_row(setup):
     assert proc.returncode == 0, proc.stdout[-3000:]
     metas = [json.loads(p.read_text()) for p in (out.parent / "cache").rglob("meta.json")]
     assert metas and all(m["skipped"] == {} and m["kept"] == m["rows"] for m in metas), metas
+    assert all(m["has_teacher_logprobs_fraction"] == 1.0 for m in metas), metas
 
 
 # ---- bad input: one line, exit 2 ------------------------------------------------------------
