@@ -7,7 +7,8 @@
 
 Prompts are encoded by the student's data pipeline (its chat template and BOS) and every sampled
 token's log-prob is that of the distribution it was drawn from (temperature, top-k, then top-p,
-renormalised), so no dcd-score step is needed. A rerun with the same --out resumes.
+renormalised), so no dcd-score step is needed. Runs as one process or under torchrun (data
+parallel over shards, each rank holding the whole teacher). A rerun with the same --out resumes.
 Output: DIR/traces.parquet (kept), DIR/samples.parquet (all), DIR/generate_summary.json.
 """
 
@@ -70,6 +71,8 @@ def resolve_config(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     from dcd_megatron.cli.errors import report_user_error, user_error_types
     from dcd_megatron.generate import generate_traces
     from dcd_megatron.runtime import distributed
@@ -77,14 +80,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     quiet_megatron_warnings(args.verbose, prog="dcd-generate")
+    rank = int(os.environ.get("RANK", "0"))
     try:
         result = generate_traces(resolve_config(args), progress=not args.no_progress)
     except user_error_types() as exc:
-        return report_user_error("dcd-generate", exc)
+        return report_user_error("dcd-generate", exc, rank if "RANK" in os.environ else None)
     finally:
         distributed.shutdown()
-    print(f"kept traces: {result.traces}")
-    print(f"train on them: dcd-train ... data.train_path={result.traces}")
+    if rank == 0:
+        print(f"kept traces: {result.traces}")
+        print(f"train on them: dcd-train ... data.train_path={result.traces}")
     return 0
 
 

@@ -136,41 +136,95 @@ def _manifest(cfg: GenerateConfig, plan: _Plan) -> dict:
 
 
 def generate_traces(cfg: GenerateConfig, *, progress: bool = True) -> GenerateResult:
-    """Run `dcd-generate` in this process (one rank)."""
+    """Run `dcd-generate`: one process, or every rank under torchrun (data parallel over shards)."""
     from dcd_megatron.runtime.output_lock import lock_output_dir
 
     t0 = time.time()
-    plan = _plan(cfg)
-    with lock_output_dir(cfg.out_dir, setting="--out", rank=0, world_size=1):
-        return _generate_locked(cfg, plan, progress=progress, t0=t0)
+    plan = _plan(cfg)  # the same checks on every rank: all stop alike
+    rank, world = _start_processes(cfg)
+    with lock_output_dir(cfg.out_dir, setting="--out", rank=rank, world_size=world):
+        return _generate_locked(cfg, plan, rank, world, progress=progress, t0=t0)
 
 
-def _generate_locked(cfg: GenerateConfig, plan: _Plan, *, progress: bool, t0: float) -> GenerateResult:
+def _start_processes(cfg: GenerateConfig) -> tuple[int, int]:
+    """(rank, world size). Under torchrun: the process group and megatron's state, DP over all ranks
+    (each rank holds the whole teacher); one process leaves that to the teacher's loader."""
+    import torch
+
+    from dcd_megatron.runtime import distributed as rt
+    from dcd_megatron.runtime.layout import Layout
+
+    info = rt.process_info()
+    if info.world_size == 1 and not torch.distributed.is_initialized():
+        return 0, 1
+    facts = rt.runtime_facts(cfg.device)
+    info = rt.init_process_group(facts.device)
+    if facts.on_cpu:
+        rt.set_threads(0, info.world_size)
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        rt.init_model_parallel(Layout(1, 1, 1, info.world_size), seed=0)
+    return info.rank, info.world_size
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch
+
+        torch.distributed.barrier()
+
+
+def _agree_on_output(out: Path, manifest: dict, rank: int, world: int) -> None:
+    """Rank 0 checks (or writes) the manifest of `out`; every rank gets its verdict."""
+    verdict = None
+    if rank == 0:
+        try:
+            resumed = sh.check_manifest(out, manifest, name=MANIFEST, what="a generation run", error=GenerateError)
+            if not resumed:
+                if (out / TRACES).exists() or (out / "shards").exists():
+                    raise GenerateError(f"{out} holds generation output without a manifest; use a new --out")
+                sh.write_manifest(out, manifest, name=MANIFEST)
+        except GenerateError as exc:
+            verdict = str(exc)
+    if world > 1:
+        from dcd_megatron.runtime.distributed import share_object
+
+        verdict = share_object(verdict, src=0)
+    if verdict:
+        raise GenerateError(verdict)
+
+
+def _generate_locked(cfg: GenerateConfig, plan: _Plan, rank: int, world: int, *, progress: bool,
+                     t0: float) -> GenerateResult:
     """Everything after the lock on --out (see `generate_traces`)."""
     out = Path(cfg.out_dir)
+    say = print if rank == 0 else (lambda *a, **k: None)
     manifest = _manifest(cfg, plan)
     ranges = sh.shard_ranges(len(plan.problems), cfg.prompts_per_shard)
-    resumed = sh.check_manifest(out, manifest, name=MANIFEST, what="a generation run", error=GenerateError)
-    if not resumed:
-        if (out / TRACES).exists() or (out / "shards").exists():
-            raise GenerateError(f"{out} holds generation output without a manifest; use a new --out")
-        sh.write_manifest(out, manifest, name=MANIFEST)
+    _agree_on_output(out, manifest, rank, world)
     if (out / TRACES).is_file():
         summary = json.loads((out / SUMMARY).read_text())
-        print(f"{out / TRACES} is already complete ({summary['kept']} kept traces); nothing to do", flush=True)
+        say(f"{out / TRACES} is already complete ({summary['kept']} kept traces); nothing to do", flush=True)
         return GenerateResult(out / TRACES, out / SAMPLES, summary, len(ranges), 0, len(ranges))
     done_before = [i for i in range(len(ranges)) if sh.is_done(out, i)]
-    todo = [i for i in range(len(ranges)) if i not in set(done_before)]
+    todo = [i for i in sh.my_shards(len(ranges), rank, world) if i not in set(done_before)]
+    _barrier(world)  # every rank has decided what to do before anyone writes
     if done_before:
-        print(f"resuming: {len(done_before)} of {len(ranges)} shards already generated", flush=True)
+        say(f"resuming: {len(done_before)} of {len(ranges)} shards already generated", flush=True)
     if plan.vocab_note:
-        print(f"note: {plan.vocab_note}", flush=True)
+        say(f"note: {plan.vocab_note}", flush=True)
     if todo:
-        _generate_shards(cfg, plan, ranges, todo, progress=progress)
-    summary = _merge(out, len(ranges), dict(manifest, seconds=round(time.time() - t0, 1)), _training_names(cfg))
-    print(f"wrote {out / TRACES}: {summary['kept']} of {summary['samples']} samples kept "
-          f"(teacher pass@1 {summary['pass@1']:.3f}, pass@{cfg.n} {summary[f'pass@{cfg.n}']:.3f}); "
-          f"rejected {summary['rejected'] or 'none'}", flush=True)
+        _generate_shards(cfg, plan, ranges, todo, progress=progress and rank == 0)
+    _barrier(world)
+    if rank == 0:
+        _merge(out, len(ranges), dict(manifest, seconds=round(time.time() - t0, 1), world_size=world),
+               _training_names(cfg))
+    _barrier(world)
+    summary = json.loads((out / SUMMARY).read_text())
+    say(f"wrote {out / TRACES}: {summary['kept']} of {summary['samples']} samples kept "
+        f"(teacher pass@1 {summary['pass@1']:.3f}, pass@{cfg.n} {summary[f'pass@{cfg.n}']:.3f}); "
+        f"rejected {summary['rejected'] or 'none'}", flush=True)
     return GenerateResult(out / TRACES, out / SAMPLES, summary, len(ranges), len(todo), len(done_before))
 
 
