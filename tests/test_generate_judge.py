@@ -2,7 +2,7 @@
 
 from collections import Counter
 
-from dcd_megatron.generate.judge import judge, precheck
+from dcd_megatron.generate.judge import Grader, judge, precheck
 
 EOS, TEACHER_EOS = 1000, 1001  # above every character code used
 
@@ -34,7 +34,7 @@ CASES = [  # (tokens, reference, reason)
 
 def test_each_sample_gets_the_first_reason_it_fails():
     verdicts = judge([c[0] for c in CASES], [c[1] for c in CASES], tokenizer=CharTokenizer(), eos_id=EOS,
-                     stop_ids={EOS, TEACHER_EOS}, answer_format="gsm8k", workers=0)
+                     stop_ids={EOS, TEACHER_EOS}, answer_format="gsm8k", grader=Grader(0))
     assert [v.reason for v in verdicts] == [c[2] for c in CASES]
     assert verdicts[0].response == "so 3+4=7. #### 7" and verdicts[0].predicted == "7"
     assert Counter(v.reason for v in verdicts) == {"kept": 2, "truncated": 1, "no_eos": 1, "retokenize_mismatch": 1,
@@ -43,8 +43,10 @@ def test_each_sample_gets_the_first_reason_it_fails():
 
 def test_grading_in_a_process_pool_gives_the_same_verdicts():
     args = dict(tokenizer=CharTokenizer(), eos_id=EOS, stop_ids={EOS, TEACHER_EOS}, answer_format="gsm8k")
-    here = judge([c[0] for c in CASES], [c[1] for c in CASES], workers=0, **args)
-    pooled = judge([c[0] for c in CASES], [c[1] for c in CASES], workers=2, **args)
+    here = judge([c[0] for c in CASES], [c[1] for c in CASES], grader=Grader(0), **args)
+    with Grader(2) as grader:
+        pooled = judge([c[0] for c in CASES], [c[1] for c in CASES], grader=grader, **args)
+        assert grader._pool is not None  # the pool graded what string equality did not settle
     assert pooled == here
 
 

@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--template", help="prompt template: math_cot, plain, or a format string with {question} "
                    "(default: the benchmark's)")
     p.add_argument("--backend", default="megatron", help="megatron (default; CPU and GPU)")
-    p.add_argument("--n", type=int, default=8, help="samples per prompt")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=8,
+                   help="samples per prompt (under torchrun write --num-samples: torchrun reads --n as one of its own)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k")

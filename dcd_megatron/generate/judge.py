@@ -50,25 +50,64 @@ def _grade_pair(pair: tuple[str, str]) -> bool:
     return grade(pair[0], pair[1])
 
 
-def grade_all(pairs: list[tuple[str, str]], workers: int) -> list[bool]:
-    """`grade(predicted, reference)` of each pair, in a pool of `workers` processes (0: here)."""
-    if not pairs:
-        return []
-    if workers == 0:
-        return [_grade_pair(p) for p in pairs]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+def _equal_answers(pred: str, ref: str) -> bool:
+    from dcd_megatron.eval.answers import normalize_answer
 
-    # spawn: the parent holds torch's threads, which a fork would copy mid-flight
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_grade_pair, pairs, chunksize=max(1, len(pairs) // (4 * workers))))
+    try:
+        return normalize_answer(pred) == normalize_answer(ref)
+    except Exception:  # noqa: BLE001 - best effort, as in grade(): the grader decides then
+        return False
+
+
+class Grader:
+    """`grade(predicted, reference)` of many pairs: equal normalised answers here (grade's own first
+    test), the rest (math-verify) in a pool of `workers` processes started on first need and kept
+    until `close` (0 workers: all here, in the main thread, where math-verify's timeout works)."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool = None
+
+    def __call__(self, pairs: list[tuple[str, str]]) -> list[bool]:
+        out = [_equal_answers(*p) for p in pairs]
+        rest = [i for i, ok in enumerate(out) if not ok]
+        if not rest:
+            return out
+        if self.workers == 0:
+            graded = [_grade_pair(pairs[i]) for i in rest]
+        else:
+            graded = list(self._executor().map(_grade_pair, [pairs[i] for i in rest],
+                                               chunksize=max(1, len(rest) // (4 * self.workers))))
+        for i, ok in zip(rest, graded, strict=True):
+            out[i] = ok
+        return out
+
+    def _executor(self):
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn: the parent holds torch's threads, which a fork would copy mid-flight
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __enter__(self) -> Grader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def judge(samples: list[Sequence[int]], references: list[str], *, tokenizer, eos_id: int, stop_ids: set[int],
-          answer_format: str, workers: int) -> list[Verdict]:
+          answer_format: str, grader: Grader) -> list[Verdict]:
     """The verdict of every sample (``references[i]``: sample i's reference answer)."""
     pre = [precheck(t, tokenizer=tokenizer, eos_id=eos_id, stop_ids=stop_ids, answer_format=answer_format)
            for t in samples]
     todo = [i for i, (_, _, reason) in enumerate(pre) if reason is None]
-    correct = dict(zip(todo, grade_all([(pre[i][1], references[i]) for i in todo], workers), strict=True))
+    correct = dict(zip(todo, grader([(pre[i][1], references[i]) for i in todo]), strict=True))
     return [Verdict(resp, pred, reason or (KEPT if correct[i] else "wrong")) for i, (resp, pred, reason) in enumerate(pre)]

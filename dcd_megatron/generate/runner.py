@@ -242,31 +242,36 @@ def _generate_shards(cfg: GenerateConfig, plan: _Plan, ranges, todo: list[int], 
     """Sample, judge and write each shard of `todo` (in order)."""
     from tqdm import tqdm
 
-    from dcd_megatron.sampling.generation import sample
-
     decoder, device, pad = _load_decoder(cfg, plan)
     bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in todo) * cfg.n, unit="sample", disable=not progress,
                desc="generating", dynamic_ncols=True)
-    for index in todo:
-        start, stop = ranges[index]
-        traces = sample(
-            decoder, plan.prompt_ids[start:stop], max_new_tokens=cfg.max_new_tokens, eos_id=sorted(plan.stop_ids),
-            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.n, batch_size=cfg.batch_size,
-            seed=cfg.seed, logprob_top_k=cfg.logprob_top_k, prompt_keys=range(start, stop), progress=False,
-            device=device, pad_id=pad,
-        )
-        rows = shard_rows(cfg, plan, start, traces)
-        write_shard(Path(cfg.out_dir), index, rows, cfg)
-        bar.update((stop - start) * cfg.n)
+    with jd.Grader(cfg.grade_workers) as grader:
+        for index in todo:
+            _one_shard(cfg, plan, ranges[index], index, decoder, device=device, pad=pad, grader=grader)
+            bar.update((ranges[index][1] - ranges[index][0]) * cfg.n)
     bar.close()
 
 
-def shard_rows(cfg: GenerateConfig, plan: _Plan, start: int, traces) -> list[dict]:
+def _one_shard(cfg: GenerateConfig, plan: _Plan, span, index: int, decoder, *, device, pad, grader) -> None:
+    """Sample, judge and write shard `index` (prompts `span` = [start, stop))."""
+    from dcd_megatron.sampling.generation import sample
+
+    start, stop = span
+    traces = sample(
+        decoder, plan.prompt_ids[start:stop], max_new_tokens=cfg.max_new_tokens, eos_id=sorted(plan.stop_ids),
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.n, batch_size=cfg.batch_size,
+        seed=cfg.seed, logprob_top_k=cfg.logprob_top_k, prompt_keys=range(start, stop), progress=False,
+        device=device, pad_id=pad,
+    )
+    write_shard(Path(cfg.out_dir), index, shard_rows(cfg, plan, start, traces, grader), cfg)
+
+
+def shard_rows(cfg: GenerateConfig, plan: _Plan, start: int, traces, grader) -> list[dict]:
     """One row per sample of prompts `start ..`: its text, answer, fate and the sampling log-probs."""
     flat = [(start + i, j, t) for i, row in enumerate(traces) for j, t in enumerate(row)]
     verdicts = jd.judge([t.tokens for _, _, t in flat], [plan.problems[i].reference for i, _, _ in flat],
                         tokenizer=plan.student, eos_id=plan.student.eos_id, stop_ids=set(plan.stop_ids),
-                        answer_format=plan.answer_format, workers=cfg.grade_workers)
+                        answer_format=plan.answer_format, grader=grader)
     rows, kept_per_prompt = [], Counter()
     for (i, j, trace), v in zip(flat, verdicts, strict=True):
         reason = v.reason
