@@ -145,8 +145,7 @@ def _decode_batch(decoder, prompts, batch, *, max_new_tokens, eos_tensor, seed, 
         u = None if uniforms is None else uniforms[active, t]
         got = sample_step(logits, uniforms=u, logprob_top_k=logprob_top_k, **rule)
         tok = got.tokens
-        for k, (r, token) in enumerate(zip(active.tolist(), tok.tolist(), strict=True)):
-            _record_row(traces[r], got, k, token, logprob_top_k)
+        _record(traces, active.tolist(), got)
         done = torch.isin(tok, eos_tensor) if eos_tensor.numel() else torch.zeros_like(tok, dtype=torch.bool)
         if t == max_new_tokens - 1:
             break
@@ -160,14 +159,21 @@ def _decode_batch(decoder, prompts, batch, *, max_new_tokens, eos_tensor, seed, 
     return traces
 
 
-def _record_row(trace: Trace, got, k: int, token: int, logprob_top_k: int) -> None:
-    """Append row ``k`` of one step's sample to its trace."""
-    trace.tokens.append(token)
+def _record(traces: list[Trace], rows: list[int], got) -> None:
+    """Append one step's sample to the traces of ``rows`` (one host copy a step, not one a row)."""
+    columns = [got.tokens.tolist()]
     if got.logprobs is not None:
-        trace.logprobs.append(float(got.logprobs[k]))
-        if logprob_top_k:
-            trace.top_ids.append(got.top_ids[k].tolist())
-            trace.top_logprobs.append(got.top_logprobs[k].tolist())
+        columns.append(got.logprobs.tolist())
+        if got.top_ids is not None:
+            columns += [got.top_ids.tolist(), got.top_logprobs.tolist()]
+    for r, values in zip(rows, zip(*columns, strict=True), strict=True):
+        trace = traces[r]
+        trace.tokens.append(values[0])
+        if len(values) > 1:
+            trace.logprobs.append(values[1])
+        if len(values) > 2:
+            trace.top_ids.append(values[2])
+            trace.top_logprobs.append(values[3])
 
 
 def sample(
