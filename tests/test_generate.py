@@ -243,3 +243,37 @@ def test_an_out_in_use_is_refused(setup, capsys, tmp_path):
     finally:
         lock.release()
     assert code == 2 and len(err.splitlines()) == 1 and "busy" in err, err
+
+
+def test_max_per_prompt_and_the_mlflow_run(setup, capsys, tmp_path):
+    """--max-per-prompt 1 keeps the first correct sample of each prompt; --mlflow logs the summary."""
+    from collections import Counter
+
+    import mlflow
+
+    from dcd_megatron.cli.generate import main
+
+    known = setup["root"] / "known.jsonl"
+    if not known.is_file():
+        pytest.skip("needs test_the_filter_keeps_exactly_the_correct_samples")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "capped"
+    argv = ["--teacher", str(setup["teacher"]), "--prompts", str(known), "--out", str(out), "--student-tokenizer",
+            str(setup["tok"] / "tokenizer.json"), "--template", "plain", "--prompts-per-shard", "2",
+            "--grade-workers", "0", "--device", "cpu", "--no-progress", "--max-per-prompt", "1",
+            "--mlflow", "--mlflow-tracking-uri", uri, "--mlflow-experiment", "gen-test",
+            *[f"--{k.replace('_', '-')}={v}" for k, v in SAMPLING.items()]]
+    assert main(argv) == 0, capsys.readouterr().err
+    uncapped = _samples(setup["known"])
+    capped = pq.read_table(out / "samples.parquet").to_pylist()
+    first = {}
+    for r in uncapped:
+        if r["reason"] == "kept":
+            first.setdefault(r["prompt_index"], r["sample"])
+    assert max(Counter(r["prompt_index"] for r in uncapped if r["reason"] == "kept").values()) >= 2  # the cap bites
+    assert {(r["prompt_index"], r["sample"]) for r in capped if r["reason"] == "kept"} == set(first.items())
+    assert sum(r["reason"] == "over_max_per_prompt" for r in capped) == sum(r["reason"] == "kept" for r in uncapped) - len(first)
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["gen-test"], output_format="list")
+    assert len(runs) == 1 and runs[0].data.metrics["kept"] == len(first), runs
+    assert runs[0].data.params["top_p"] == str(SAMPLING["top_p"])

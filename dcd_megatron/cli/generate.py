@@ -50,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="the first N prompts only")
     p.add_argument("--grade-workers", type=int, default=2, help="processes grading answers (0 = in this one)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=False,
+                   help="log the settings, the summary's counts and pass@1/pass@n to an MLflow run")
+    p.add_argument("--mlflow-tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or ./mlruns")
+    p.add_argument("--mlflow-experiment", default="dcd-generate")
+    p.add_argument("--mlflow-run-name", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--verbose", action="store_true", help="show megatron-core's own start-up warnings")
     p.add_argument("overrides", nargs="*", help="data.key=value overrides")
@@ -71,6 +76,28 @@ def resolve_config(args: argparse.Namespace):
     )
 
 
+SETTINGS = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "logprob_top_k", "seed", "max_per_prompt",
+            "teacher", "benchmark", "problems", "template", "backend")
+
+
+def log_mlflow(args: argparse.Namespace, summary: dict, out_dir) -> None:
+    """One MLflow run: the sampling settings as params, the counts and pass@k as metrics, the summary file."""
+    from dcd_megatron.tracking.telemetry import telemetry_off
+
+    telemetry_off()  # before mlflow is imported: no usage telemetry (docs/tracking.md, "Telemetry")
+    import mlflow
+
+    if args.mlflow_tracking_uri:
+        mlflow.set_tracking_uri(args.mlflow_tracking_uri)
+    mlflow.set_experiment(args.mlflow_experiment)
+    with mlflow.start_run(run_name=args.mlflow_run_name):
+        mlflow.log_params({k: summary.get(k) for k in SETTINGS})
+        metrics = {k: v for k, v in summary.items() if k in ("samples", "kept") or k.startswith("pass@")}
+        metrics.update({f"rejected_{k}": v for k, v in summary["rejected"].items()})
+        mlflow.log_metrics({k.replace("@", "_at_"): float(v) for k, v in metrics.items()})
+        mlflow.log_artifact(str(out_dir / "generate_summary.json"))
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
@@ -88,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_user_error("dcd-generate", exc, rank if "RANK" in os.environ else None)
     finally:
         distributed.shutdown()
+    if rank == 0 and args.mlflow:
+        log_mlflow(args, result.summary, result.traces.parent)
     if rank == 0:
         print(f"kept traces: {result.traces}")
         print(f"train on them: dcd-train ... data.train_path={result.traces}")
