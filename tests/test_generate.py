@@ -114,18 +114,23 @@ def test_batch_size_and_a_restart_change_nothing(setup, monkeypatch):
     assert pq.read_table(again.traces).to_pylist() == pq.read_table(setup["straight"].traces).to_pylist()
 
 
-def _generate_on_two_ranks(rank, world_size, setup, out):
+def _generate_on_two_ranks(rank, world_size, setup, out, out_one_shard):
     from dcd_megatron.generate import generate_traces
 
-    return generate_traces(_cfg(setup, out), progress=False).shards_generated
+    three = generate_traces(_cfg(setup, out), progress=False).shards_generated
+    # one shard: rank 1 has no work, yet must take part in loading the teacher (a collective)
+    one = generate_traces(_cfg(setup, out_one_shard, prompts_per_shard=len(QUESTIONS)), progress=False)
+    return three, one.shards_generated
 
 
 def test_two_dp_ranks_write_what_one_writes(setup, tmp_path):
     from tests.dist import run_ranks
 
     shared = {k: setup[k] for k in ("tok", "teacher", "prompts")}
-    assert run_ranks(_generate_on_two_ranks, 2, shared, str(tmp_path / "dp2")) == [2, 1]  # 3 shards, round robin
-    _same_up_to_rounding(pq.read_table(tmp_path / "dp2" / "samples.parquet").to_pylist(), _samples(setup["straight"]))
+    got = run_ranks(_generate_on_two_ranks, 2, shared, str(tmp_path / "dp2"), str(tmp_path / "one"), timeout=300)
+    assert got == [(2, 1), (1, 0)]  # 3 shards round robin; then 1 shard, on rank 0
+    for out in ("dp2", "one"):
+        _same_up_to_rounding(pq.read_table(tmp_path / out / "samples.parquet").to_pylist(), _samples(setup["straight"]))
 
 
 def test_a_rerun_with_other_sampling_settings_is_refused(setup):

@@ -214,7 +214,7 @@ def _generate_locked(cfg: GenerateConfig, plan: _Plan, rank: int, world: int, *,
         say(f"resuming: {len(done_before)} of {len(ranges)} shards already generated", flush=True)
     if plan.vocab_note:
         say(f"note: {plan.vocab_note}", flush=True)
-    if todo:
+    if len(done_before) < len(ranges):  # loading the teacher is collective: every rank loads it, work or not
         _generate_shards(cfg, plan, ranges, todo, progress=progress and rank == 0)
     _barrier(world)
     if rank == 0:
