@@ -282,3 +282,28 @@ def test_max_per_prompt_and_the_mlflow_run(setup, capsys, tmp_path):
     runs = mlflow.search_runs(experiment_names=["gen-test"], output_format="list")
     assert len(runs) == 1 and runs[0].data.metrics["kept"] == len(first), runs
     assert runs[0].data.params["top_p"] == str(SAMPLING["top_p"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_pipeline_from_prompts_runs_end_to_end_on_two_ranks(setup, tmp_path):
+    """recipes/pipeline.py prompts=...: generate -> train -> eval -> export on the local executor, 2 ranks
+    (the prompts whose answers the tiny teacher gives on some samples, so some traces are kept)."""
+    from tests.test_pipeline import PIPELINE, run_pipeline
+
+    known = setup["root"] / "known.jsonl"
+    if not known.is_file():
+        pytest.skip("needs test_the_filter_keeps_exactly_the_correct_samples")
+    work = tmp_path / "work"
+    settings = [f"generate_{k}={v}" for k, v in SAMPLING.items()]
+    proc = run_pipeline(tmp_path, "--factory", "tiny_cpu", f"teacher={setup['teacher']}", f"prompts=gsm8k={known}",
+                        *settings, "generate_template=plain", f"work_dir={work}",
+                        f"benchmarks=gsm8k={known}", "eval_limit=2", "eval_max_new_tokens=8", "train.steps=2",
+                        "train.global_batch_size=2", "train.micro_batch_size=1", "data.seq_length=64",
+                        "train.eval_interval=0", "tracking.plot_interval=0", "runtime.device=cpu",
+                        "run.executor=local", "run.executor.ntasks_per_node=2", "-y")
+    assert PIPELINE.is_file() and proc.returncode == 0 and "pipeline: SUCCEEDED" in proc.stdout, proc.stdout[-6000:]
+    kept = pq.read_table(work / "generated" / "traces.parquet")
+    assert kept.num_rows == pq.read_table(setup["known"].traces).num_rows > 0
+    assert json.loads((work / "run" / "final_metrics.json").read_text())["step"] == 2
+    assert (work / "eval" / "summary.json").is_file() and (work / "hf" / "model.safetensors").is_file()
