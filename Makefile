@@ -35,7 +35,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 DEMO_ARGS ?=
 
-.PHONY: help venv wheelhouse test-offline test test-latest test-container lint-workflows demo bench bench-loss bench-loss-sweep bench-train-step bench-decode bench-checkpoint bench-drift clean
+.PHONY: help venv wheelhouse test-offline test test-latest test-container lint-workflows demo bench bench-loss bench-loss-sweep bench-train-step bench-decode bench-generate bench-checkpoint bench-drift clean
 
 help:
 	@echo "make demo         train the tiny student end to end on CPU (bootstraps .venv)"
@@ -99,7 +99,7 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(VENV)/bin/dcd-train --recipe tiny_cpu train.output_dir=runs/demo $(DEMO_ARGS)
 
-bench: bench-loss bench-loss-sweep bench-train-step bench-decode bench-checkpoint
+bench: bench-loss bench-loss-sweep bench-train-step bench-decode bench-generate bench-checkpoint
 
 bench-loss: $(STAMP)
 	$(VENV)/bin/python benchmarks/loss.py --write docs/performance.md
@@ -112,6 +112,9 @@ bench-train-step: $(STAMP)
 
 bench-decode: $(STAMP)
 	$(VENV)/bin/python benchmarks/decode.py --write docs/performance.md
+
+bench-generate: $(STAMP)
+	$(VENV)/bin/python benchmarks/generate.py --write docs/performance.md
 
 bench-checkpoint: $(STAMP)
 	$(VENV)/bin/python benchmarks/checkpoint.py --write docs/performance.md

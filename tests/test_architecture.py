@@ -19,11 +19,12 @@ COMPONENTS = {
     # ground: typed configs (and the recipes that fill them)
     "": GROUND, "errors": GROUND, "configs": GROUND, "recipes": GROUND, "data.config": GROUND, "data.templates": GROUND,
     "loss.config": GROUND, "model.config": GROUND, "runtime.layout": GROUND, "tracking.config": GROUND,
-    "score.config": GROUND,
+    "score.config": GROUND, "generate.config": GROUND,
     # pieces: each does one thing, knows no job
     "runtime": PIECES, "loss": PIECES, "data": PIECES, "model": PIECES, "checkpoint": PIECES, "tracking": PIECES,
+    "sampling": PIECES,
     # jobs: each composes the pieces for one job
-    "train": JOBS, "score": JOBS, "eval": JOBS, "convert": JOBS,
+    "train": JOBS, "score": JOBS, "eval": JOBS, "convert": JOBS, "generate": JOBS,
     # faces: command lines, launchers, the experiments built on the jobs
     "cli": FACES, "eval.cli": FACES, "launch": FACES, "lab": FACES, "convert.tiny": FACES,
 }

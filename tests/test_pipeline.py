@@ -65,6 +65,27 @@ def test_slurm_dry_run_prints_four_dependent_jobs(tiny, tmp_path):
     assert all("#SBATCH --account=acct" in text for text in scripts.values())
 
 
+def _prompt_args(ex: Path, work: Path) -> list[str]:
+    """The pipeline from prompts: dcd-generate makes the traces (no traces= given)."""
+    args = [a for a in pipeline_args(ex, work) if not a.startswith(("traces=", "score_top_k="))]
+    return [*args, f"prompts=gsm8k={GSM8K}", "generate_n=2", "generate_max_new_tokens=16", "generate_logprob_top_k=4"]
+
+
+def test_slurm_dry_run_from_prompts_starts_with_generate(tiny, tmp_path):
+    proc = run_pipeline(tmp_path, *_prompt_args(tiny, Path("/results/pipe")), "run.executor=slurm_h100",
+                        "run.executor.nodes=2", "run.executor.account=acct", "--dryrun", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    scripts = dict(chunk.partition(" ---\n")[::2] for chunk in proc.stdout.split("# --- ")[1:])
+    assert list(scripts) == ["generate", "reference", "train", "eval", "export"], list(scripts)
+    assert "#SBATCH --nodes=2" in scripts["generate"] and "#SBATCH --ntasks-per-node=8" in scripts["generate"]
+
+
+def test_the_pipeline_needs_prompts_or_traces_not_both(tiny, tmp_path):
+    proc = run_pipeline(tmp_path, *_prompt_args(tiny, tmp_path / "w"), f"traces={tiny / 'traces.jsonl'}", "--dryrun",
+                        timeout=300)
+    assert proc.returncode != 0 and "give the pipeline prompts=FILE" in proc.stdout, proc.stdout[-3000:]
+
+
 def test_docker_dry_run_puts_every_job_in_the_image(tiny, tmp_path):
     import yaml
 

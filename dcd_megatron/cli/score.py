@@ -47,17 +47,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_config(args: argparse.Namespace):
-    """The ScoreConfig: student data settings from --config/--recipe/defaults, then overrides."""
+def student_data(args: argparse.Namespace, *, prog: str = "dcd-score"):
+    """The student's DataConfig: from --config/--recipe/defaults, then data.* overrides and --student-tokenizer."""
     from dcd_megatron.configs import apply_overrides, load_config
     from dcd_megatron.configs.overrides import ConfigError
     from dcd_megatron.recipes import RECIPES
-    from dcd_megatron.score import ScoreConfig
     from dcd_megatron.configs.train import TrainConfig
 
     bad = [o for o in args.overrides if not o.startswith("data.")]
     if bad:
-        raise ConfigError(f"dcd-score takes only data.* overrides, got {bad}")
+        raise ConfigError(f"{prog} takes only data.* overrides, got {bad}")
     if args.recipe:
         student = RECIPES[args.recipe]()
     else:
@@ -66,8 +65,16 @@ def resolve_config(args: argparse.Namespace):
     data = student.data
     if args.student_tokenizer:
         data = apply_overrides(student, [f"data.tokenizer={args.student_tokenizer}"]).data
+    return data
+
+
+def resolve_config(args: argparse.Namespace):
+    """The ScoreConfig: student data settings from --config/--recipe/defaults, then overrides."""
+    from dcd_megatron.score import ScoreConfig
+
     return ScoreConfig(
-        teacher=args.teacher, data_path=args.data, out_dir=args.out, data=data, teacher_tokenizer=args.teacher_tokenizer,
+        teacher=args.teacher, data_path=args.data, out_dir=args.out, data=student_data(args),
+        teacher_tokenizer=args.teacher_tokenizer,
         temperature=args.temperature, top_k=args.top_k, rows_per_shard=args.rows_per_shard,
         batch_tokens=args.batch_tokens, max_length=args.max_length, tp=args.tp, pp=args.pp, device=args.device,
         reference=args.reference,

@@ -1,10 +1,14 @@
-"""One NeMo-Run experiment from a teacher and raw traces to a distilled Hugging Face student:
+"""One NeMo-Run experiment from a teacher and prompts (or raw traces) to a distilled Hugging Face student:
 
-    score (dcd-score) [-> reference (dcd-score --reference)] -> train (dcd-train) -> eval (dcd-eval)
-        -> export (dcd-convert mcore-to-hf)
+    generate (dcd-generate) | score (dcd-score) [-> reference (dcd-score --reference)] -> train (dcd-train)
+        -> eval (dcd-eval) -> export (dcd-convert mcore-to-hf)
 
-    python recipes/pipeline.py --factory tiny_cpu teacher=CKPT traces=TRACES benchmarks=gsm8k=FILE,math500=FILE \
+    python recipes/pipeline.py --factory tiny_cpu teacher=CKPT prompts=gsm8k=FILE benchmarks=gsm8k=FILE,math500=FILE \
         work_dir=runs/pipeline run.executor=local run.executor.ntasks_per_node=2 -y
+    python recipes/pipeline.py --factory tiny_cpu teacher=CKPT traces=TRACES ...   # bring your own traces
+
+With `prompts=` the first stage samples the teacher's traces and keeps the correct ones
+(`generated/traces.parquet`, docs/generation.md); with `traces=` it scores the given traces.
 
 Four or five jobs with dependencies in one `run.Experiment` (on Slurm: sbatch --dependency=afterok; on
 the local and Docker executors NeMo-Run runs them one after the other). Score and train get the
@@ -14,7 +18,7 @@ its finished shards, training resumes from its newest checkpoint (train.resume=a
 export skip when their stamp names the checkpoint they would read. When the student starts from
 `model.init_checkpoint` and its loss reads the initial student (`loss.reference=initial|auto`),
 a reference stage scores the traces with that checkpoint (`student_ref_logprobs`) before training.
-The layout under work_dir: `scored/scored.parquet`, `reference/scored.parquet`, `run/` (checkpoints,
+The layout under work_dir: `generated/traces.parquet` or `scored/scored.parquet`, `reference/scored.parquet`, `run/` (checkpoints,
 metrics), `eval/summary.json`, `hf/`.
 """
 
@@ -26,7 +30,9 @@ from pathlib import Path
 import nemo_run as run
 
 from dcd_megatron.configs.train import LoopConfig, OptimConfig, RuntimeConfig
+from dcd_megatron.configs.overrides import ConfigError
 from dcd_megatron.data.config import DataConfig
+from dcd_megatron.generate.config import GenerateConfig
 from dcd_megatron.launch import nemo
 from dcd_megatron.loss import DCDConfig
 from dcd_megatron.model.config import ModelConfig
@@ -34,7 +40,7 @@ from dcd_megatron.runtime.layout import ParallelConfig
 from dcd_megatron.score.config import ScoreConfig
 from dcd_megatron.tracking import TrackingConfig
 
-STAGES = ("score", "reference", "train", "eval", "export")
+STAGES = ("generate", "score", "reference", "train", "eval", "export")
 
 
 def _rank() -> int:
@@ -80,6 +86,25 @@ def score_stage(cfg: ScoreConfig) -> None:
         distributed.shutdown()
     if _rank() == 0:
         print(f"scored dataset: {result.output}")
+
+
+def generate_stage(cfg: GenerateConfig) -> None:
+    """dcd-generate: the teacher's traces from the prompts, kept when correct (resumes from finished shards)."""
+    from dcd_megatron.runtime.quiet import quiet_megatron_warnings
+
+    quiet_megatron_warnings(prog="dcd-generate")
+    from dcd_megatron.cli.errors import report_user_error, user_error_types
+    from dcd_megatron.generate import generate_traces
+    from dcd_megatron.runtime import distributed
+
+    try:
+        result = generate_traces(cfg, progress=False)
+    except user_error_types() as exc:
+        raise SystemExit(report_user_error("dcd-generate", exc, _rank())) from None
+    finally:
+        distributed.shutdown()
+    if _rank() == 0:
+        print(f"kept traces: {result.traces}")
 
 
 def eval_stage(run_dir: str, out_dir: str, benchmarks: list[str], args: list[str]) -> None:
@@ -133,20 +158,20 @@ def _one_process(executor):
     return single
 
 
-def add_jobs(exp: run.Experiment, ctx, work_dir: str, score_cfg: run.Config, train_task: run.Partial,
+def add_jobs(exp: run.Experiment, ctx, work_dir: str, first: tuple[str, run.Partial], train_task: run.Partial,
              benchmarks: list[str], eval_args: list[str], reference_cfg: run.Config | None = None) -> dict[str, str]:
-    """Add the jobs to an open experiment, each depending on the one before; their ids."""
+    """Add the jobs to an open experiment, each depending on the one before; their ids. `first`: the
+    stage that makes the training data, ("generate" | "score", its job)."""
     executor = ctx.executor
     single = _one_process(executor)
     run_dir = train_task.train.output_dir
     ids = {}
-    ids["score"] = exp.add(run.Partial(score_stage, cfg=score_cfg), executor=executor.clone(), name="score",
-                           tail_logs=not ctx.detach)
-    before_train = ids["score"]
+    name, job = first
+    before_train = ids[name] = exp.add(job, executor=executor.clone(), name=name, tail_logs=not ctx.detach)
     if reference_cfg is not None:
         before_train = ids["reference"] = exp.add(run.Partial(score_stage, cfg=reference_cfg),
                                                   executor=executor.clone(), name="reference",
-                                                  tail_logs=not ctx.detach, dependencies=[ids["score"]])
+                                                  tail_logs=not ctx.detach, dependencies=[ids[name]])
     ids["train"] = exp.add(train_task, executor=executor.clone(), name="train", tail_logs=not ctx.detach,
                            dependencies=[before_train])
     if benchmarks:
@@ -160,10 +185,9 @@ def add_jobs(exp: run.Experiment, ctx, work_dir: str, score_cfg: run.Config, tra
     return ids
 
 
-def pipeline(
+def pipeline(  # long: NeMo-Run's command line is this signature; the body wires the stages
     ctx: run.cli.RunContext,
     teacher: str,
-    traces: str,
     model: ModelConfig,
     parallel: ParallelConfig,
     data: DataConfig,
@@ -172,6 +196,8 @@ def pipeline(
     train: LoopConfig,  # noqa: A002  (dcd-train's section name)
     tracking: TrackingConfig,
     runtime: RuntimeConfig,
+    traces: str = "",
+    prompts: str = "",
     work_dir: str = "runs/pipeline",
     benchmarks: str = "",
     score_top_k: int = 0,
@@ -179,10 +205,19 @@ def pipeline(
     eval_limit: int = 0,
     eval_max_new_tokens: int = 512,
     eval_protocol: str = "greedy",
+    generate_n: int = 8,
+    generate_temperature: float = 0.7,
+    generate_top_p: float = 0.95,
+    generate_top_k: int = 0,
+    generate_max_new_tokens: int = 1024,
+    generate_logprob_top_k: int = 0,
+    generate_template: str = "",
+    generate_seed: int = 0,
 ) -> None:
-    """Score traces with a teacher, train the student on them, evaluate it, export it to HF.
+    """Generate (or score) traces with a teacher, train the student on them, evaluate it, export it to HF.
 
-    teacher: the teacher checkpoint (dcd-convert hf-to-mcore output); traces: the raw traces;
+    teacher: the teacher checkpoint (dcd-convert hf-to-mcore output); prompts: a prompt file with answers
+    (FILE or BENCHMARK=FILE, for dcd-generate with the generate_* settings), or traces: raw traces to score;
     the sections are the student's training config (--factory RECIPE, or --yaml train.yaml);
     benchmarks: dcd-eval's NAME[=SOURCE] entries, comma-separated (empty: no eval job). work_dir holds every output.
     """
@@ -192,10 +227,23 @@ def pipeline(
     sections = {"model": model, "parallel": parallel, "data": data, "loss": loss, "optim": optim,
                 "train": train, "tracking": tracking, "runtime": runtime}
     student = nemo.train_config(**sections)  # the student's config, checked here
-    student.data.train_path = f"{work_dir}/scored/scored.parquet"
+    if bool(traces) == bool(prompts):
+        raise ConfigError("give the pipeline prompts=FILE (dcd-generate makes the traces) or traces=TRACES "
+                          "(dcd-score scores them), one of the two")
     student.train.output_dir = f"{work_dir}/run"
-    score_cfg = ScoreConfig(teacher=teacher, data_path=traces, out_dir=f"{work_dir}/scored", data=student.data,
-                            top_k=score_top_k, temperature=score_temperature, device=student.runtime.device)
+    if prompts:
+        gen = GenerateConfig(
+            teacher=teacher, prompts=prompts, out_dir=f"{work_dir}/generated", data=student.data, n=generate_n,
+            temperature=generate_temperature, top_p=generate_top_p, top_k=generate_top_k,
+            max_new_tokens=generate_max_new_tokens, logprob_top_k=generate_logprob_top_k,
+            template=generate_template or None, seed=generate_seed, device=student.runtime.device)
+        first = ("generate", run.Partial(generate_stage, cfg=nemo.to_run_config(gen)))
+        student.data.train_path = f"{work_dir}/generated/traces.parquet"
+    else:
+        score_cfg = ScoreConfig(teacher=teacher, data_path=traces, out_dir=f"{work_dir}/scored", data=student.data,
+                                top_k=score_top_k, temperature=score_temperature, device=student.runtime.device)
+        first = ("score", run.Partial(score_stage, cfg=nemo.to_run_config(score_cfg)))
+        student.data.train_path = f"{work_dir}/scored/scored.parquet"
     reference_cfg = None
     if student.model.init_checkpoint and loss.reference in ("initial", "auto") and loss.method != "sft":
         reference_cfg = ScoreConfig(teacher=student.model.init_checkpoint, data_path=student.data.train_path,
@@ -209,7 +257,7 @@ def pipeline(
     if student.runtime.device == "cpu":
         eval_args += ["--device", "cpu"]
     with run.Experiment(ctx.name, executor=ctx.executor, log_level="WARN") as exp:
-        add_jobs(exp, ctx, work_dir, nemo.to_run_config(score_cfg), train_task, benchmark_list, eval_args,
+        add_jobs(exp, ctx, work_dir, first, train_task, benchmark_list, eval_args,
                  nemo.to_run_config(reference_cfg) if reference_cfg is not None else None)
         result = nemo.run_experiment(exp, dryrun=ctx.dryrun, detach=ctx.detach)
     print(result if ctx.dryrun else f"{ctx.name}: {result}")
@@ -218,7 +266,7 @@ def pipeline(
 def _register():
     entry = run.cli.entrypoint(namespace=nemo.NAMESPACE, run_ctx_cls=nemo.DcdRunContext, type="experiment",
                                default_executor=nemo.local(),
-                               help="score -> [reference ->] train -> eval -> export as one NeMo-Run experiment")
+                               help="generate|score -> [reference ->] train -> eval -> export as one NeMo-Run experiment")
     entry(pipeline)
     nemo.register_recipes(pipeline)
 

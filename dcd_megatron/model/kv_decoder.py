@@ -5,7 +5,7 @@ answer), so `dcd-eval` and the drift lab decode with this small re-implementatio
 same weight tensors (no copy: same device and dtype), which caches keys and values per row.
 It reads the local-spec and the Transformer Engine parameter names. `max_logit_difference`
 checks it against megatron's own forward; its users run that check at every load.
-It is an `IncrementalDecoder` for `eval.generation.generate` and also callable as a `ModelFn`.
+It is an `IncrementalDecoder` for `sampling.generation.sample` (and `eval.generation.generate`) and also callable as a `ModelFn`.
 """
 
 from __future__ import annotations

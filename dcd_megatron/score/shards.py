@@ -57,26 +57,33 @@ def write_shard(out: Path, index: int, table, skipped: dict[str, int]) -> Path:
     return path
 
 
-def check_manifest(out: Path, manifest: dict) -> bool:
-    """Whether `out` already holds a run with these settings (False: a fresh run). Raises on a mismatch."""
+def check_manifest(out: Path, manifest: dict, *, name: str = MANIFEST, what: str = "a scoring run",
+                   error: type[Exception] | None = None) -> bool:
+    """Whether `out` already holds a run with these settings (False: a fresh run). Raises on a mismatch
+    (`error`, default ScoreError; `name` and `what` let another sharded job, dcd-generate, share this)."""
     from dcd_megatron.score.config import ScoreError
 
-    path = Path(out) / MANIFEST
+    path = Path(out) / name
     if not path.is_file():
         return False
     old = json.loads(path.read_text())
     changed = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
     if changed:
-        raise ScoreError(
-            f"{out} holds a scoring run with other settings ({', '.join(changed)} differ); "
+        raise (error or ScoreError)(
+            f"{out} holds {what} with other settings ({', '.join(changed)} differ); "
             "rerun with the same settings to resume, or use a new --out"
         )
     return True
 
 
-def write_manifest(out: Path, manifest: dict) -> None:
+def write_manifest(out: Path, manifest: dict, *, name: str = MANIFEST) -> None:
     Path(out).mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(Path(out) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    _write_text_atomic(Path(out) / name, json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` via a temporary file and a rename (a crash leaves the old file or none)."""
+    _write_text_atomic(Path(path), text)
 
 
 def merge_shards(out: Path, n_shards: int, summary: dict) -> Path:
