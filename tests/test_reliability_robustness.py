@@ -316,3 +316,26 @@ def test_a_disk_that_fills_at_a_save_keeps_the_previous_checkpoint_and_says_so(t
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["status"] == "FAILED" and final["step"] == 2, final
     assert final["failure"] == errors[0].split(": ", 2)[2], final
+
+
+def test_the_one_line_is_one_write_so_ranks_sharing_a_pipe_keep_their_own_lines(monkeypatch):
+    """print() writes the text and the newline separately: two ranks' lines then ran into one (seen under load)."""
+    import sys
+
+    from dcd_megatron.cli.errors import report_user_error
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    recorder = Recorder()
+    monkeypatch.setattr(sys, "stderr", recorder)
+    assert report_user_error("dcd-train", UserError("train.output_dir=x is a regular file"), rank=1) == 2
+    assert recorder.writes == ["dcd-train: error (rank 1): train.output_dir=x is a regular file\n"]

@@ -22,5 +22,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 def report_user_error(prog: str, exc: BaseException, rank: int | None = None) -> int:
     """Print `exc` as the one line `prog: error[ (rank N)]: ...` on stderr; the exit code, 2."""
     where = f" (rank {rank})" if rank is not None else ""
-    print(f"{prog}: error{where}: {exc}", file=sys.stderr, flush=True)
+    # one write, not print's two (text, then newline): ranks sharing a pipe each keep their own line
+    sys.stderr.write(f"{prog}: error{where}: {exc}\n")
+    sys.stderr.flush()
     return 2
