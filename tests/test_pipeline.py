@@ -106,6 +106,7 @@ def test_docker_dry_run_puts_every_job_in_the_image(tiny, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.later
 @pytest.mark.megatron
 @pytest.mark.timeout(1200)
 def test_pipeline_runs_end_to_end_on_the_local_executor_and_resumes(tiny, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from tests.train_helpers import kill_group, losses, metrics, run_train, start_train, wait_for_step
 
-pytestmark = [pytest.mark.megatron, pytest.mark.slow]
+pytestmark = [pytest.mark.megatron, pytest.mark.slow, pytest.mark.later]
 
 STEPS = 12
 RUN = [f"train.steps={STEPS}", "train.save_interval=2"]
