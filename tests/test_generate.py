@@ -140,10 +140,9 @@ def test_a_rerun_with_other_sampling_settings_is_refused(setup):
         generate_traces(_cfg(setup, setup["root"] / "straight", top_p=0.8), progress=False)
 
 
-def test_the_filter_keeps_exactly_the_correct_samples(setup):
-    """References set to answers the teacher gives on some samples: exactly the samples that end with eos,
-    retokenize and give that answer are kept, in the dcd-train columns."""
-    from dcd_megatron.eval.answers import normalize_answer
+@pytest.fixture(scope="module")
+def known(setup):
+    """The prompts again, each with a reference the teacher gives on some of its samples, and their run."""
     from dcd_megatron.generate import generate_traces
 
     first = _samples(setup["straight"])
@@ -154,6 +153,15 @@ def test_the_filter_keeps_exactly_the_correct_samples(setup):
     assert sum(a != "77777" for a in answers) >= 3, answers
     prompts = _prompt_file(setup["root"] / "known.jsonl", answers)
     result = generate_traces(_cfg(setup, setup["root"] / "known", prompts=prompts), progress=False)
+    return dict(answers=answers, prompts=prompts, result=result)
+
+
+def test_the_filter_keeps_exactly_the_correct_samples(setup, known):
+    """References set to answers the teacher gives on some samples: exactly the samples that end with eos,
+    retokenize and give that answer are kept, in the dcd-train columns."""
+    from dcd_megatron.eval.answers import normalize_answer
+
+    answers, result = known["answers"], known["result"]
     rows = _samples(result)
     expected = {(r["prompt_index"], r["sample"]) for r in rows if r["predicted"] is not None
                 and normalize_answer(r["predicted"]) == normalize_answer(answers[r["prompt_index"]])}
@@ -167,15 +175,12 @@ def test_the_filter_keeps_exactly_the_correct_samples(setup):
     assert summary["pass@1"] == len(expected) / len(rows)
     assert [p["n_correct"] for p in summary["per_prompt"]] == [
         sum(1 for e in expected if e[0] == i) for i in range(len(QUESTIONS))]
-    setup["known"] = result
 
 
-def test_kept_traces_train_with_dcd_train_and_no_bad_row(setup):
+def test_kept_traces_train_with_dcd_train_and_no_bad_row(setup, known):
     from tests.train_helpers import run_train
 
-    if "known" not in setup:
-        pytest.skip("needs test_the_filter_keeps_exactly_the_correct_samples")
-    traces = setup["known"].traces
+    traces = known["result"].traces
     out = setup["root"] / "train"
     proc = run_train(out, ["train.steps=2", "train.global_batch_size=2", "train.micro_batch_size=1",
                            f"data.train_path={traces}", f"data.valid_path={traces}", "data.on_bad_row=error",
@@ -250,7 +255,7 @@ def test_an_out_in_use_is_refused(setup, capsys, tmp_path):
     assert code == 2 and len(err.splitlines()) == 1 and "busy" in err, err
 
 
-def test_max_per_prompt_and_the_mlflow_run(setup, capsys, tmp_path):
+def test_max_per_prompt_and_the_mlflow_run(setup, known, capsys, tmp_path):
     """--max-per-prompt 1 keeps the first correct sample of each prompt; --mlflow logs the summary."""
     from collections import Counter
 
@@ -258,18 +263,15 @@ def test_max_per_prompt_and_the_mlflow_run(setup, capsys, tmp_path):
 
     from dcd_megatron.cli.generate import main
 
-    known = setup["root"] / "known.jsonl"
-    if not known.is_file():
-        pytest.skip("needs test_the_filter_keeps_exactly_the_correct_samples")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "capped"
-    argv = ["--teacher", str(setup["teacher"]), "--prompts", str(known), "--out", str(out), "--student-tokenizer",
+    argv = ["--teacher", str(setup["teacher"]), "--prompts", str(known["prompts"]), "--out", str(out), "--student-tokenizer",
             str(setup["tok"] / "tokenizer.json"), "--template", "plain", "--prompts-per-shard", "2",
             "--grade-workers", "0", "--device", "cpu", "--no-progress", "--max-per-prompt", "1",
             "--mlflow", "--mlflow-tracking-uri", uri, "--mlflow-experiment", "gen-test",
             *[f"--{k.replace('_', '-')}={v}" for k, v in SAMPLING.items()]]
     assert main(argv) == 0, capsys.readouterr().err
-    uncapped = _samples(setup["known"])
+    uncapped = _samples(known["result"])
     capped = pq.read_table(out / "samples.parquet").to_pylist()
     first = {}
     for r in uncapped:
@@ -287,24 +289,21 @@ def test_max_per_prompt_and_the_mlflow_run(setup, capsys, tmp_path):
 @pytest.mark.slow
 @pytest.mark.later
 @pytest.mark.timeout(900)
-def test_the_pipeline_from_prompts_runs_end_to_end_on_two_ranks(setup, tmp_path):
+def test_the_pipeline_from_prompts_runs_end_to_end_on_two_ranks(setup, known, tmp_path):
     """recipes/pipeline.py prompts=...: generate -> train -> eval -> export on the local executor, 2 ranks
     (the prompts whose answers the tiny teacher gives on some samples, so some traces are kept)."""
     from tests.test_pipeline import PIPELINE, run_pipeline
 
-    known = setup["root"] / "known.jsonl"
-    if not known.is_file():
-        pytest.skip("needs test_the_filter_keeps_exactly_the_correct_samples")
     work = tmp_path / "work"
     settings = [f"generate_{k}={v}" for k, v in SAMPLING.items()]
-    proc = run_pipeline(tmp_path, "--factory", "tiny_cpu", f"teacher={setup['teacher']}", f"prompts=gsm8k={known}",
+    proc = run_pipeline(tmp_path, "--factory", "tiny_cpu", f"teacher={setup['teacher']}", f"prompts=gsm8k={known['prompts']}",
                         *settings, "generate_template=plain", f"work_dir={work}",
-                        f"benchmarks=gsm8k={known}", "eval_limit=2", "eval_max_new_tokens=8", "train.steps=2",
+                        f"benchmarks=gsm8k={known['prompts']}", "eval_limit=2", "eval_max_new_tokens=8", "train.steps=2",
                         "train.global_batch_size=2", "train.micro_batch_size=1", "data.seq_length=64",
                         "train.eval_interval=0", "tracking.plot_interval=0", "runtime.device=cpu",
                         "run.executor=local", "run.executor.ntasks_per_node=2", "-y")
     assert PIPELINE.is_file() and proc.returncode == 0 and "pipeline: SUCCEEDED" in proc.stdout, proc.stdout[-6000:]
     kept = pq.read_table(work / "generated" / "traces.parquet")
-    assert kept.num_rows == pq.read_table(setup["known"].traces).num_rows > 0
+    assert kept.num_rows == pq.read_table(known["result"].traces).num_rows > 0
     assert json.loads((work / "run" / "final_metrics.json").read_text())["step"] == 2
     assert (work / "eval" / "summary.json").is_file() and (work / "hf" / "model.safetensors").is_file()
