@@ -156,7 +156,10 @@ def save_checkpoint(root: Path, step: int, model_chunks, optimizer, scheduler, m
     if failed is None:
         failed = _agreed_failure(_attempt(lambda: _write_shards(tmp, model_chunks, optimizer, rank)))
     if failed is None:
-        shares = all_gather_lists([hash_share(tmp, (rank, world))])
+        share: list = []
+        failed = _agreed_failure(_attempt(lambda: share.append(hash_share(tmp, (rank, world)))))
+    if failed is None:
+        shares = all_gather_lists(share)
         done = _attempt(lambda: _complete(root, tmp, final, shares, meta, step, scheduler, world)) if rank == 0 else None
         failed = _agreed_failure(done)
     if failed is not None:  # rank 0 cleans up and checks the previous checkpoint; every rank says the same
